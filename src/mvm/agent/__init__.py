@@ -1,0 +1,1 @@
+"""The guest agent: wire protocol (shared), host client, and the guest program."""

@@ -1,0 +1,429 @@
+"""Host side of the agent protocol (asyncio): multiplexed requests over one connection.
+
+The guest is untrusted. Everything read here is bounded: the decoder is strict
+(any framing violation fails the connection and is reported as
+AgentProtocolError), replies are validated before use, per-request queues are
+bounded (backpressure onto the guest), and output is capped on the host
+regardless of what the guest claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from mvm.agent import protocol as P
+from mvm.errors import AgentError, AgentProtocolError, CommandTimeout, InvalidArgument, VMDied
+
+#: Frames a request may have waiting before the reader stops reading (backpressure).
+QUEUE_FRAMES = 16
+#: Largest file ``read_file`` returns unless told otherwise.
+DEFAULT_READ_LIMIT = 64 * 1024 * 1024
+#: Seconds the host waits beyond a command's own timeout before giving up on the guest.
+TIMEOUT_GRACE = 5.0
+#: Default timeout for small requests (fs, ping).
+CALL_TIMEOUT = 30.0
+
+
+class Truncated(msgspec.Struct, frozen=True):
+    stdout: bool = False
+    stderr: bool = False
+
+
+class ExecReply(msgspec.Struct, frozen=True):
+    """The guest's final answer to an exec (validated: the guest may lie, never crash us)."""
+
+    exit_code: int
+    timed_out: bool = False
+    signal: int | None = None
+    duration: float = 0.0
+    truncated: Truncated = Truncated()
+
+
+class Entry(msgspec.Struct, frozen=True):
+    name: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    uid: int = 0
+    gid: int = 0
+
+
+class Stat(msgspec.Struct, frozen=True):
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    timed_out: bool
+    truncated_stdout: bool
+    truncated_stderr: bool
+    signal: int | None = None
+
+
+OutputCallback = Callable[[str, bytes], None]
+
+
+def _checked(frame: P.Frame, what: str) -> P.Frame:
+    if frame.type == P.ERR:
+        code = frame.header.get("code")
+        msg = frame.header.get("message")
+        code = code if isinstance(code, str) else P.E_INTERNAL
+        msg = msg[:2000] if isinstance(msg, str) else "error"
+        raise AgentError(f"{what}: {msg}", code=code)
+    if frame.type != P.OK:
+        raise AgentProtocolError(f"{what}: unexpected reply type {frame.type!r}")
+    return frame
+
+
+def _convert(frame: P.Frame, typ: type[Any], what: str) -> Any:
+    try:
+        return msgspec.convert(frame.header, typ, strict=True)
+    except msgspec.ValidationError as exc:
+        raise AgentProtocolError(f"{what}: malformed reply from the guest: {exc}") from None
+
+
+class AgentClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = P.FrameDecoder(strict=True)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Queue[P.Frame | BaseException]] = {}
+        self._write_lock = asyncio.Lock()
+        self._failure: BaseException | None = None
+        self._task = asyncio.create_task(self._read_loop())
+        self.dropped_frames = 0
+        self.info: dict[str, Any] = {}
+
+    @classmethod
+    async def connect(cls, path: Path, timeout: float = 10.0) -> AgentClient:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=P.MAX_BODY + 64), timeout
+        )
+        return cls(reader, writer)
+
+    # -- plumbing ---------------------------------------------------------------
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(P.CHUNK)
+                if not data:
+                    raise VMDied("the guest agent connection closed (the VM stopped or crashed)")
+                try:
+                    frames = self._decoder.feed(data)
+                except P.FrameError as exc:
+                    raise AgentProtocolError(f"the guest broke the agent protocol: {exc}") from None
+                for frame in frames:
+                    q = self._pending.get(frame.id)
+                    if q is None or frame.type not in P.REPLIES:
+                        self.dropped_frames += 1  # stale (pre-handshake) or unasked-for
+                        continue
+                    await self._deliver(frame.id, q, frame)
+        except asyncio.CancelledError:
+            self._fail(VMDied("agent connection closed"))
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+
+    async def _deliver(
+        self, rid: int, q: asyncio.Queue[P.Frame | BaseException], frame: P.Frame
+    ) -> None:
+        """Queue a frame; wait while the queue is full (backpressure), unless its request is gone."""
+        while self._pending.get(rid) is q:
+            try:
+                await asyncio.wait_for(q.put(frame), 0.5)
+                return
+            except TimeoutError:
+                continue
+        self.dropped_frames += 1
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        for q in self._pending.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(exc)
+
+    async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self._failure is not None:
+            raise self._failure
+        data = P.encode(header, payload)
+        async with self._write_lock:
+            try:
+                self._writer.write(data)
+                await self._writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise VMDied(f"cannot write to the guest agent: {exc}") from None
+
+    def _open(self) -> tuple[int, asyncio.Queue[P.Frame | BaseException]]:
+        rid = next(self._ids)
+        q: asyncio.Queue[P.Frame | BaseException] = asyncio.Queue(QUEUE_FRAMES)
+        if self._failure is not None:
+            q.put_nowait(self._failure)
+        self._pending[rid] = q
+        return rid, q
+
+    async def _next(
+        self, q: asyncio.Queue[P.Frame | BaseException], deadline: float | None
+    ) -> P.Frame:
+        if q.empty() and self._failure is not None:
+            raise self._failure
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            item = await asyncio.wait_for(q.get(), timeout)
+        except TimeoutError:
+            raise CommandTimeout("the guest agent did not answer in time") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def call(
+        self,
+        type_: str,
+        header: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float = CALL_TIMEOUT,
+    ) -> P.Frame:
+        """One request, one final reply (ok, or AgentError)."""
+        rid, q = self._open()
+        try:
+            await self._send({**(header or {}), "t": type_, "id": rid}, payload)
+            deadline = time.monotonic() + timeout
+            while True:
+                frame = await self._next(q, deadline)
+                if frame.type in (P.OK, P.ERR):
+                    return _checked(frame, type_)
+        finally:
+            self._pending.pop(rid, None)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+    # -- handshake --------------------------------------------------------------
+    async def hello(
+        self, timeout: float, alive: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
+        """Handshake: repeat hello (fresh nonce) until the guest echoes the latest one.
+
+        Also sets the guest clock and mixes host randomness into the guest RNG, which
+        matters after a snapshot restore.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if alive is not None and not alive():
+                raise VMDied("the VM exited before its agent answered")
+            nonce = secrets.token_hex(8)
+            header = {
+                "nonce": nonce,
+                "version": P.PROTOCOL_VERSION,
+                "time": time.time(),
+                "seed": os.urandom(32).hex(),
+            }
+            try:
+                frame = await self.call(
+                    P.HELLO, header, timeout=min(1.0, deadline - time.monotonic())
+                )
+            except CommandTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            if frame.header.get("nonce") != nonce:
+                continue
+            version = frame.header.get("version")
+            if version != P.PROTOCOL_VERSION:
+                raise AgentProtocolError(
+                    f"guest agent speaks protocol {version!r}, host speaks {P.PROTOCOL_VERSION}"
+                )
+            self.info = {k: v for k, v in frame.header.items() if isinstance(v, (str, int))}
+            return self.info
+
+    async def ping(self, timeout: float = CALL_TIMEOUT) -> None:
+        await self.call(P.PING, timeout=timeout)
+
+    # -- exec -------------------------------------------------------------------
+    async def exec_stream(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bytes = b"",
+        timeout: float | None = None,
+        output_limit: int = P.DEFAULT_OUTPUT_LIMIT,
+    ) -> AsyncIterator[P.Frame]:
+        """Start a command; yield OUT/STARTED frames, then the final OK frame."""
+        if not argv:
+            raise InvalidArgument("empty command")
+        if len(stdin) > P.MAX_PAYLOAD:
+            raise InvalidArgument(f"stdin larger than {P.MAX_PAYLOAD} bytes")
+        header: dict[str, Any] = {"argv": argv, "env": env or {}, "output_limit": output_limit}
+        if cwd is not None:
+            header["cwd"] = cwd
+        if user is not None:
+            header["user"] = user
+        if timeout is not None:
+            header["timeout"] = timeout
+        rid, q = self._open()
+        try:
+            await self._send({**header, "t": P.EXEC, "id": rid}, stdin)
+            deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE
+            while True:
+                frame = await self._next(q, deadline)
+                if frame.type == P.ERR:
+                    _checked(frame, "exec")
+                yield frame
+                if frame.type == P.OK:
+                    return
+        finally:
+            self._pending.pop(rid, None)
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bytes = b"",
+        timeout: float | None = None,
+        output_limit: int = P.DEFAULT_OUTPUT_LIMIT,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run a command to completion; output is capped at ``output_limit`` per stream."""
+        bufs = {"stdout": bytearray(), "stderr": bytearray()}
+        host_trunc = {"stdout": False, "stderr": False}
+        started = time.monotonic()
+        async for frame in self.exec_stream(
+            argv,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            timeout=timeout,
+            output_limit=output_limit,
+        ):
+            if frame.type == P.OUT:
+                stream = frame.header.get("stream")
+                if stream not in bufs:
+                    raise AgentProtocolError(f"exec: output on unknown stream {stream!r}")
+                buf = bufs[stream]
+                room = output_limit - len(buf)
+                data = frame.payload
+                if len(data) > room:
+                    data = data[: max(0, room)]
+                    host_trunc[stream] = True
+                if data:
+                    buf += data
+                    if on_output is not None:
+                        on_output(stream, data)
+            elif frame.type == P.OK:
+                reply: ExecReply = _convert(frame, ExecReply, "exec")
+                return ExecResult(
+                    exit_code=reply.exit_code,
+                    stdout=bytes(bufs["stdout"]),
+                    stderr=bytes(bufs["stderr"]),
+                    duration=time.monotonic() - started,
+                    timed_out=reply.timed_out,
+                    truncated_stdout=reply.truncated.stdout or host_trunc["stdout"],
+                    truncated_stderr=reply.truncated.stderr or host_trunc["stderr"],
+                    signal=reply.signal,
+                )
+        raise AgentProtocolError("exec: the guest ended the stream without a result")
+
+    # -- files ------------------------------------------------------------------
+    async def read_file(self, path: str, *, limit: int = DEFAULT_READ_LIMIT) -> bytes:
+        """Whole file, in chunks; AgentError(code=too_large) past ``limit`` bytes."""
+        out = bytearray()
+        while True:
+            frame = await self.call(
+                P.FS_READ, {"path": path, "offset": len(out), "length": P.MAX_PAYLOAD}
+            )
+            out += frame.payload
+            if len(out) > limit:
+                raise AgentError(
+                    f"{path}: larger than the limit of {limit} bytes",
+                    code=P.E_TOO_LARGE,
+                    limit=limit,
+                )
+            if frame.header.get("eof") is True or not frame.payload:
+                return bytes(out)
+
+    async def write_file(
+        self, path: str, data: bytes, *, mode: int = 0o644, owner: str | None = None
+    ) -> int:
+        """Write (create or replace) a file, in chunks. Returns its size."""
+        view = memoryview(data)
+        offset = 0
+        size = 0
+        while True:
+            chunk = bytes(view[offset : offset + P.MAX_PAYLOAD])
+            header: dict[str, Any] = {
+                "path": path,
+                "offset": offset,
+                "mode": mode,
+                "truncate": offset == 0,
+            }
+            if owner is not None:
+                header["owner"] = owner
+            frame = await self.call(P.FS_WRITE, header, chunk)
+            s = frame.header.get("size")
+            size = s if isinstance(s, int) else 0
+            offset += len(chunk)
+            if offset >= len(data):
+                return size
+
+    async def list_dir(self, path: str) -> list[Entry]:
+        frame = await self.call(P.FS_LIST, {"path": path})
+        raw = frame.header.get("entries")
+        try:
+            return msgspec.convert(raw, list[Entry], strict=True)
+        except msgspec.ValidationError as exc:
+            raise AgentProtocolError(f"fs.list: malformed reply from the guest: {exc}") from None
+
+    async def stat(self, path: str) -> Stat:
+        frame = await self.call(P.FS_STAT, {"path": path})
+        result: Stat = _convert(frame, Stat, "fs.stat")
+        return result
+
+    async def mkdir(self, path: str, *, parents: bool = False) -> None:
+        await self.call(P.FS_MKDIR, {"path": path, "parents": parents})
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self.call(P.FS_REMOVE, {"path": path, "recursive": recursive})
+
+    async def move(self, src: str, dest: str) -> None:
+        await self.call(P.FS_MOVE, {"path": src, "dest": dest})
+
+    async def shutdown(self) -> None:
+        await self.call(P.SHUTDOWN, timeout=5.0)

@@ -1,0 +1,1 @@
+"""mvmctl, the command line (click + rich)."""

@@ -1,0 +1,253 @@
+"""``mvmctl``: build images and run commands in microVMs.
+
+Exit codes: the command's own status for ``run``; 124 when it timed out (the
+VM is destroyed); 125 for an mvm error (message and hint on stderr); 126/127
+when the guest could not execute / find the command; 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mvm import doctor as doctor_mod
+from mvm.agent import protocol as P
+from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
+from mvm.errors import InvalidArgument, MvmError
+from mvm.images import manifest as manifests
+from mvm.images.store import ImageStore
+from mvm.oneshot import DEFAULT_TIMEOUT, TIMEOUT_EXIT, RunResult, run_once
+
+F = TypeVar("F", bound=Callable[..., Any])
+#: Largest stdin ``run -i`` forwards to the command.
+MAX_STDIN = P.MAX_PAYLOAD
+
+
+def fail(exc: MvmError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(exc.to_dict()))
+    else:
+        err_console.print(f"[bold red]mvm:[/] {escape(exc.message)}")
+        if exc.hint:
+            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+    sys.exit(exc.exit_code)
+
+
+def handle_errors(as_json_param: str = "as_json") -> Callable[[F], F]:
+    """Turn MvmError into a clean message (or JSON) and its exit code."""
+
+    def deco(fn: F) -> F:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except MvmError as exc:
+                fail(exc, bool(kwargs.get(as_json_param)))
+            except KeyboardInterrupt:
+                err_console.print("[red]interrupted[/]")
+                sys.exit(130)
+
+        wrapper.__name__ = fn.__name__
+        wrapper.__doc__ = fn.__doc__
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mvm")
+def cli() -> None:
+    """mvm: run untrusted code in microVMs (QEMU microvm; KVM when usable, else TCG)."""
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@handle_errors()
+def doctor(as_json: bool) -> None:
+    """Show what this host can do: QEMU, KVM or TCG, tools, kernel, images, disk."""
+    checks = doctor_mod.run_checks()
+    failed = any(c.status == doctor_mod.FAIL for c in checks)
+    if as_json:
+        click.echo(json.dumps({"ok": not failed, "checks": [c.__dict__ for c in checks]}))
+    else:
+        table = Table(show_header=True, header_style="bold")
+        for col in ("check", "status", "detail", "fix"):
+            table.add_column(col)
+        colors = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for c in checks:
+            table.add_row(
+                c.name, f"[{colors[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)
+            )
+        Console().print(table)
+    sys.exit(1 if failed else 0)
+
+
+# ---------------------------------------------------------------------------- build
+
+
+@cli.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", help=f"Build a preset ({', '.join(manifests.preset_names())}).")
+@click.option("--rebuild", is_flag=True, help="Rebuild even if a cached image matches.")
+@click.option("--json", "as_json", is_flag=True, help="Print the image record as JSON.")
+@handle_errors()
+def build(directory: Path | None, preset: str | None, rebuild: bool, as_json: bool) -> None:
+    """Build (or reuse) an image from a preset or a directory with mvm.toml.
+
+    With neither, builds the default preset (python).
+    """
+    if directory is not None and preset is not None:
+        raise InvalidArgument("give a DIRECTORY or --preset, not both")
+    if directory is not None:
+        m = manifests.load_dir(directory)
+    else:
+        m = manifests.load_preset(preset or manifests.DEFAULT_IMAGE)
+    with RichReporter(enabled=stderr_is_tty() and not as_json) as rep:
+        img = ImageStore().build(m, reporter=rep, rebuild=rebuild)
+    if as_json:
+        click.echo(msgspec.json.encode(img).decode())
+    else:
+        aliases = f" (aliases: {', '.join(img.aliases)})" if img.aliases else ""
+        click.echo(
+            f"{img.name}{aliases}  {img.id[:12]}  kernel {img.kernel_release}  "
+            f"rootfs {img.rootfs_bytes >> 20} MiB"
+        )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@handle_errors()
+def images(as_json: bool) -> None:
+    """List built images."""
+    imgs = ImageStore().all()
+    if as_json:
+        click.echo(json.dumps([msgspec.to_builtins(i) for i in imgs]))
+        return
+    for i in imgs:
+        aliases = ",".join(i.aliases) or "-"
+        click.echo(
+            f"{i.name:<16} {i.id[:12]}  aliases={aliases:<16} {i.manifest.suite:<9} "
+            f"{i.rootfs_bytes >> 20} MiB"
+        )
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise InvalidArgument(f"--env {p!r}: expected KEY=VALUE")
+        env[k] = v
+    return env
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--image", default=manifests.DEFAULT_IMAGE, show_default=True, help="Image name.")
+@click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 16))
+@click.option(
+    "--memory",
+    default=512,
+    show_default=True,
+    type=click.IntRange(128, 16384),
+    help="Guest memory in MiB.",
+)
+@click.option(
+    "--timeout",
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds the command may run; then it is killed, the VM destroyed, exit 124.",
+)
+@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE for the command (repeatable).")
+@click.option("--cwd", help="Working directory in the guest (default /work).")
+@click.option("--user", help="Guest user (default: the unprivileged 'user'; 'root' allowed).")
+@click.option("-i", "--interactive", is_flag=True, help=f"Forward stdin (up to {MAX_STDIN} bytes).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object (exit_code, stdout, stderr, duration, truncated, sandbox_id).",
+)
+@click.argument("command", nargs=-1, required=True)
+@handle_errors()
+def run(
+    image: str,
+    cpus: int,
+    memory: int,
+    timeout: float,
+    env: tuple[str, ...],
+    cwd: str | None,
+    user: str | None,
+    interactive: bool,
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in a fresh microVM, then destroy it (one-shot; nothing persists).
+
+    \b
+    Example: mvmctl run --timeout 10 -- python3 -c 'print(2 + 2)'
+    """
+    stdin = b""
+    if interactive:
+        stdin = sys.stdin.buffer.read(MAX_STDIN + 1)
+        if len(stdin) > MAX_STDIN:
+            raise InvalidArgument(f"stdin is larger than {MAX_STDIN} bytes")
+
+    def on_output(stream: str, data: bytes) -> None:
+        out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+        out.write(data)
+        out.flush()
+
+    with RichReporter(enabled=stderr_is_tty() and not as_json) as rep:
+        result: RunResult = asyncio.run(
+            run_once(
+                list(command),
+                image=image,
+                cpus=cpus,
+                memory_mb=memory,
+                timeout=timeout,
+                env=parse_env(env),
+                cwd=cwd,
+                user=user,
+                stdin=stdin,
+                on_output=None if as_json else on_output,
+                reporter=rep,
+            )
+        )
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        if result.truncated_stdout or result.truncated_stderr:
+            err_console.print(
+                f"[yellow]mvm: output truncated at {P.DEFAULT_OUTPUT_LIMIT} bytes per stream[/]"
+            )
+        if result.timed_out:
+            err_console.print(
+                f"[bold red]mvm:[/] command timed out after {timeout:g}s; the VM was destroyed"
+            )
+    sys.exit(TIMEOUT_EXIT if result.timed_out else result.exit_code)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cli(prog_name="mvmctl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Images: kernel, initramfs, read-only root filesystem and manifest, stored by content hash."""

@@ -1,0 +1,102 @@
+"""``mvmctl run``: one command in a fresh VM that is destroyed afterwards; nothing persists."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mvm.agent import protocol as P
+from mvm.agent.client import OutputCallback
+from mvm.errors import CommandTimeout
+from mvm.images.store import ImageStore
+from mvm.progress import Reporter
+from mvm.vm import MicroVM, VMSpec
+
+#: Default command timeout for ``run`` (seconds). A timeout always applies.
+DEFAULT_TIMEOUT = 300.0
+#: Exit status when the command ran past its timeout (as with timeout(1)).
+TIMEOUT_EXIT = 124
+
+
+@dataclass
+class RunResult:
+    sandbox_id: str
+    image: str
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    boot_seconds: float
+    timed_out: bool
+    truncated_stdout: bool
+    truncated_stderr: bool
+    signal: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stdout"] = self.stdout.decode(errors="replace")
+        d["stderr"] = self.stderr.decode(errors="replace")
+        d["truncated"] = {"stdout": self.truncated_stdout, "stderr": self.truncated_stderr}
+        del d["truncated_stdout"], d["truncated_stderr"]
+        return d
+
+
+async def run_once(
+    argv: list[str],
+    *,
+    image: str = "python",
+    cpus: int = 1,
+    memory_mb: int = 512,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    user: str | None = None,
+    stdin: bytes = b"",
+    output_limit: int = P.DEFAULT_OUTPUT_LIMIT,
+    on_output: OutputCallback | None = None,
+    store: ImageStore | None = None,
+    reporter: Reporter | None = None,
+) -> RunResult:
+    store = store or ImageStore()
+    img = store.ensure(image, reporter)
+    async with await MicroVM.boot(VMSpec(img, cpus=cpus, memory_mb=memory_mb), store=store) as vm:
+        agent = vm.require_agent()
+        full_env = {**img.env, **(env or {})}
+        try:
+            r = await agent.exec(
+                argv,
+                env=full_env,
+                cwd=cwd,
+                user=user,
+                stdin=stdin,
+                timeout=timeout,
+                output_limit=output_limit,
+                on_output=on_output,
+            )
+        except CommandTimeout:
+            # The guest did not even report its own timeout: the VM is destroyed on exit.
+            return RunResult(
+                vm.id,
+                img.name,
+                TIMEOUT_EXIT,
+                b"",
+                b"",
+                timeout,
+                vm.boot_seconds,
+                True,
+                False,
+                False,
+            )
+        return RunResult(
+            sandbox_id=vm.id,
+            image=img.name,
+            exit_code=TIMEOUT_EXIT if r.timed_out else r.exit_code,
+            stdout=r.stdout,
+            stderr=r.stderr,
+            duration=r.duration,
+            boot_seconds=vm.boot_seconds,
+            timed_out=r.timed_out,
+            truncated_stdout=r.truncated_stdout,
+            truncated_stderr=r.truncated_stderr,
+            signal=r.signal,
+        )

@@ -1,0 +1,1 @@
+"""The VMM seam: QEMU argv (pure), accelerator choice, process and QMP control."""

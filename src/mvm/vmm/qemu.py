@@ -1,0 +1,171 @@
+"""A QEMU process: start it detached, wait for its sockets, capture its console, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mvm import hostexec
+from mvm.errors import VMError
+from mvm.vmm.argv import VMConfig, build_argv
+
+#: Console bytes kept on disk from the start of boot, and in memory from the end.
+CONSOLE_HEAD = 512 * 1024
+CONSOLE_TAIL = 64 * 1024
+SOCKET_WAIT = 10.0
+
+
+class BoundedLog:
+    """The guest console: the first CONSOLE_HEAD bytes go to a file, the last CONSOLE_TAIL
+    stay in memory; whatever the guest prints, the host keeps a bounded amount."""
+
+    def __init__(self, path: Path, head: int = CONSOLE_HEAD, tail: int = CONSOLE_TAIL) -> None:
+        self.path = path
+        self.head_limit = head
+        self.tail_limit = tail
+        self.written = 0
+        self.dropped = 0
+        self._tail = bytearray()
+        self._f = path.open("ab")
+
+    def write(self, data: bytes) -> None:
+        if self.written < self.head_limit:
+            part = data[: self.head_limit - self.written]
+            self._f.write(part)
+            self._f.flush()
+            self.written += len(part)
+            data = data[len(part) :]
+        if data:
+            self.dropped += len(data)
+        self._tail += data
+        if len(self._tail) > self.tail_limit:
+            del self._tail[: len(self._tail) - self.tail_limit]
+
+    def tail(self, n: int = 4096) -> str:
+        """The last ``n`` bytes printed (from memory, or from the file if nothing was dropped)."""
+        if self.dropped:
+            return bytes(self._tail[-n:]).decode(errors="replace")
+        self._f.flush()
+        with self.path.open("rb") as f:
+            f.seek(max(0, self.written - n))
+            return f.read(n).decode(errors="replace")
+
+    def close(self) -> None:
+        if self.dropped:
+            self._f.write(
+                f"\n[mvm: {self.dropped} console bytes not kept; last {len(self._tail)}:]\n".encode()
+            )
+            self._f.write(self._tail)
+        self._f.close()
+
+
+class QemuProcess:
+    def __init__(self, cfg: VMConfig) -> None:
+        self.cfg = cfg
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.console: BoundedLog | None = None
+        self._console_task: asyncio.Task[None] | None = None
+        self.started_at = 0.0
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.cfg.run_dir / "qemu.log"
+
+    @property
+    def console_path(self) -> Path:
+        return self.cfg.run_dir / "console.log"
+
+    async def start(self) -> None:
+        argv = build_argv(self.cfg)
+        argv[0] = hostexec.which(argv[0])
+        self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        with self.stderr_path.open("wb") as err:
+            self.started_at = time.monotonic()
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,  # detached: a signal to our group does not reach it
+                close_fds=True,
+            )
+        await self._wait_sockets()
+        self.console = BoundedLog(self.console_path)
+        self._console_task = asyncio.create_task(self._pump_console())
+
+    async def _wait_sockets(self) -> None:
+        deadline = time.monotonic() + SOCKET_WAIT
+        sockets = (self.cfg.console_socket, self.cfg.agent_socket, self.cfg.qmp_socket)
+        while not all(s.exists() for s in sockets):
+            if not self.alive():
+                raise VMError(f"QEMU exited at start: {self.stderr_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise VMError("QEMU did not create its sockets within 10s")
+            await asyncio.sleep(0.005)
+
+    async def _pump_console(self) -> None:
+        assert self.console is not None
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.cfg.console_socket))
+        except OSError:
+            return
+        try:
+            while data := await reader.read(65536):
+                self.console.write(data)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def console_tail(self, n: int = 4096) -> str:
+        return self.console.tail(n) if self.console else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+
+    async def stop(self) -> None:
+        """Kill QEMU and stop capturing its console."""
+        self.kill()
+        if self._console_task is not None:
+            self._console_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._console_task
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+
+    async def qmp(self, command: str, **args: Any) -> Any:
+        """Run one QMP command (connects, runs, disconnects)."""
+        from qemu.qmp import QMPClient
+
+        client = QMPClient("mvm")
+        try:
+            await asyncio.wait_for(client.connect(str(self.cfg.qmp_socket)), 5.0)
+            return await asyncio.wait_for(client.execute(command, args or None), 30.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
