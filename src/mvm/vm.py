@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
-from mvm import paths
+from mvm import hostexec, paths, templates
 from mvm.agent.client import AgentClient
-from mvm.errors import AgentProtocolError, InvalidArgument, VMBootTimeout, VMDied, VMError
+from mvm.errors import (
+    AgentProtocolError,
+    CommandTimeout,
+    InvalidArgument,
+    VMBootTimeout,
+    VMDied,
+    VMError,
+)
 from mvm.images.store import Image, ImageStore
 from mvm.vmm import accel
 from mvm.vmm.argv import VMConfig, validate
 from mvm.vmm.qemu import QemuProcess
+from mvm.vmm.qmp import Qmp
+
+log = logging.getLogger(__name__)
 
 #: Seconds from QEMU start to the agent's handshake before the boot counts as failed.
 #: TCG cold boots take ~5 s on 2 cores; parallel boots share the CPU. ``MVM_BOOT_TIMEOUT``.
@@ -37,6 +48,66 @@ class VMSpec:
     overlay_size: str = "50%"
 
 
+def base_config(spec: VMSpec, store: ImageStore, run_dir: Path) -> VMConfig:
+    """The VM config for a spec on this host (accelerator, TSC rate, current initramfs)."""
+    return VMConfig(
+        kernel=spec.image.kernel().vmlinux,
+        initrd=store.initramfs_for(spec.image),
+        rootfs=Path(spec.image.rootfs),
+        run_dir=run_dir,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        accel=accel.detect().accel,
+        tsc_khz=accel.host_tsc_khz(),
+        overlay_size=spec.overlay_size,
+    )
+
+
+async def make_template(
+    tstore: templates.TemplateStore,
+    key: str,
+    spec: VMSpec,
+    store: ImageStore,
+    boot_timeout: float,
+) -> templates.Template:
+    """Cold-boot a VM whose RAM is a shared file, wait for its agent, save its device state."""
+    with tstore.lock(key):
+        existing = tstore.get(key)
+        if existing is not None:  # made by someone else while we waited
+            return existing
+        staging = tstore.staging()
+        try:
+            vm_id = new_id()
+            cfg = replace(
+                base_config(spec, store, paths.run_dir() / vm_id),
+                memory_file=staging / "ram",
+                memory_shared=True,
+            )
+            vm = await MicroVM._start(vm_id, spec, cfg, boot_timeout)
+            try:
+                if vm.agent is not None:
+                    await vm.agent.close()  # idle, no connection: what a clone starts from
+                    vm.agent = None
+                async with Qmp(cfg.qmp_socket) as qmp:
+                    await qmp.ignore_shared_memory()
+                    await qmp.save_state(staging / "state")
+            finally:
+                await vm.destroy()
+            meta: dict[str, object] = {
+                "image": spec.image.name,
+                "image_id": spec.image.id,
+                "cpus": spec.cpus,
+                "memory_mb": spec.memory_mb,
+                "accel": cfg.accel,
+                "boot_seconds": vm.boot_seconds,
+                "created": time.time(),
+            }
+            return tstore.commit(staging, key, meta)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
 class MicroVM:
     """One QEMU microVM and its agent connection. Use ``async with await MicroVM.boot(...)``."""
 
@@ -46,6 +117,7 @@ class MicroVM:
         self.qemu = qemu
         self.agent: AgentClient | None = None
         self.boot_seconds = 0.0
+        self.restored = False
         self.accel = qemu.cfg.accel
 
     @property
@@ -60,22 +132,43 @@ class MicroVM:
         store: ImageStore | None = None,
         vm_id: str | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
+        fast: bool | None = None,
     ) -> MicroVM:
+        """Start a VM: restored from a boot template when possible (``fast``, the default
+        unless ``MVM_TEMPLATES=0``), else cold-booted. A template is made on first use."""
         store = store or ImageStore()
         vm_id = vm_id or new_id()
-        choice = accel.detect()
-        kernel = spec.image.kernel()
-        cfg = VMConfig(
-            kernel=kernel.vmlinux,
-            initrd=store.initramfs_for(spec.image),
-            rootfs=Path(spec.image.rootfs),
-            run_dir=paths.run_dir() / vm_id,
-            cpus=spec.cpus,
-            memory_mb=spec.memory_mb,
-            accel=choice.accel,
-            tsc_khz=accel.host_tsc_khz(),
-            overlay_size=spec.overlay_size,
-        )
+        base = base_config(spec, store, paths.run_dir() / vm_id)
+        if fast if fast is not None else templates.enabled():
+            tstore = templates.TemplateStore()
+            key = templates.template_key(
+                image_id=spec.image.id,
+                initramfs=base.initrd.name,
+                cpus=spec.cpus,
+                memory_mb=spec.memory_mb,
+                overlay_size=spec.overlay_size,
+                accel=base.accel,
+                qemu=templates.qemu_identity(hostexec.which(base.qemu)),
+            )
+            tpl = tstore.get(key) or await make_template(tstore, key, spec, store, boot_timeout)
+            cfg = replace(base, memory_file=tpl.ram, memory_shared=False, incoming=True)
+            try:
+                return await cls._start(vm_id, spec, cfg, boot_timeout, restore=tpl.state)
+            except VMError as exc:
+                # A stale or damaged template must not break starts: drop it, boot cold.
+                log.warning("restoring template %s failed (%s); booting cold", key, exc)
+                tstore.discard(key)
+        return await cls._start(vm_id, spec, base, boot_timeout)
+
+    @classmethod
+    async def _start(
+        cls,
+        vm_id: str,
+        spec: VMSpec,
+        cfg: VMConfig,
+        boot_timeout: float,
+        restore: Path | None = None,
+    ) -> MicroVM:
         problems = validate(cfg)
         if problems:
             raise InvalidArgument("; ".join(problems))
@@ -89,10 +182,15 @@ class MicroVM:
         started = time.monotonic()
         try:
             await qemu.start()
+            if restore is not None:
+                async with Qmp(cfg.qmp_socket) as qmp:
+                    await qmp.ignore_shared_memory()
+                    await qmp.restore_state(restore)
+                vm.restored = True
             vm.agent = await AgentClient.connect(cfg.agent_socket)
             try:
                 await vm.agent.hello(boot_timeout, alive=qemu.alive)
-            except (TimeoutError, VMDied, AgentProtocolError) as exc:
+            except (CommandTimeout, VMDied, AgentProtocolError) as exc:
                 await asyncio.sleep(0.1)  # let the console pump catch the last lines
                 if not qemu.alive():
                     raise VMDied(
@@ -102,7 +200,7 @@ class MicroVM:
                 if isinstance(exc, AgentProtocolError):
                     raise
                 raise VMBootTimeout(
-                    f"the guest agent did not answer within {boot_timeout:.0f}s",
+                    f"the guest agent did not answer within {boot_timeout:g}s",
                     hint="see the console log; raise MVM_BOOT_TIMEOUT on a slow host",
                     console=qemu.console_tail(1500),
                 ) from None

@@ -24,6 +24,12 @@ class VMConfig:
     overlay_size: str = "50%"  # tmpfs for the writable layer (size= syntax of tmpfs)
     qemu: str = "qemu-system-x86_64"
     extra_cmdline: tuple[str, ...] = field(default_factory=tuple)
+    #: Guest RAM backed by this file (for templates and their clones) instead of anonymous memory.
+    memory_file: Path | None = None
+    #: share=on (a template writes its RAM to the file) or off (a clone maps it copy-on-write).
+    memory_shared: bool = True
+    #: Start paused, waiting for ``migrate-incoming`` (restoring a snapshot).
+    incoming: bool = False
 
     @property
     def qmp_socket(self) -> Path:
@@ -80,14 +86,25 @@ def build_argv(cfg: VMConfig) -> list[str]:
         accel, cpu = ["-accel", "kvm"], "host"
     else:
         accel, cpu = ["-accel", "tcg,thread=multi"], "max"
+    machine = "microvm,acpi=on,pit=off,pic=off,rtc=on,x-option-roms=off"
+    memory: list[str] = []
+    if cfg.memory_file is not None:
+        machine += ",memory-backend=mem"
+        share = "on" if cfg.memory_shared else "off"
+        memory = [
+            "-object",
+            f"memory-backend-file,id=mem,size={cfg.memory_mb}M,mem-path={cfg.memory_file},share={share}",
+        ]
+    incoming = ["-incoming", "defer"] if cfg.incoming else []
     return [
         cfg.qemu,
         # acpi=on: this kernel only finds virtio-mmio devices through ACPI.
-        "-M", "microvm,acpi=on,pit=off,pic=off,rtc=on,x-option-roms=off",
+        "-M", machine,
         *accel,
         "-cpu", cpu,
         "-smp", str(cfg.cpus),
         "-m", f"{cfg.memory_mb}M",
+        *memory,
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -104,4 +121,5 @@ def build_argv(cfg: VMConfig) -> list[str]:
         "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off",
+        *incoming,
     ]  # fmt: skip

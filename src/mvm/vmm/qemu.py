@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from mvm import hostexec
 from mvm.errors import VMError
@@ -157,15 +156,3 @@ class QemuProcess:
         if self.console is not None:
             self.console.close()
             self.console = None
-
-    async def qmp(self, command: str, **args: Any) -> Any:
-        """Run one QMP command (connects, runs, disconnects)."""
-        from qemu.qmp import QMPClient
-
-        client = QMPClient("mvm")
-        try:
-            await asyncio.wait_for(client.connect(str(self.cfg.qmp_socket)), 5.0)
-            return await asyncio.wait_for(client.execute(command, args or None), 30.0)
-        finally:
-            with contextlib.suppress(Exception):
-                await client.disconnect()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run the whole test suite: installs what it needs first (apt packages, venv,
+# default image), then lint, type checks, unit tests and real-VM integration tests.
+# Extra arguments go to pytest (e.g. ./run-tests.sh -m 'not vm').
+set -uo pipefail
+cd "$(dirname "$(readlink -f "$0")")"
+
+./install.sh --no-demo --dev || { echo "run-tests.sh: install failed" >&2; exit 1; }
+
+status=0
+echo "==> ruff"
+.venv/bin/ruff check src tests bench || status=1
+.venv/bin/ruff format --check src tests bench || status=1
+echo "==> mypy (strict, src/)"
+.venv/bin/mypy || status=1
+
+echo "==> pytest"
+.venv/bin/pytest tests -p no:cacheprovider --durations=15 "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+    echo "run-tests.sh: pytest collected no tests (not counted as a failure)" >&2
+elif [ "$rc" -ne 0 ]; then
+    status=1
+fi
+exit "$status"

@@ -1,0 +1,137 @@
+"""Boot templates: a VM booted once to "agent ready" and snapshotted, so others start by restore.
+
+A template is a RAM file (the guest's memory, written while the template VM ran
+with ``share=on``) plus its device state (a few tens of KiB, saved with the
+``x-ignore-shared`` migration capability). A clone maps the RAM file privately
+(``share=off``: copy-on-write, pages shared between clones by the page cache) and
+loads the device state: it answers its first request in about half a second
+instead of a multi-second cold boot. The RAM file is never written after the
+template is made, which is what keeps clones sound.
+
+Templates are keyed by everything that must match between template and clone:
+image, initramfs (agent), CPUs, memory, overlay size, accelerator and the QEMU
+binary. They are made on first use of a shape, under a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mvm import paths
+
+#: Bumped when the template recipe (argv shape, agent handshake) changes.
+TEMPLATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Template:
+    root: Path
+
+    @property
+    def ram(self) -> Path:
+        return self.root / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def meta(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads((self.root / "template.json").read_text())
+        return data
+
+
+def enabled() -> bool:
+    """Templates are on unless ``MVM_TEMPLATES=0``."""
+    return os.environ.get("MVM_TEMPLATES", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def qemu_identity(qemu_path: str) -> str:
+    st = os.stat(qemu_path)
+    return f"{qemu_path}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def template_key(
+    *,
+    image_id: str,
+    initramfs: str,
+    cpus: int,
+    memory_mb: int,
+    overlay_size: str,
+    accel: str,
+    qemu: str,
+) -> str:
+    doc = {
+        "v": TEMPLATE_VERSION,
+        "image": image_id,
+        "initramfs": initramfs,
+        "cpus": cpus,
+        "memory_mb": memory_mb,
+        "overlay": overlay_size,
+        "accel": accel,
+        "qemu": qemu,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class TemplateStore:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or paths.home() / "templates"
+
+    def get(self, key: str) -> Template | None:
+        t = Template(self.root / key)
+        if (t.root / "template.json").is_file() and t.ram.is_file() and t.state.is_file():
+            return t
+        return None
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Serialise creation of one template (others wait, then find it made)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / f".{key}.lock").open("w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def staging(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
+
+    def commit(self, staging: Path, key: str, meta: dict[str, object]) -> Template:
+        """Move a finished template into place (atomic rename)."""
+        (staging / "template.json").write_text(json.dumps(meta))
+        for f in ("ram", "state"):
+            os.chmod(staging / f, 0o444)
+        dest = self.root / key
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+        return Template(dest)
+
+    def discard(self, key: str) -> None:
+        shutil.rmtree(self.root / key, ignore_errors=True)
+
+    def all(self) -> list[Template]:
+        if not self.root.is_dir():
+            return []
+        return [t for p in sorted(self.root.iterdir()) if (t := self.get(p.name)) is not None]
+
+    def prune(self) -> int:
+        """Remove every template (they are re-made on demand). Returns how many."""
+        n = 0
+        for p in self.root.iterdir() if self.root.is_dir() else []:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+        return n
