@@ -14,6 +14,7 @@ from mvm.images import apt_sources
 from mvm.images.kernel import cached_kernels
 from mvm.images.store import ImageStore
 from mvm.vmm import accel
+from mvm.vmm.qemu import qemu_binary
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 #: Free space under MVM_HOME below which building images is likely to fail.
@@ -36,11 +37,9 @@ def _tool(name: str, package: str, required: bool = True) -> Check:
 
 
 def _qemu() -> Check:
-    path = shutil.which("qemu-system-x86_64")
+    path = shutil.which(qemu_binary())
     if not path:
-        return Check(
-            "qemu", FAIL, "qemu-system-x86_64 not found", "apt-get install qemu-system-x86"
-        )
+        return Check("qemu", FAIL, f"{qemu_binary()} not found", "apt-get install qemu-system-x86")
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
         machines = subprocess.run(

@@ -27,7 +27,7 @@ TOOL_PACKAGES = {
 def which(tool: str) -> str:
     path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
     if path is None:
-        pkg = TOOL_PACKAGES.get(tool, tool)
+        pkg = TOOL_PACKAGES.get(tool.rsplit("/", 1)[-1], tool)
         raise HostError(
             f"{tool} is not installed",
             hint=f"install it with `apt-get install {pkg}` (or run ./install.sh)",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
-from mvm import hostexec, paths, templates
+from mvm import paths, templates
 from mvm.agent.client import AgentClient
 from mvm.errors import (
     AgentProtocolError,
@@ -26,7 +26,7 @@ from mvm.errors import (
 from mvm.images.store import Image, ImageStore
 from mvm.vmm import accel
 from mvm.vmm.argv import VMConfig, validate
-from mvm.vmm.qemu import QemuProcess
+from mvm.vmm.qemu import QemuProcess, find_qemu, qemu_binary
 from mvm.vmm.qmp import Qmp
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def base_config(spec: VMSpec, store: ImageStore, run_dir: Path) -> VMConfig:
         accel=accel.detect().accel,
         tsc_khz=accel.host_tsc_khz(),
         overlay_size=spec.overlay_size,
+        qemu=qemu_binary(),
     )
 
 
@@ -148,7 +149,7 @@ class MicroVM:
                 memory_mb=spec.memory_mb,
                 overlay_size=spec.overlay_size,
                 accel=base.accel,
-                qemu=templates.qemu_identity(hostexec.which(base.qemu)),
+                qemu=templates.qemu_identity(find_qemu(base.qemu)),
             )
             tpl = tstore.get(key) or await make_template(tstore, key, spec, store, boot_timeout)
             cfg = replace(base, memory_file=tpl.ram, memory_shared=False, incoming=True)

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,6 +136,7 @@ class ImageStore:
         """Build the image for ``m``, reusing every cached part that is already there."""
         rep = reporter or NullReporter()
         with self.lock():
+            self._clean_staging()
             existing = self.find(m.name)
             if existing is not None and not rebuild and existing.manifest == m:
                 rep.finish(f"{m.name}: cached ({existing.id[:12]})")
@@ -182,6 +184,16 @@ class ImageStore:
                 tmp.rename(self.records / f"{n}.json")
             rep.finish(f"{m.name}: built ({ident[:12]})")
             return img
+
+    def _clean_staging(self) -> None:
+        """Remove what interrupted builds left (we hold the build lock, so none is running)."""
+        for d in (self.kernels, self.rootfs_dir, self.initramfs_dir, self.records):
+            if d.is_dir():
+                for p in d.glob(".tmp*"):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
 
     def ensure(self, name: str, reporter: Reporter | None = None) -> Image:
         """The image called ``name``; a preset's image is built on first use."""

@@ -5,19 +5,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from mvm import hostexec
-from mvm.errors import VMError
+from mvm.errors import QemuNotFound, VMError
 from mvm.vmm.argv import VMConfig, build_argv
 
 #: Console bytes kept on disk from the start of boot, and in memory from the end.
 CONSOLE_HEAD = 512 * 1024
 CONSOLE_TAIL = 64 * 1024
 SOCKET_WAIT = 10.0
+
+
+def qemu_binary() -> str:
+    """The QEMU to run: ``MVM_QEMU`` if set, else qemu-system-x86_64 from PATH."""
+    return os.environ.get("MVM_QEMU", "qemu-system-x86_64")
+
+
+def find_qemu(name: str) -> str:
+    """Absolute path of the QEMU binary, or QemuNotFound saying how to get one."""
+    path = shutil.which(name)
+    if path is None:
+        hint = "install it: apt-get install qemu-system-x86 (or run ./install.sh)"
+        if "MVM_QEMU" in os.environ:
+            hint = (
+                f"MVM_QEMU={os.environ['MVM_QEMU']} is not an executable; unset it or fix the path"
+            )
+        raise QemuNotFound(f"QEMU not found: {name}", hint=hint, qemu=name)
+    return path
 
 
 class BoundedLog:
@@ -82,7 +100,7 @@ class QemuProcess:
 
     async def start(self) -> None:
         argv = build_argv(self.cfg)
-        argv[0] = hostexec.which(argv[0])
+        argv[0] = find_qemu(argv[0])
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
         with self.stderr_path.open("wb") as err:
             self.started_at = time.monotonic()
