@@ -195,7 +195,7 @@ class MicroVM:
                 await asyncio.sleep(0.1)  # let the console pump catch the last lines
                 if not qemu.alive():
                     raise VMDied(
-                        f"the VM died during boot: {qemu.console_tail(1500) or qemu.stderr_tail()}",
+                        f"the VM died during boot:\n{qemu.boot_failure()}",
                         vm_id=vm_id,
                     ) from None
                 if isinstance(exc, AgentProtocolError):
@@ -203,7 +203,7 @@ class MicroVM:
                 raise VMBootTimeout(
                     f"the guest agent did not answer within {boot_timeout:g}s",
                     hint="see the console log; raise MVM_BOOT_TIMEOUT on a slow host",
-                    console=qemu.console_tail(1500),
+                    console=qemu.boot_failure(),
                 ) from None
         except BaseException:
             await vm.destroy()

@@ -131,7 +131,10 @@ class AgentClient:
     async def _read_loop(self) -> None:
         try:
             while True:
-                data = await self._reader.read(P.CHUNK)
+                try:
+                    data = await self._reader.read(P.CHUNK)
+                except (ConnectionError, OSError) as exc:
+                    raise VMDied(f"the guest agent connection failed: {exc}") from None
                 if not data:
                     raise VMDied("the guest agent connection closed (the VM stopped or crashed)")
                 try:

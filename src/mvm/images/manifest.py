@@ -16,8 +16,9 @@ from mvm.errors import ManifestError, UnknownPreset
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 SUITES = ("bookworm", "trixie")
-#: Packages every image gets: the agent is stdlib Python.
-BASE_PACKAGES = ("python3-minimal",)
+#: Packages every image gets: the agent is stdlib Python, and python3-minimal alone
+#: lacks modules it needs (json).
+BASE_PACKAGES = ("python3-minimal", "libpython3-stdlib")
 #: Bumped when the rootfs recipe (hooks, layout) changes, so caches rebuild.
 RECIPE_VERSION = 1
 DEFAULT_IMAGE = "python"

@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ import msgspec
 
 from mvm import paths
 from mvm.errors import ImageNotFound, UnknownPreset
+from mvm.fsutil import remove_tree
 from mvm.images import manifest as manifests
 from mvm.images.initramfs import ensure_initramfs
 from mvm.images.kernel import Kernel, ensure_kernel, load_kernel
@@ -138,7 +138,12 @@ class ImageStore:
         with self.lock():
             self._clean_staging()
             existing = self.find(m.name)
-            if existing is not None and not rebuild and existing.manifest == m:
+            fresh = (
+                existing is not None
+                and existing.manifest == m
+                and Path(existing.rootfs).name == f"{m.rootfs_key()}.ext4"
+            )
+            if existing is not None and fresh and not rebuild:
                 rep.finish(f"{m.name}: cached ({existing.id[:12]})")
                 return existing
             kernel = ensure_kernel(self.kernels, rep)
@@ -190,10 +195,7 @@ class ImageStore:
         for d in (self.kernels, self.rootfs_dir, self.initramfs_dir, self.records):
             if d.is_dir():
                 for p in d.glob(".tmp*"):
-                    if p.is_dir():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
+                    remove_tree(p)
 
     def ensure(self, name: str, reporter: Reporter | None = None) -> Image:
         """The image called ``name``; a preset's image is built on first use."""

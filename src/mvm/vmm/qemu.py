@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,22 @@ def find_qemu(name: str) -> str:
             )
         raise QemuNotFound(f"QEMU not found: {name}", hint=hint, qemu=name)
     return path
+
+
+KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
+
+
+def summarize_console(text: str, max_lines: int = 25) -> str:
+    """What explains a failed boot: userspace output (init, agent tracebacks) and the
+    kernel's panic line, without the kernel's stack dump."""
+    keep = []
+    for line in text.splitlines():
+        line = line.rstrip()
+        if not line:
+            continue
+        if not KERNEL_LINE.match(line) or re.search(r"panic|mvm|Kernel Offset|segfault", line):
+            keep.append(line[:300])
+    return "\n".join(keep[-max_lines:])
 
 
 class BoundedLog:
@@ -156,6 +173,11 @@ class QemuProcess:
 
     def console_tail(self, n: int = 4096) -> str:
         return self.console.tail(n) if self.console else ""
+
+    def boot_failure(self) -> str:
+        """A short explanation of a failed boot from the console (or QEMU's stderr)."""
+        text = self.console.tail(CONSOLE_TAIL) if self.console else ""
+        return summarize_console(text) or self.stderr_tail() or "no console output"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
