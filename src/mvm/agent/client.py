@@ -69,6 +69,33 @@ class Stat(msgspec.Struct, frozen=True):
     gid: int = 0
 
 
+class ProcStarted(msgspec.Struct, frozen=True):
+    proc: int
+    pid: int
+
+
+class ProcInfo(msgspec.Struct, frozen=True):
+    """A background process as the guest reports it."""
+
+    proc: int
+    pid: int
+    argv: list[str]
+    running: bool
+    started: float
+    exit_code: int | None = None
+    signal: int | None = None
+    ended: float | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+
+
+class ProcOutput(msgspec.Struct, frozen=True):
+    offset: int
+    lost: int
+    end: int
+    running: bool
+
+
 @dataclass
 class ExecResult:
     exit_code: int
@@ -115,6 +142,8 @@ class AgentClient:
         self._task = asyncio.create_task(self._read_loop())
         self.dropped_frames = 0
         self.info: dict[str, Any] = {}
+        #: Called (synchronously, must not block) with each unsolicited event frame.
+        self.on_event: Callable[[P.Frame], None] | None = None
 
     @classmethod
     async def connect(cls, path: Path, timeout: float = 10.0) -> AgentClient:
@@ -142,6 +171,10 @@ class AgentClient:
                 except P.FrameError as exc:
                     raise AgentProtocolError(f"the guest broke the agent protocol: {exc}") from None
                 for frame in frames:
+                    if frame.type == P.EVENT:
+                        if self.on_event is not None:
+                            self.on_event(frame)
+                        continue
                     q = self._pending.get(frame.id)
                     if q is None or frame.type not in P.REPLIES:
                         self.dropped_frames += 1  # stale (pre-handshake) or unasked-for
@@ -427,6 +460,58 @@ class AgentClient:
 
     async def move(self, src: str, dest: str) -> None:
         await self.call(P.FS_MOVE, {"path": src, "dest": dest})
+
+    # -- background processes -----------------------------------------------------
+    async def proc_start(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bytes = b"",
+        stdin_open: bool = False,
+    ) -> ProcInfo:
+        header: dict[str, Any] = {"argv": argv, "env": env or {}, "stdin_open": stdin_open}
+        if cwd is not None:
+            header["cwd"] = cwd
+        if user is not None:
+            header["user"] = user
+        frame = await self.call(P.PROC_START, header, stdin)
+        started: ProcStarted = _convert(frame, ProcStarted, "proc.start")
+        return await self.proc_wait(started.proc, 0)
+
+    async def proc_list(self) -> list[ProcInfo]:
+        frame = await self.call(P.PROC_LIST)
+        try:
+            return msgspec.convert(frame.header.get("procs"), list[ProcInfo], strict=True)
+        except msgspec.ValidationError as exc:
+            raise AgentProtocolError(f"proc.list: malformed reply from the guest: {exc}") from None
+
+    async def proc_wait(self, proc: int, timeout: float) -> ProcInfo:
+        """State of a background process, waiting up to ``timeout`` s for it to end."""
+        frame = await self.call(
+            P.PROC_WAIT, {"proc": proc, "timeout": timeout}, timeout=timeout + CALL_TIMEOUT
+        )
+        info: ProcInfo = _convert(frame, ProcInfo, "proc.wait")
+        return info
+
+    async def proc_output(
+        self, proc: int, stream: str, offset: int, length: int = P.MAX_PAYLOAD
+    ) -> tuple[bytes, ProcOutput]:
+        frame = await self.call(
+            P.PROC_OUTPUT, {"proc": proc, "stream": stream, "offset": offset, "length": length}
+        )
+        meta: ProcOutput = _convert(frame, ProcOutput, "proc.output")
+        return frame.payload, meta
+
+    async def proc_stdin(self, proc: int, data: bytes, *, eof: bool = False) -> None:
+        await self.call(P.PROC_STDIN, {"proc": proc, "eof": eof}, data)
+
+    async def proc_signal(self, proc: int, signal: int) -> ProcInfo:
+        frame = await self.call(P.PROC_SIGNAL, {"proc": proc, "signal": signal})
+        info: ProcInfo = _convert(frame, ProcInfo, "proc.signal")
+        return info
 
     async def shutdown(self) -> None:
         await self.call(P.SHUTDOWN, timeout=5.0)

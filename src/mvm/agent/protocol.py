@@ -54,8 +54,21 @@ FS_MKDIR = "fs.mkdir"
 FS_REMOVE = "fs.remove"
 FS_MOVE = "fs.move"
 SHUTDOWN = "shutdown"
+# Background processes, owned by the guest so they outlive any host connection:
+PROC_START = "proc.start"  # like exec, but returns {"proc": id, "pid": int} at once
+PROC_LIST = "proc.list"
+PROC_WAIT = "proc.wait"  # {"proc": id, "timeout": s} -> state (running or exit status)
+PROC_OUTPUT = "proc.output"  # {"proc", "stream", "offset", "length"} -> bytes from the ring
+PROC_STDIN = "proc.stdin"  # {"proc", "eof"}, payload = data
+PROC_SIGNAL = "proc.signal"  # {"proc", "signal"}
 REQUESTS = frozenset(
     {
+        PROC_START,
+        PROC_LIST,
+        PROC_WAIT,
+        PROC_OUTPUT,
+        PROC_STDIN,
+        PROC_SIGNAL,
         HELLO,
         PING,
         EXEC,
@@ -77,7 +90,13 @@ ERR = "err"  # final failure: {"code": str, "message": str}
 OUT = "out"  # streamed output chunk: {"stream": "stdout"|"stderr"}, payload = bytes
 STARTED = "started"  # exec started: {"pid": int}
 READY = "ready"  # unsolicited: the agent opened its port (id 0)
-REPLIES = frozenset({OK, ERR, OUT, STARTED, READY})
+EVENT = "event"  # unsolicited (id 0): {"kind": "proc.output"|"proc.exit", "proc": id, ...}
+REPLIES = frozenset({OK, ERR, OUT, STARTED, READY, EVENT})
+
+#: Output kept per background process and stream, in the guest (a ring).
+PROC_RING = 1024 * 1024
+#: Background processes remembered (running ones are never forgotten).
+MAX_PROCS = 256
 
 # Error codes carried by ERR frames.
 E_BAD_REQUEST = "bad_request"

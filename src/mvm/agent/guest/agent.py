@@ -12,6 +12,7 @@ partial writes (virtio-serial writes are often partial).
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import pwd
@@ -190,6 +191,162 @@ def stat_dict(st: os.stat_result) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- processes
+
+
+class SpawnError(Exception):
+    """The command could not be started: 127 (not found) or 126 (cannot execute)."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+
+
+def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """Start the command a request describes (argv, env, cwd, user), with pipes, in a
+    new session. Raises RequestError for a bad request, SpawnError if it cannot run."""
+    argv = h.get("argv")
+    if (
+        not isinstance(argv, list)
+        or not argv
+        or not all(isinstance(a, str) and "\x00" not in a for a in argv)
+    ):
+        raise RequestError(P.E_BAD_REQUEST, "'argv' must be a non-empty list of strings")
+    pw = resolve_user(want_str(h, "user", DEFAULT_USER))
+    env_in = h.get("env", {})
+    if not isinstance(env_in, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\x00" not in k + v
+        for k, v in env_in.items()
+    ):
+        raise RequestError(P.E_BAD_REQUEST, "'env' must map names to strings")
+    env = {
+        "PATH": PATH,
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "LANG": "C.UTF-8",
+    }
+    env.update(env_in)
+    cwd = h.get("cwd")
+    if cwd is None:
+        cwd = "/work" if os.path.isdir("/work") else pw.pw_dir
+    elif not isinstance(cwd, str) or "\x00" in cwd:
+        raise RequestError(P.E_BAD_REQUEST, "'cwd' must be a string")
+    if not os.path.isdir(cwd):
+        raise RequestError(P.E_NOT_FOUND, f"working directory {cwd} does not exist")
+    other = pw.pw_uid != os.getuid()
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            user=pw.pw_uid if other else None,
+            group=pw.pw_gid if other else None,
+            extra_groups=[] if other else None,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise SpawnError(127, f"command not found: {argv[0]}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise SpawnError(126, f"cannot execute: {argv[0]}: {exc.strerror or exc}") from None
+
+
+class Ring:
+    """The last ``cap`` bytes of a stream, addressed by absolute offsets."""
+
+    def __init__(self, cap: int = P.PROC_RING) -> None:
+        self.cap = cap
+        self.buf = bytearray()
+        self.start = 0  # absolute offset of buf[0]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.buf)
+
+    def append(self, data: bytes) -> None:
+        self.buf += data
+        extra = len(self.buf) - self.cap
+        if extra > 0:
+            del self.buf[:extra]
+            self.start += extra
+
+    def read(self, offset: int, length: int) -> tuple[bytes, int, int]:
+        """(data, offset it starts at, bytes lost before it because the ring wrapped)."""
+        lost = max(0, self.start - offset)
+        offset = max(offset, self.start)
+        i = offset - self.start
+        return bytes(self.buf[i : i + length]), offset, lost
+
+
+class Background:
+    """A process started with proc.start: its output is kept in rings in the guest."""
+
+    def __init__(self, num: int, proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+        self.num = num
+        self.proc = proc
+        self.argv = argv
+        self.started = time.time()
+        self.ended: float | None = None
+        self.rings = {"stdout": Ring(), "stderr": Ring()}
+        self.cond = threading.Condition()
+        self.pumps_done = 0
+
+    def info(self) -> dict[str, Any]:
+        rc = self.proc.returncode
+        return {
+            "proc": self.num,
+            "pid": self.proc.pid,
+            "argv": self.argv[:64],
+            "running": self.ended is None,
+            "exit_code": None if rc is None else (rc if rc >= 0 else 128 - rc),
+            "signal": -rc if rc is not None and rc < 0 else None,
+            "started": self.started,
+            "ended": self.ended,
+            "stdout_bytes": self.rings["stdout"].end,
+            "stderr_bytes": self.rings["stderr"].end,
+        }
+
+
+class EventQueue:
+    """Events for the host, sent by one thread so producers never block on the channel
+    (writes block while no host is connected). Bounded in bytes; the oldest output
+    events go first (the host can re-read output from the rings)."""
+
+    def __init__(self, channel: Channel, max_bytes: int = 4 * 1024 * 1024) -> None:
+        self.ch = channel
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
+        self.cond = threading.Condition()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def put(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        with self.cond:
+            self.items.append(({"t": P.EVENT, "id": 0, **header}, payload))
+            self.bytes += len(payload)
+            while self.bytes > self.max_bytes and self.items:
+                _, dropped = self.items.popleft()
+                self.bytes -= len(dropped)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.items:
+                    self.cond.wait()
+                header, payload = self.items.popleft()
+                self.bytes -= len(payload)
+            try:
+                self.ch.send(header, payload)
+            except OSError as exc:
+                log(f"event send failed: {exc}")
+
+
 # --------------------------------------------------------------------------- agent
 
 
@@ -199,6 +356,10 @@ class Agent:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.procs_lock = threading.Lock()
         self.threads = threading.BoundedSemaphore(MAX_THREADS)
+        self.bg: dict[int, Background] = {}
+        self.bg_lock = threading.Lock()
+        self.bg_next = 1
+        self.events = EventQueue(channel)
 
     # -- dispatch ---------------------------------------------------------------
     def serve(self) -> None:
@@ -297,33 +458,6 @@ class Agent:
 
     # -- exec -------------------------------------------------------------------
     def exec_(self, rid: int, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        argv = h.get("argv")
-        if (
-            not isinstance(argv, list)
-            or not argv
-            or not all(isinstance(a, str) and "\x00" not in a for a in argv)
-        ):
-            raise RequestError(P.E_BAD_REQUEST, "'argv' must be a non-empty list of strings")
-        pw = resolve_user(want_str(h, "user", DEFAULT_USER))
-        env_in = h.get("env", {})
-        if not isinstance(env_in, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\x00" not in k + v
-            for k, v in env_in.items()
-        ):
-            raise RequestError(P.E_BAD_REQUEST, "'env' must map names to strings")
-        env = {
-            "PATH": PATH,
-            "HOME": pw.pw_dir,
-            "USER": pw.pw_name,
-            "LOGNAME": pw.pw_name,
-            "LANG": "C.UTF-8",
-        }
-        env.update(env_in)
-        cwd = h.get("cwd")
-        if cwd is None:
-            cwd = "/work" if os.path.isdir("/work") else pw.pw_dir
-        elif not isinstance(cwd, str) or "\x00" in cwd:
-            raise RequestError(P.E_BAD_REQUEST, "'cwd' must be a string")
         timeout = h.get("timeout")
         if timeout is not None and (
             not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0
@@ -331,31 +465,14 @@ class Agent:
             raise RequestError(P.E_BAD_REQUEST, "'timeout' must be a positive number")
         limit = want_int(h, "output_limit", P.DEFAULT_OUTPUT_LIMIT, 0, 1 << 40)
         keep_stdin = want_bool(h, "stdin_open", False)
-        if not os.path.isdir(cwd):
-            raise RequestError(P.E_NOT_FOUND, f"working directory {cwd} does not exist")
-
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                user=pw.pw_uid if pw.pw_uid != os.getuid() else None,
-                group=pw.pw_gid if pw.pw_uid != os.getuid() else None,
-                extra_groups=[] if pw.pw_uid != os.getuid() else None,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except (FileNotFoundError, PermissionError, NotADirectoryError, OSError) as exc:
-            code = 127 if isinstance(exc, (FileNotFoundError, NotADirectoryError)) else 126
-            what = "command not found" if code == 127 else "cannot execute"
-            msg = f"mvm: {what}: {argv[0]}: {exc.strerror or exc}\n".encode()
+            proc = spawn(h)
+        except SpawnError as exc:
+            msg = f"mvm: {exc.message}\n".encode()
             self.ch.send({"t": P.OUT, "id": rid, "stream": "stderr"}, msg)
             return {
-                "exit_code": code,
+                "exit_code": exc.exit_code,
                 "signal": None,
                 "timed_out": False,
                 "truncated": {"stdout": False, "stderr": False},
@@ -468,6 +585,141 @@ class Agent:
         except ProcessLookupError:
             pass
         return {}, b""
+
+    # -- background processes -----------------------------------------------------
+    def proc_start(
+        self, rid: int, h: dict[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        keep_stdin = want_bool(h, "stdin_open", False)
+        with self.bg_lock:
+            running = sum(1 for b in self.bg.values() if b.ended is None)
+            if running >= P.MAX_PROCS:
+                raise RequestError(P.E_INTERNAL, f"too many background processes ({running})")
+        try:
+            proc = spawn(h)
+        except SpawnError as exc:
+            code = P.E_NOT_FOUND if exc.exit_code == 127 else P.E_PERMISSION
+            raise RequestError(code, exc.message) from None
+        argv = [str(a) for a in h.get("argv", [])]
+        with self.bg_lock:
+            num = self.bg_next
+            self.bg_next += 1
+            bg = Background(num, proc, argv)
+            self.bg[num] = bg
+            finished = sorted(
+                (b for b in self.bg.values() if b.ended is not None), key=lambda b: b.num
+            )
+            for old in finished[: max(0, len(self.bg) - P.MAX_PROCS)]:
+                del self.bg[old.num]
+        assert proc.stdout is not None and proc.stderr is not None
+        for stream, f in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            threading.Thread(
+                target=self._bg_pump, args=(bg, stream, f.fileno()), daemon=True
+            ).start()
+        threading.Thread(target=self._bg_wait, args=(bg,), daemon=True).start()
+        threading.Thread(
+            target=self._feed_stdin, args=(proc, payload, not keep_stdin), daemon=True
+        ).start()
+        return {"proc": num, "pid": proc.pid}, b""
+
+    def _bg_pump(self, bg: Background, stream: str, fd: int) -> None:
+        while True:
+            try:
+                chunk = os.read(fd, P.CHUNK)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            with bg.cond:
+                offset = bg.rings[stream].end
+                bg.rings[stream].append(chunk)
+            self.events.put(
+                {"kind": "proc.output", "proc": bg.num, "stream": stream, "offset": offset}, chunk
+            )
+        with bg.cond:
+            bg.pumps_done += 1
+            bg.cond.notify_all()
+
+    def _bg_wait(self, bg: Background) -> None:
+        bg.proc.wait()
+        with bg.cond:  # give the pipes a moment to drain so output precedes the exit event
+            bg.cond.wait_for(lambda: bg.pumps_done >= 2, timeout=DRAIN_AFTER_EXIT)
+            bg.ended = time.time()
+            bg.cond.notify_all()
+        for f in (bg.proc.stdin, bg.proc.stdout, bg.proc.stderr):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self.events.put({"kind": "proc.exit", **bg.info()})
+
+    def _bg(self, h: dict[str, Any]) -> Background:
+        num = h.get("proc")
+        with self.bg_lock:
+            bg = self.bg.get(num) if isinstance(num, int) and not isinstance(num, bool) else None
+        if bg is None:
+            raise RequestError(P.E_UNKNOWN_REF, f"no background process {num!r}")
+        return bg
+
+    def proc_list(
+        self, rid: int, h: dict[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        with self.bg_lock:
+            procs = [b.info() for b in sorted(self.bg.values(), key=lambda b: b.num)]
+        return {"procs": procs}, b""
+
+    def proc_wait(
+        self, rid: int, h: dict[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        bg = self._bg(h)
+        timeout = h.get("timeout", 0)
+        if (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not 0 <= timeout <= 3600
+        ):
+            raise RequestError(
+                P.E_BAD_REQUEST, "'timeout' must be a number of seconds in [0, 3600]"
+            )
+        with bg.cond:
+            bg.cond.wait_for(lambda: bg.ended is not None, timeout=float(timeout))
+        return bg.info(), b""
+
+    def proc_output(
+        self, rid: int, h: dict[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        bg = self._bg(h)
+        stream = h.get("stream", "stdout")
+        if stream not in ("stdout", "stderr"):
+            raise RequestError(P.E_BAD_REQUEST, "'stream' must be stdout or stderr")
+        offset = want_int(h, "offset", 0, 0, 1 << 62)
+        length = want_int(h, "length", P.CHUNK, 0, P.MAX_PAYLOAD)
+        with bg.cond:
+            ring = bg.rings[stream]
+            data, start, lost = ring.read(offset, length)
+            end = ring.end
+        return {"offset": start, "lost": lost, "end": end, "running": bg.ended is None}, data
+
+    def proc_stdin(
+        self, rid: int, h: dict[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        bg = self._bg(h)
+        eof = want_bool(h, "eof", False)
+        threading.Thread(target=self._feed_stdin, args=(bg.proc, payload, eof), daemon=True).start()
+        return {}, b""
+
+    def proc_signal(
+        self, rid: int, h: dict[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        bg = self._bg(h)
+        sig = want_int(h, "signal", signal.SIGTERM, 1, 64)
+        if bg.ended is None:
+            try:
+                os.killpg(bg.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        return bg.info(), b""
 
     # -- files ------------------------------------------------------------------
     def fs_read(self, rid: int, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
@@ -622,6 +874,12 @@ HANDLERS = {
     P.EXEC: Agent.exec_,
     P.STDIN: Agent.stdin,
     P.SIGNAL: Agent.signal_,
+    P.PROC_START: Agent.proc_start,
+    P.PROC_LIST: Agent.proc_list,
+    P.PROC_WAIT: Agent.proc_wait,
+    P.PROC_OUTPUT: Agent.proc_output,
+    P.PROC_STDIN: Agent.proc_stdin,
+    P.PROC_SIGNAL: Agent.proc_signal,
     P.FS_READ: Agent.fs_read,
     P.FS_WRITE: Agent.fs_write,
     P.FS_LIST: Agent.fs_list,

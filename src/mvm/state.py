@@ -1,0 +1,187 @@
+"""Durable sandbox state: SQLite in WAL mode under ``MVM_HOME``.
+
+Every state transition is written here *before* it is acted on, so a daemon
+that is killed at any point finds, on restart, what it was doing and can finish
+or undo it (reattach to a running QEMU, mark a vanished one failed).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgspec
+
+# Sandbox states and the transitions the daemon makes between them.
+CREATING = "creating"
+RUNNING = "running"
+PAUSED = "paused"
+STOPPING = "stopping"
+STOPPED = "stopped"
+FAILED = "failed"
+LIVE_STATES = frozenset({CREATING, RUNNING, PAUSED, STOPPING})
+TRANSITIONS: dict[str, frozenset[str]] = {
+    CREATING: frozenset({RUNNING, FAILED, STOPPING}),
+    RUNNING: frozenset({PAUSED, STOPPING, FAILED, RUNNING}),
+    PAUSED: frozenset({RUNNING, STOPPING, FAILED}),
+    STOPPING: frozenset({STOPPED, FAILED}),
+    STOPPED: frozenset(),
+    FAILED: frozenset({STOPPING}),
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    doc BLOB NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    sandbox TEXT NOT NULL,
+    name TEXT NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (sandbox, name)
+);
+"""
+
+
+class SandboxRecord(msgspec.Struct, kw_only=True):
+    """What the daemon knows about one sandbox (everything needed to reattach)."""
+
+    id: str
+    name: str
+    image: str
+    image_id: str
+    state: str
+    cpus: int
+    memory_mb: int
+    disk_mb: int
+    env: dict[str, str] = {}
+    created: float
+    ttl_seconds: float
+    expires_at: float
+    pid: int | None = None
+    run_dir: str = ""
+    memory_file: str | None = None  # the template RAM file a clone maps (for snapshots)
+    reason: str = ""
+
+    def ttl_left(self, now: float | None = None) -> float:
+        return max(0.0, self.expires_at - (now if now is not None else time.time()))
+
+
+class SnapshotRecord(msgspec.Struct, kw_only=True):
+    sandbox: str  # sandbox name
+    name: str
+    path: str  # directory holding the state file and meta
+    created: float
+    size: int
+    image: str
+    image_id: str
+    cpus: int
+    memory_mb: int
+    disk_mb: int
+    memory_file: str | None = None
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+class StateDB:
+    """A small, thread-safe facade over SQLite."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- sandboxes ----------------------------------------------------------------
+    def insert(self, rec: SandboxRecord) -> None:
+        """Add a sandbox; raises sqlite3.IntegrityError if the name is taken."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO sandboxes (id, name, state, doc, updated) VALUES (?, ?, ?, ?, ?)",
+                (rec.id, rec.name, rec.state, msgspec.json.encode(rec), time.time()),
+            )
+
+    def save(self, rec: SandboxRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE sandboxes SET state = ?, doc = ?, updated = ? WHERE id = ?",
+                (rec.state, msgspec.json.encode(rec), time.time(), rec.id),
+            )
+
+    def transition(self, rec: SandboxRecord, new_state: str, reason: str = "") -> SandboxRecord:
+        """Record a state change (checked against TRANSITIONS) and return the new record."""
+        if new_state not in TRANSITIONS.get(rec.state, frozenset()):
+            raise InvalidTransition(f"{rec.name}: cannot go from {rec.state} to {new_state}")
+        new = msgspec.structs.replace(rec, state=new_state, reason=reason or rec.reason)
+        self.save(new)
+        return new
+
+    def delete(self, sandbox_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def get(self, name: str) -> SandboxRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT doc FROM sandboxes WHERE name = ? OR id = ?", (name, name)
+            ).fetchone()
+        return msgspec.json.decode(row[0], type=SandboxRecord) if row else None
+
+    def all(self) -> list[SandboxRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT doc FROM sandboxes ORDER BY name").fetchall()
+        return [msgspec.json.decode(r[0], type=SandboxRecord) for r in rows]
+
+    # -- snapshots ----------------------------------------------------------------
+    def add_snapshot(self, snap: SnapshotRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO snapshots (sandbox, name, doc) VALUES (?, ?, ?)",
+                (snap.sandbox, snap.name, msgspec.json.encode(snap)),
+            )
+
+    def snapshots(self, sandbox: str) -> list[SnapshotRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT doc FROM snapshots WHERE sandbox = ? ORDER BY name", (sandbox,)
+            ).fetchall()
+        return [msgspec.json.decode(r[0], type=SnapshotRecord) for r in rows]
+
+    def snapshot(self, sandbox: str, name: str) -> SnapshotRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT doc FROM snapshots WHERE sandbox = ? AND name = ?", (sandbox, name)
+            ).fetchone()
+        return msgspec.json.decode(row[0], type=SnapshotRecord) if row else None
+
+    def remove_snapshot(self, sandbox: str, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE sandbox = ? AND name = ?", (sandbox, name))
