@@ -87,3 +87,27 @@ class CommandTimeout(MvmError):
 
 class InvalidArgument(MvmError):
     exit_code = 2
+
+
+class SandboxNotFound(MvmError):
+    pass
+
+
+class SandboxExists(MvmError):
+    """The name is taken by another sandbox."""
+
+
+class SandboxStateError(MvmError):
+    """The sandbox is in a state that does not allow this (e.g. exec while paused)."""
+
+
+class SnapshotNotFound(MvmError):
+    pass
+
+
+class SnapshotExists(MvmError):
+    pass
+
+
+class PolicyDenied(MvmError):
+    pass

@@ -29,7 +29,7 @@ from pathlib import Path
 from mvm import paths
 
 #: Bumped when the template recipe (argv shape, agent handshake) changes.
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 
 
 @dataclass(frozen=True)

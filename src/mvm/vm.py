@@ -90,7 +90,6 @@ async def make_template(
                     await vm.agent.close()  # idle, no connection: what a clone starts from
                     vm.agent = None
                 async with Qmp(cfg.qmp_socket) as qmp:
-                    await qmp.ignore_shared_memory()
                     await qmp.save_state(staging / "state")
             finally:
                 await vm.destroy()
@@ -183,11 +182,13 @@ class MicroVM:
         started = time.monotonic()
         try:
             await qemu.start()
-            if restore is not None:
-                async with Qmp(cfg.qmp_socket) as qmp:
-                    await qmp.ignore_shared_memory()
+            async with Qmp(cfg.qmp_socket) as qmp:
+                # Set on every VM so every migration stream has the same format: a
+                # snapshot of any VM can then be loaded by any other of its shape.
+                await qmp.ignore_shared_memory()
+                if restore is not None:
                     await qmp.restore_state(restore)
-                vm.restored = True
+                    vm.restored = True
             vm.agent = await AgentClient.connect(cfg.agent_socket)
             try:
                 await vm.agent.hello(boot_timeout, alive=qemu.alive)
@@ -210,6 +211,35 @@ class MicroVM:
             raise
         vm.boot_seconds = time.monotonic() - started
         return vm
+
+    @classmethod
+    async def attach(
+        cls, vm_id: str, spec: VMSpec, cfg: VMConfig, pid: int, timeout: float = 30.0
+    ) -> MicroVM:
+        """Reconnect to a VM whose QEMU outlived the process that started it."""
+        qemu = QemuProcess(cfg)
+        qemu.adopt(pid)
+        vm = cls(vm_id, spec, qemu)
+        try:
+            vm.agent = await AgentClient.connect(cfg.agent_socket)
+            await vm.agent.hello(timeout, alive=qemu.alive)
+        except BaseException:
+            if vm.agent is not None:
+                await vm.agent.close()
+            await qemu.stop_capture()
+            raise
+        return vm
+
+    async def restore(self, state: Path, boot_timeout: float = BOOT_TIMEOUT) -> None:
+        """Replace this VM's QEMU by a new one loaded from a saved state (a snapshot)."""
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
+        await self.qemu.stop()
+        cfg = replace(self.qemu.cfg, memory_file=None, incoming=True)
+        fresh = await MicroVM._start(self.id, self.spec, cfg, boot_timeout, restore=state)
+        self.qemu, self.agent = fresh.qemu, fresh.agent
+        self.boot_seconds = fresh.boot_seconds
 
     def require_agent(self) -> AgentClient:
         if self.agent is None:

@@ -86,25 +86,23 @@ def build_argv(cfg: VMConfig) -> list[str]:
         accel, cpu = ["-accel", "kvm"], "host"
     else:
         accel, cpu = ["-accel", "tcg,thread=multi"], "max"
-    machine = "microvm,acpi=on,pit=off,pic=off,rtc=on,x-option-roms=off"
-    memory: list[str] = []
+    # acpi=on: this kernel only finds virtio-mmio devices through ACPI. RAM is always a
+    # backend object named "mem", so snapshots move between cold VMs, templates and clones.
+    machine = "microvm,acpi=on,pit=off,pic=off,rtc=on,x-option-roms=off,memory-backend=mem"
     if cfg.memory_file is not None:
-        machine += ",memory-backend=mem"
         share = "on" if cfg.memory_shared else "off"
-        memory = [
-            "-object",
-            f"memory-backend-file,id=mem,size={cfg.memory_mb}M,mem-path={cfg.memory_file},share={share}",
-        ]
+        backend = f"memory-backend-file,id=mem,size={cfg.memory_mb}M,mem-path={cfg.memory_file},share={share}"
+    else:
+        backend = f"memory-backend-ram,id=mem,size={cfg.memory_mb}M"
     incoming = ["-incoming", "defer"] if cfg.incoming else []
     return [
         cfg.qemu,
-        # acpi=on: this kernel only finds virtio-mmio devices through ACPI.
         "-M", machine,
         *accel,
         "-cpu", cpu,
         "-smp", str(cfg.cpus),
         "-m", f"{cfg.memory_mb}M",
-        *memory,
+        "-object", backend,
         "-nodefaults",
         "-no-user-config",
         "-nographic",

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mvm.errors import QemuNotFound, VMError
@@ -63,10 +64,10 @@ class BoundedLog:
         self.path = path
         self.head_limit = head
         self.tail_limit = tail
-        self.written = 0
         self.dropped = 0
         self._tail = bytearray()
         self._f = path.open("ab")
+        self.written = self._f.tell()  # continue a log kept by an earlier host process
 
     def write(self, data: bytes) -> None:
         if self.written < self.head_limit:
@@ -99,13 +100,27 @@ class BoundedLog:
         self._f.close()
 
 
+def is_qemu_for(pid: int, run_dir: Path) -> bool:
+    """Whether ``pid`` is a live (not zombie) QEMU whose command line names ``run_dir``."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    state = stat_line.rsplit(")", 1)[-1].split()[0] if ")" in stat_line else "?"
+    return state != "Z" and str(run_dir).encode() in cmdline and b"qemu" in cmdline
+
+
 class QemuProcess:
     def __init__(self, cfg: VMConfig) -> None:
         self.cfg = cfg
         self.proc: subprocess.Popen[bytes] | None = None
+        self.adopted_pid: int | None = None  # a QEMU started by an earlier daemon
         self.console: BoundedLog | None = None
         self._console_task: asyncio.Task[None] | None = None
         self.started_at = 0.0
+        #: Called with each chunk the guest console prints (must not block).
+        self.console_listener: Callable[[bytes], None] | None = None
 
     @property
     def stderr_path(self) -> Path:
@@ -119,6 +134,8 @@ class QemuProcess:
         argv = build_argv(self.cfg)
         argv[0] = find_qemu(argv[0])
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        for sock in (self.cfg.console_socket, self.cfg.agent_socket, self.cfg.qmp_socket):
+            sock.unlink(missing_ok=True)  # stale ones would look like a started QEMU
         with self.stderr_path.open("wb") as err:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
@@ -130,6 +147,16 @@ class QemuProcess:
                 close_fds=True,
             )
         await self._wait_sockets()
+        self._start_console()
+
+    def adopt(self, pid: int) -> None:
+        """Take over a running QEMU (after a daemon restart): check it is ours, capture its console."""
+        if not is_qemu_for(pid, self.cfg.run_dir):
+            raise VMError(f"process {pid} is not the QEMU of {self.cfg.run_dir}")
+        self.adopted_pid = pid
+        self._start_console()
+
+    def _start_console(self) -> None:
         self.console = BoundedLog(self.console_path)
         self._console_task = asyncio.create_task(self._pump_console())
 
@@ -153,17 +180,23 @@ class QemuProcess:
         try:
             while data := await reader.read(65536):
                 self.console.write(data)
+                if self.console_listener is not None:
+                    self.console_listener(data)
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.proc is not None:
+            return self.proc.poll() is None
+        if self.adopted_pid is not None:
+            return is_qemu_for(self.adopted_pid, self.cfg.run_dir)
+        return False
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.proc.pid if self.proc else self.adopted_pid
 
     def stderr_tail(self, n: int = 2000) -> str:
         try:
@@ -185,10 +218,20 @@ class QemuProcess:
                 os.kill(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
+        elif self.adopted_pid is not None and self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.adopted_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     async def stop(self) -> None:
         """Kill QEMU and stop capturing its console."""
         self.kill()
+        await self.stop_capture()
+
+    async def stop_capture(self) -> None:
+        """Stop capturing the console (QEMU keeps running: it belongs to no one else now)."""
         if self._console_task is not None:
             self._console_task.cancel()
             with contextlib.suppress(BaseException):

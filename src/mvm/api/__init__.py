@@ -1,0 +1,1 @@
+"""The mvmd API: models shared by the daemon and its clients."""

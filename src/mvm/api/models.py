@@ -1,0 +1,150 @@
+"""Request and response bodies of the mvmd HTTP API, shared by the daemon and its clients.
+
+The API is HTTP/1.1 + JSON over a Unix socket (``$MVM_HOME/mvmd.sock``, mode
+0600). Streaming endpoints (exec, logs) answer with NDJSON: one JSON object per
+line, bytes base64-encoded in ``data``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+API_VERSION = "v1"
+
+#: Largest body accepted by the API (file writes, stdin): larger files go in pieces.
+MAX_BODY = 64 * 1024 * 1024
+#: Largest file `fs write` / `files.write` accepts in one call.
+MAX_FILE_WRITE = MAX_BODY
+#: Largest file `fs read` returns.
+MAX_FILE_READ = 64 * 1024 * 1024
+#: Default and largest TTL of a sandbox (seconds).
+DEFAULT_TTL = 30 * 60.0
+MAX_TTL = 7 * 24 * 3600.0
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    error: str
+    message: str
+    hint: str | None = None
+    data: dict[str, object] = {}
+
+
+class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str | None = None
+    image: str = "python"
+    cpus: int = 1
+    memory_mb: int = 512
+    disk_mb: int | None = None  # size of the writable layer; default half the memory
+    ttl_seconds: float = DEFAULT_TTL
+    env: dict[str, str] = {}
+
+
+class SandboxInfo(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    image: str
+    state: str
+    cpus: int
+    memory_mb: int
+    disk_mb: int
+    created: float
+    expires_at: float
+    ttl_left: float
+    pid: int | None = None
+    reason: str = ""
+    boot_seconds: float | None = None
+
+
+class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    argv: list[str]
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    user: str | None = None
+    stdin: bytes = b""  # base64 in JSON
+    timeout: float = 300.0
+    output_limit: int = 16 * 1024 * 1024
+
+
+class ExecEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One line of an exec stream: output (``stdout``/``stderr`` with data), then ``exit``."""
+
+    type: str
+    data: bytes = b""
+    exit_code: int | None = None
+    timed_out: bool = False
+    signal: int | None = None
+    duration: float = 0.0
+    truncated_stdout: bool = False
+    truncated_stderr: bool = False
+    error: ErrorBody | None = None
+
+
+class ProcStart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    argv: list[str]
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    user: str | None = None
+    stdin: bytes = b""
+    stdin_open: bool = False
+
+
+class ProcView(msgspec.Struct, kw_only=True):
+    proc: int
+    pid: int
+    argv: list[str]
+    running: bool
+    started: float
+    exit_code: int | None = None
+    signal: int | None = None
+    ended: float | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+
+
+class FileEntry(msgspec.Struct, kw_only=True):
+    name: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+
+
+class FileStat(msgspec.Struct, kw_only=True):
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    uid: int = 0
+    gid: int = 0
+
+
+class LogEvent(msgspec.Struct, kw_only=True):
+    """One line of ``logs``: console output or a background process's output."""
+
+    timestamp: float
+    stream: str  # "console", or "proc:<id>:stdout" / "proc:<id>:stderr"
+    message: str
+
+
+class SnapshotInfo(msgspec.Struct, kw_only=True):
+    sandbox: str
+    name: str
+    created: float
+    size: int
+    image: str
+
+
+class TtlRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    ttl_seconds: float
+
+
+class SnapshotRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+
+
+class DaemonStatus(msgspec.Struct, kw_only=True):
+    pid: int
+    version: str
+    started: float
+    sandboxes: int
+    socket: str

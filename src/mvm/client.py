@@ -1,0 +1,338 @@
+"""A client of mvmd (httpx over the daemon's Unix socket), starting the daemon if needed.
+
+Used by the CLI and the SDK. Errors come back from the daemon as JSON
+``ErrorBody`` objects and are raised here as the same ``mvm.errors`` classes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+
+from mvm import errors, paths
+from mvm.api import models as M
+
+T = TypeVar("T")
+
+#: Seconds to wait for an auto-started daemon to answer.
+DAEMON_START_TIMEOUT = 15.0
+#: Default HTTP timeout for calls that do not run commands.
+HTTP_TIMEOUT = 120.0
+
+
+def socket_path() -> Path:
+    return paths.home() / "mvmd.sock"
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        body = msgspec.json.decode(resp.read(), type=M.ErrorBody)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise errors.MvmError(f"mvmd answered HTTP {resp.status_code}: {resp.text[:500]}") from None
+    raise error_from_body(body)
+
+
+def error_from_body(body: M.ErrorBody) -> errors.MvmError:
+    cls = getattr(errors, body.error, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.MvmError)):
+        cls = errors.MvmError
+    return cls(body.message, hint=body.hint, **body.data)
+
+
+def check_socket_owner(path: Path) -> None:
+    """Refuse a daemon socket that belongs to another user (it could be anyone's daemon)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.geteuid():
+        raise errors.HostError(
+            f"the mvmd socket {path} belongs to uid {st.st_uid}, not to you",
+            hint="use your own MVM_HOME, or ask its owner",
+            socket=str(path),
+        )
+
+
+class Client:
+    def __init__(self, *, autostart: bool = True, timeout: float = HTTP_TIMEOUT) -> None:
+        self.socket = socket_path()
+        self.autostart = autostart
+        check_socket_owner(self.socket)
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url=f"http://mvmd/{M.API_VERSION}",
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+        self._ensured = False
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- daemon ---------------------------------------------------------------------
+    def ping(self) -> M.DaemonStatus | None:
+        try:
+            resp = self._http.get("/status", timeout=5.0)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError, httpx.ReadError):
+            return None
+        except httpx.TimeoutException:
+            return None
+        _raise_for(resp)
+        return msgspec.json.decode(resp.content, type=M.DaemonStatus)
+
+    def ensure_daemon(self) -> None:
+        if self._ensured:
+            return
+        if self.ping() is None:
+            if not self.autostart:
+                raise errors.MvmError(
+                    "mvmd is not running", hint="start it with `mvmctl daemon start`"
+                )
+            start_daemon()
+            deadline = time.monotonic() + DAEMON_START_TIMEOUT
+            while self.ping() is None:
+                if time.monotonic() > deadline:
+                    log = paths.home() / "mvmd.log"
+                    raise errors.MvmError(
+                        f"mvmd did not start within {DAEMON_START_TIMEOUT:.0f}s",
+                        hint=f"see {log}",
+                    )
+                time.sleep(0.05)
+        self._ensured = True
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        self.ensure_daemon()
+        body = msgspec.json.encode(json) if json is not None else content
+        headers = {"content-type": "application/json"} if json is not None else {}
+        try:
+            resp = self._http.request(
+                method,
+                url,
+                content=body,
+                params=params,
+                headers=headers,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TimeoutException:
+            raise errors.CommandTimeout(f"mvmd did not answer {method} {url} in time") from None
+        except httpx.TransportError as exc:
+            raise errors.MvmError(f"lost the connection to mvmd: {exc}") from None
+        _raise_for(resp)
+        return resp
+
+    def _get(self, url: str, typ: type[T], **kw: Any) -> T:
+        return msgspec.json.decode(self.request("GET", url, **kw).content, type=typ)
+
+    def _post(self, url: str, typ: type[T], json: Any = None, **kw: Any) -> T:
+        return msgspec.json.decode(self.request("POST", url, json=json, **kw).content, type=typ)
+
+    def status(self) -> M.DaemonStatus:
+        return self._get("/status", M.DaemonStatus)
+
+    def shutdown(self) -> None:
+        self.request("POST", "/shutdown")
+
+    # -- sandboxes ------------------------------------------------------------------
+    def create(self, req: M.CreateSandbox) -> M.SandboxInfo:
+        return self._post("/sandboxes", M.SandboxInfo, req, timeout=600.0)
+
+    def list_sandboxes(self) -> list[M.SandboxInfo]:
+        return self._get("/sandboxes", list[M.SandboxInfo])
+
+    def get(self, name: str) -> M.SandboxInfo:
+        return self._get(f"/sandboxes/{name}", M.SandboxInfo)
+
+    def down(self, name: str) -> M.SandboxInfo:
+        resp = self.request("DELETE", f"/sandboxes/{name}", timeout=60.0)
+        return msgspec.json.decode(resp.content, type=M.SandboxInfo)
+
+    def pause(self, name: str) -> M.SandboxInfo:
+        return self._post(f"/sandboxes/{name}/pause", M.SandboxInfo)
+
+    def resume(self, name: str) -> M.SandboxInfo:
+        return self._post(f"/sandboxes/{name}/resume", M.SandboxInfo)
+
+    def set_ttl(self, name: str, ttl_seconds: float) -> M.SandboxInfo:
+        return self._post(
+            f"/sandboxes/{name}/ttl", M.SandboxInfo, M.TtlRequest(ttl_seconds=ttl_seconds)
+        )
+
+    def wait(self, name: str, timeout: float) -> M.SandboxInfo:
+        return self._post(
+            f"/sandboxes/{name}/wait",
+            M.SandboxInfo,
+            params={"timeout": timeout},
+            timeout=timeout + 30.0,
+        )
+
+    # -- exec -----------------------------------------------------------------------
+    def exec_stream(self, name: str, req: M.ExecRequest) -> Iterator[M.ExecEvent]:
+        """Yield output events as they come, then the ``exit`` event."""
+        self.ensure_daemon()
+        decoder = msgspec.json.Decoder(M.ExecEvent)
+        try:
+            with self._http.stream(
+                "POST",
+                f"/sandboxes/{name}/exec",
+                content=msgspec.json.encode(req),
+                headers={"content-type": "application/json"},
+                timeout=httpx.Timeout(req.timeout + 60.0, connect=5.0),
+            ) as resp:
+                _raise_for(resp)
+                for line in resp.iter_lines():
+                    if not line:
+                        continue
+                    event = decoder.decode(line)
+                    if event.type == "error" and event.error is not None:
+                        raise error_from_body(event.error)
+                    yield event
+        except httpx.TimeoutException:
+            raise errors.CommandTimeout("mvmd stopped answering during exec") from None
+        except httpx.TransportError as exc:
+            raise errors.MvmError(f"lost the connection to mvmd: {exc}") from None
+
+    # -- files ----------------------------------------------------------------------
+    def read_file(self, name: str, path: str) -> bytes:
+        return self.request("GET", f"/sandboxes/{name}/files", params={"path": path}).content
+
+    def write_file(self, name: str, path: str, data: bytes, mode: int = 0o644) -> M.FileStat:
+        resp = self.request(
+            "PUT", f"/sandboxes/{name}/files", params={"path": path, "mode": mode}, content=data
+        )
+        return msgspec.json.decode(resp.content, type=M.FileStat)
+
+    def list_dir(self, name: str, path: str) -> list[M.FileEntry]:
+        return self._get(f"/sandboxes/{name}/files/list", list[M.FileEntry], params={"path": path})
+
+    def stat(self, name: str, path: str) -> M.FileStat:
+        return self._get(f"/sandboxes/{name}/files/stat", M.FileStat, params={"path": path})
+
+    def mkdir(self, name: str, path: str, parents: bool = False) -> None:
+        self.request(
+            "POST", f"/sandboxes/{name}/files/mkdir", params={"path": path, "parents": int(parents)}
+        )
+
+    def remove(self, name: str, path: str, recursive: bool = False) -> None:
+        self.request(
+            "DELETE", f"/sandboxes/{name}/files", params={"path": path, "recursive": int(recursive)}
+        )
+
+    def move(self, name: str, src: str, dest: str) -> None:
+        self.request("POST", f"/sandboxes/{name}/files/move", params={"path": src, "dest": dest})
+
+    # -- processes ------------------------------------------------------------------
+    def proc_start(self, name: str, req: M.ProcStart) -> M.ProcView:
+        return self._post(f"/sandboxes/{name}/procs", M.ProcView, req)
+
+    def proc_list(self, name: str) -> list[M.ProcView]:
+        return self._get(f"/sandboxes/{name}/procs", list[M.ProcView])
+
+    def proc_wait(self, name: str, proc: int, timeout: float) -> M.ProcView:
+        return self._post(
+            f"/sandboxes/{name}/procs/{proc}/wait",
+            M.ProcView,
+            params={"timeout": timeout},
+            timeout=timeout + 30.0,
+        )
+
+    def proc_signal(self, name: str, proc: int, signal: int) -> M.ProcView:
+        return self._post(
+            f"/sandboxes/{name}/procs/{proc}/signal", M.ProcView, params={"signal": signal}
+        )
+
+    def proc_stdin(self, name: str, proc: int, data: bytes, eof: bool = False) -> None:
+        self.request(
+            "POST", f"/sandboxes/{name}/procs/{proc}/stdin", params={"eof": int(eof)}, content=data
+        )
+
+    def proc_output(self, name: str, proc: int, stream: str) -> bytes:
+        return self.request(
+            "GET", f"/sandboxes/{name}/procs/{proc}/output", params={"stream": stream}
+        ).content
+
+    # -- logs -----------------------------------------------------------------------
+    def logs(
+        self, name: str, *, follow: bool = False, since: float | None = None
+    ) -> Iterator[M.LogEvent]:
+        self.ensure_daemon()
+        params: dict[str, Any] = {"follow": int(follow)}
+        if since is not None:
+            params["since"] = since
+        decoder = msgspec.json.Decoder(M.LogEvent)
+        try:
+            with self._http.stream(
+                "GET",
+                f"/sandboxes/{name}/logs",
+                params=params,
+                timeout=httpx.Timeout(None, connect=5.0),
+            ) as resp:
+                _raise_for(resp)
+                for line in resp.iter_lines():
+                    if line:
+                        yield decoder.decode(line)
+        except httpx.TransportError as exc:
+            raise errors.MvmError(f"lost the connection to mvmd: {exc}") from None
+
+    # -- snapshots ------------------------------------------------------------------
+    def snapshot_save(self, name: str, snap: str) -> M.SnapshotInfo:
+        return self._post(
+            f"/sandboxes/{name}/snapshots",
+            M.SnapshotInfo,
+            M.SnapshotRequest(name=snap),
+            timeout=600.0,
+        )
+
+    def snapshot_list(self, name: str) -> list[M.SnapshotInfo]:
+        return self._get(f"/sandboxes/{name}/snapshots", list[M.SnapshotInfo])
+
+    def snapshot_restore(self, name: str, snap: str) -> M.SandboxInfo:
+        return self._post(
+            f"/sandboxes/{name}/snapshots/{snap}/restore", M.SandboxInfo, timeout=600.0
+        )
+
+    def snapshot_remove(self, name: str, snap: str) -> None:
+        self.request("DELETE", f"/sandboxes/{name}/snapshots/{snap}")
+
+
+def start_daemon() -> None:
+    """Start mvmd detached (its own session), logging to $MVM_HOME/mvmd.log."""
+    home = paths.home()
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "mvmd.log").open("ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "mvm.daemon"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

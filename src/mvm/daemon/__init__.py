@@ -1,0 +1,1 @@
+"""mvmd: the host daemon that owns named sandboxes."""
