@@ -192,7 +192,10 @@ class AgentClient:
         """Queue a frame; wait while the queue is full (backpressure), unless its request is gone."""
         while self._pending.get(rid) is q:
             try:
-                await asyncio.wait_for(q.put(frame), 0.5)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation (close() must always stop this loop).
+                async with asyncio.timeout(0.5):
+                    await q.put(frame)
                 return
             except TimeoutError:
                 continue
@@ -229,9 +232,13 @@ class AgentClient:
     ) -> P.Frame:
         if q.empty() and self._failure is not None:
             raise self._failure
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            item = await asyncio.wait_for(q.get(), timeout)
+            async with asyncio.timeout_at(
+                None
+                if deadline is None
+                else asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())
+            ):
+                item = await q.get()
         except TimeoutError:
             raise CommandTimeout("the guest agent did not answer in time") from None
         if isinstance(item, BaseException):
@@ -258,12 +265,15 @@ class AgentClient:
             self._pending.pop(rid, None)
 
     async def close(self) -> None:
+        """Close the connection; bounded even if the guest keeps its end open."""
+        self._writer.close()
         self._task.cancel()
         with contextlib.suppress(BaseException):
-            await self._task
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+            async with asyncio.timeout(5.0):
+                await self._task
+        with contextlib.suppress(BaseException):
+            async with asyncio.timeout(5.0):
+                await self._writer.wait_closed()
 
     # -- handshake --------------------------------------------------------------
     async def hello(

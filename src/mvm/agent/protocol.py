@@ -132,7 +132,7 @@ class Frame:
 
     @property
     def id(self) -> int:
-        i = self.header.get("id")
+        i = self.header.get("id", 0)  # as the decoder does: a missing id is 0
         return i if isinstance(i, int) and not isinstance(i, bool) else -1
 
 
@@ -210,12 +210,17 @@ class FrameDecoder:
     def _resync(self) -> None:
         # Drop at least one byte, then everything up to the next MAGIC.
         pos = self._buf.find(MAGIC, 1)
-        if pos < 0:
-            # Keep a tail that might be the start of a MAGIC split across feeds.
-            keep = len(MAGIC) - 1
-            del self._buf[: max(0, len(self._buf) - keep)]
-        else:
+        if pos >= 0:
             del self._buf[:pos]
+            return
+        # No MAGIC: keep only the longest tail that could still begin one (split
+        # across feeds), and always drop at least one byte so this ends.
+        keep = 0
+        for n in range(min(len(MAGIC) - 1, len(self._buf) - 1), 0, -1):
+            if MAGIC.startswith(bytes(self._buf[-n:])):
+                keep = n
+                break
+        del self._buf[: len(self._buf) - keep]
 
     def _next(self) -> Frame | None:
         buf = self._buf

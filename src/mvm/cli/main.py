@@ -23,8 +23,10 @@ from rich.table import Table
 
 from mvm import doctor as doctor_mod
 from mvm.agent import protocol as P
+from mvm.cli.common import fail_on_errors, parse_env
+from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
-from mvm.errors import InvalidArgument, MvmError
+from mvm.errors import InvalidArgument
 from mvm.images import manifest as manifests
 from mvm.images.store import ImageStore
 from mvm.oneshot import DEFAULT_TIMEOUT, TIMEOUT_EXIT, RunResult, run_once
@@ -32,36 +34,6 @@ from mvm.oneshot import DEFAULT_TIMEOUT, TIMEOUT_EXIT, RunResult, run_once
 F = TypeVar("F", bound=Callable[..., Any])
 #: Largest stdin ``run -i`` forwards to the command.
 MAX_STDIN = P.MAX_PAYLOAD
-
-
-def fail(exc: MvmError, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(exc.to_dict()))
-    else:
-        err_console.print(f"[bold red]mvm:[/] {escape(exc.message)}")
-        if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}")
-    sys.exit(exc.exit_code)
-
-
-def handle_errors(as_json_param: str = "as_json") -> Callable[[F], F]:
-    """Turn MvmError into a clean message (or JSON) and its exit code."""
-
-    def deco(fn: F) -> F:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except MvmError as exc:
-                fail(exc, bool(kwargs.get(as_json_param)))
-            except KeyboardInterrupt:
-                err_console.print("[red]interrupted[/]")
-                sys.exit(130)
-
-        wrapper.__name__ = fn.__name__
-        wrapper.__doc__ = fn.__doc__
-        return wrapper  # type: ignore[return-value]
-
-    return deco
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,7 +47,7 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@handle_errors()
+@fail_on_errors
 def doctor(as_json: bool) -> None:
     """Show what this host can do: QEMU, KVM or TCG, tools, kernel, images, disk."""
     checks = doctor_mod.run_checks()
@@ -103,7 +75,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--preset", help=f"Build a preset ({', '.join(manifests.preset_names())}).")
 @click.option("--rebuild", is_flag=True, help="Rebuild even if a cached image matches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the image record as JSON.")
-@handle_errors()
+@fail_on_errors
 def build(directory: Path | None, preset: str | None, rebuild: bool, as_json: bool) -> None:
     """Build (or reuse) an image from a preset or a directory with mvm.toml.
 
@@ -129,7 +101,7 @@ def build(directory: Path | None, preset: str | None, rebuild: bool, as_json: bo
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@handle_errors()
+@fail_on_errors
 def images(as_json: bool) -> None:
     """List built images."""
     imgs = ImageStore().all()
@@ -145,16 +117,6 @@ def images(as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------------------- run
-
-
-def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for p in pairs:
-        k, sep, v = p.partition("=")
-        if not sep or not k:
-            raise InvalidArgument(f"--env {p!r}: expected KEY=VALUE")
-        env[k] = v
-    return env
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
@@ -185,7 +147,7 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Print one JSON object (exit_code, stdout, stderr, duration, truncated, sandbox_id).",
 )
 @click.argument("command", nargs=-1, required=True)
-@handle_errors()
+@fail_on_errors
 def run(
     image: str,
     cpus: int,
@@ -242,6 +204,10 @@ def run(
                 f"[bold red]mvm:[/] command timed out after {timeout:g}s; the VM was destroyed"
             )
     sys.exit(TIMEOUT_EXIT if result.timed_out else result.exit_code)
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -87,12 +87,18 @@ def decompress_payload(payload: bytes, workdir: Path) -> bytes:
         hostexec.run(["lz4", "-dqf", str(src), str(out)], what="decompress kernel", timeout=120)
         data = out.read_bytes()
     elif payload[:2] == b"\x1f\x8b":
-        data = gzip.decompress(payload)
+        try:
+            data = gzip.decompress(payload)
+        except (OSError, EOFError) as exc:
+            raise ImageBuildError(f"corrupt gzip kernel payload: {exc}") from None
     elif payload[:6] == b"\xfd7zXZ\x00":
-        data = lzma.decompress(payload)
+        try:
+            data = lzma.decompress(payload)
+        except (lzma.LZMAError, EOFError) as exc:
+            raise ImageBuildError(f"corrupt xz kernel payload: {exc}") from None
     elif payload[:4] == b"\x28\xb5\x2f\xfd":
         src = workdir / "payload.zst"
-        src.write_bytes(payload)
+        src.write_bytes(payload[:-4])  # like lz4: the kernel appends its 4-byte size
         out = workdir / "vmlinux.raw"
         hostexec.run(
             ["zstd", "-dqf", str(src), "-o", str(out)], what="decompress kernel", timeout=120

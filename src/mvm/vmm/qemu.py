@@ -70,6 +70,7 @@ class BoundedLog:
         self.written = self._f.tell()  # continue a log kept by an earlier host process
 
     def write(self, data: bytes) -> None:
+        self._tail += data  # every byte, so tail() is right whether or not the head is full
         if self.written < self.head_limit:
             part = data[: self.head_limit - self.written]
             self._f.write(part)
@@ -78,7 +79,6 @@ class BoundedLog:
             data = data[len(part) :]
         if data:
             self.dropped += len(data)
-        self._tail += data
         if len(self._tail) > self.tail_limit:
             del self._tail[: len(self._tail) - self.tail_limit]
 
@@ -96,7 +96,7 @@ class BoundedLog:
             self._f.write(
                 f"\n[mvm: {self.dropped} console bytes not kept; last {len(self._tail)}:]\n".encode()
             )
-            self._f.write(self._tail)
+            self._f.write(self._tail[-min(len(self._tail), self.dropped) :])
         self._f.close()
 
 

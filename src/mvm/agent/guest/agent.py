@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import os
 import pwd
 import signal
@@ -807,7 +808,7 @@ class Agent:
             raise os_error(exc, path) from None
         entries.sort(key=lambda d: d["name"])
         # Keep the reply inside one frame: trim (and say so) if names are huge.
-        while entries and len(str(entries)) > P.MAX_HEADER - 1024:
+        while entries and len(json.dumps(entries, separators=(",", ":"))) > P.MAX_HEADER - 1024:
             entries = entries[: len(entries) // 2]
             truncated = True
         return {"entries": entries, "truncated": truncated}, b""
@@ -840,7 +841,7 @@ class Agent:
     ) -> tuple[dict[str, Any], bytes]:
         path = want_path(h)
         recursive = want_bool(h, "recursive", False)
-        if os.path.normpath(path) == "/":
+        if os.path.realpath(path) == "/":  # normpath keeps "//", realpath does not
             raise RequestError(P.E_PERMISSION, "refusing to remove /")
         try:
             st = os.stat(path, follow_symlinks=False)
