@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import socket
 import struct
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
