@@ -114,13 +114,31 @@ class TemplateStore:
         for f in ("ram", "state"):
             os.chmod(staging / f, 0o444)
         dest = self.root / key
-        if dest.exists():
-            shutil.rmtree(dest)
+        self._set_aside(dest)
         staging.rename(dest)
         return Template(dest)
 
+    def _set_aside(self, path: Path) -> None:
+        """Rename first, delete after: clones mapping its RAM file keep working, and
+        nobody sees a half-deleted template."""
+        if path.exists():
+            aside = Path(tempfile.mkdtemp(dir=self.root, prefix=".old-"))
+            path.rename(aside / "t")
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def discard_if_same(self, key: str, seen: Template) -> None:
+        """Drop template ``key`` if it is still the one that failed (not a newer one)."""
+        with self.lock(key):
+            try:
+                same = (self.root / key / "state").stat().st_ino == seen.state.stat().st_ino
+            except OSError:
+                return
+            if same:
+                self._set_aside(self.root / key)
+
     def discard(self, key: str) -> None:
-        shutil.rmtree(self.root / key, ignore_errors=True)
+        with self.lock(key):
+            self._set_aside(self.root / key)
 
     def all(self) -> list[Template]:
         if not self.root.is_dir():

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 BOOT_TIMEOUT = float(os.environ.get("MVM_BOOT_TIMEOUT", "120"))
 
 
+class StateLoadError(VMError):
+    """QEMU could not load a saved state (a template or a snapshot): the file is at fault,
+    not a connection."""
+
+
 def new_id() -> str:
     return "sb-" + secrets.token_hex(5)
 
@@ -154,10 +159,13 @@ class MicroVM:
             cfg = replace(base, memory_file=tpl.ram, memory_shared=False, incoming=True)
             try:
                 return await cls._start(vm_id, spec, cfg, boot_timeout, restore=tpl.state)
+            except StateLoadError as exc:
+                # Loading the template itself failed: drop it (if still the same one).
+                log.warning("template %s is unusable (%s); booting cold", key, exc)
+                tstore.discard_if_same(key, tpl)
             except VMError as exc:
-                # A stale or damaged template must not break starts: drop it, boot cold.
+                # Something passing (load, a race): keep the template, boot cold this once.
                 log.warning("restoring template %s failed (%s); booting cold", key, exc)
-                tstore.discard(key)
         return await cls._start(vm_id, spec, base, boot_timeout)
 
     @classmethod
@@ -182,14 +190,29 @@ class MicroVM:
         started = time.monotonic()
         try:
             await qemu.start()
-            async with Qmp(cfg.qmp_socket) as qmp:
+            qmp = Qmp(cfg.qmp_socket)
+            try:
+                await qmp.connect()
+            except VMError:
+                qemu.check_alive("before QMP answered")
+                raise
+            try:
                 # Set on every VM so every migration stream has the same format: a
                 # snapshot of any VM can then be loaded by any other of its shape.
                 await qmp.ignore_shared_memory()
                 if restore is not None:
-                    await qmp.restore_state(restore)
+                    try:
+                        await qmp.restore_state(restore)
+                    except VMError as exc:
+                        raise StateLoadError(str(exc)) from None
                     vm.restored = True
-            vm.agent = await AgentClient.connect(cfg.agent_socket)
+            finally:
+                await qmp.close()
+            try:
+                vm.agent = await AgentClient.connect(cfg.agent_socket)
+            except OSError as exc:
+                qemu.check_alive("before the agent socket answered")
+                raise VMError(f"cannot connect to the agent socket: {exc}") from None
             try:
                 await vm.agent.hello(boot_timeout, alive=qemu.alive)
             except (CommandTimeout, VMDied, AgentProtocolError) as exc:

@@ -9,7 +9,9 @@ decompressing is slower than copying a few MiB.
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -108,7 +110,8 @@ def ensure_initramfs(kernel: Kernel, cache: Path) -> tuple[Path, str]:
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"{digest}.cpio"
     if not path.is_file():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(archive)
-        tmp.rename(path)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(archive)
+        os.replace(tmp, path)  # atomic; concurrent writers write the same bytes
     return path, digest

@@ -170,6 +170,15 @@ class QemuProcess:
                 self.kill()
                 raise VMError("QEMU did not create its sockets within 10s")
             await asyncio.sleep(0.005)
+        # QEMU creates its sockets before it opens the RAM file: it may still fail.
+        await asyncio.sleep(0)
+        if not self.alive():
+            raise VMError(f"QEMU exited at start: {self.stderr_tail() or 'no message'}")
+
+    def check_alive(self, what: str) -> None:
+        """Raise VMError with QEMU's own message if it has exited (call after a failure)."""
+        if not self.alive():
+            raise VMError(f"QEMU exited ({what}): {self.stderr_tail() or 'no message'}")
 
     async def _pump_console(self) -> None:
         assert self.console is not None

@@ -27,11 +27,18 @@ class Qmp:
         self.socket = socket
         self._client = QMPClient("mvm")
 
-    async def __aenter__(self) -> Qmp:
+    async def connect(self) -> None:
         try:
             await asyncio.wait_for(self._client.connect(str(self.socket)), CONNECT_TIMEOUT)
         except (TimeoutError, OSError, QMPError) as exc:
             raise VMError(f"cannot connect to QMP at {self.socket}: {exc!r}") from None
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.disconnect(), CONNECT_TIMEOUT)
+
+    async def __aenter__(self) -> Qmp:
+        await self.connect()
         return self
 
     async def __aexit__(
@@ -40,8 +47,7 @@ class Qmp:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._client.disconnect(), CONNECT_TIMEOUT)
+        await self.close()
 
     async def execute(
         self, command: str, args: dict[str, Any] | None = None, timeout: float = COMMAND_TIMEOUT
