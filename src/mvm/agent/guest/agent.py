@@ -238,7 +238,7 @@ def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
         raise RequestError(P.E_NOT_FOUND, f"working directory {cwd} does not exist")
     other = pw.pw_uid != os.getuid()
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -255,6 +255,16 @@ def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
         raise SpawnError(127, f"command not found: {argv[0]}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise SpawnError(126, f"cannot execute: {argv[0]}: {exc.strerror or exc}") from None
+    set_oom_score(proc.pid, 0)  # the agent is exempt from the OOM killer; its commands are not
+    return proc
+
+
+def set_oom_score(pid: int | str, score: int) -> None:
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(score))
+    except OSError:
+        pass
 
 
 class Ring:
@@ -904,6 +914,7 @@ def setup_system() -> None:
 
 
 def serve_forever() -> None:
+    set_oom_score("self", -1000)  # a guest that runs out of memory must not lose its agent
     port = find_port()
     agent = Agent(Channel(port))
     log(f"serving on {port}")
