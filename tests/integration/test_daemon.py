@@ -1,0 +1,1029 @@
+"""Named sandboxes end to end: ``mvmctl`` subprocesses talking to a real mvmd and real VMs.
+
+The module runs its own daemon under a private, short ``MVM_HOME`` (/tmp/mvmd-*): it never
+touches a user's daemon or sandboxes. Root filesystems, kernels, initramfs and boot
+templates are shared with the default store through symlinks and its image records are
+copied, so nothing is rebuilt. At the end every
+sandbox is removed, the daemon is stopped, any QEMU left with the home in its command line
+is killed and the home is deleted.
+
+Sandboxes are shared between tests to keep the module fast; the tests run in file order and
+each says which sandboxes it expects and leaves behind:
+
+- ``worker``  (from ``init --preset worker``): exec, fs, cp, concurrency, proc, logs,
+  daemon restart, pause/resume, bad input.
+- ``par-a``   (parallel ``up``): snapshots.
+- ``par-b``   (parallel ``up``): QEMU killed -> failed.
+- short-lived ones for TTLs, resources, races.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mvm import errors, paths
+from mvm.api import models as M
+from mvm.client import Client, check_socket_owner
+from mvm.images.store import ImageStore
+from mvm.vmm.qemu import qemu_binary
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
+
+MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
+#: What the private home shares with the default store (build.lock too, so a build here
+#: and a build in the default home never clean up each other's staging files). Image
+#: records are copied, not shared: a record holds absolute paths through the home that
+#: wrote it, so the project image built here must not land in the default store (its
+#: paths would dangle once this home is gone, and would name this home in the QEMU
+#: command lines of other users of that image).
+SHARED = ("rootfs", "kernels", "initramfs", "templates", "build.lock")
+CMD_TIMEOUT = 120.0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Res:
+    rc: int
+    out_b: bytes
+    err_b: bytes
+    args: tuple[str, ...]
+
+    @property
+    def out(self) -> str:
+        return self.out_b.decode(errors="replace")
+
+    @property
+    def err(self) -> str:
+        return self.err_b.decode(errors="replace")
+
+    def __str__(self) -> str:
+        return (
+            f"mvmctl {' '.join(self.args)} -> {self.rc}\nstdout: {self.out!r}\nstderr: {self.err!r}"
+        )
+
+
+class Ctl:
+    """``mvmctl`` against the module's private MVM_HOME (each call a bounded subprocess)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, "MVM_HOME": str(home)}
+        self.env.pop("MVM_RUN_DIR", None)  # run dirs under $MVM_HOME/run
+
+    def __call__(
+        self, *args: str, input: bytes | str | None = None, timeout: float = CMD_TIMEOUT
+    ) -> Res:
+        data = input.encode() if isinstance(input, str) else input
+        p = subprocess.run(
+            [*MVMCTL, *args],
+            input=data,
+            stdin=None if data is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
+        )
+        return Res(p.returncode, p.stdout, p.stderr, args)
+
+    def ok(self, *args: str, **kw: Any) -> Res:
+        r = self(*args, **kw)
+        assert r.rc == 0, str(r)
+        return r
+
+    def json(self, *args: str, **kw: Any) -> Any:
+        return json.loads(self.ok(*args, "--json", **kw).out)
+
+    def popen(self, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [*MVMCTL, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            **kw,
+        )
+
+    def sandboxes(self) -> dict[str, dict[str, Any]]:
+        return {s["name"]: s for s in self.json("ls")}
+
+    def sh(self, name: str, script: str, **kw: Any) -> Res:
+        return self("exec", name, "--", "sh", "-c", script, **kw)
+
+    def daemon_pid(self) -> int:
+        r = self("daemon", "status", "--json", timeout=30)
+        assert r.rc == 0, str(r)
+        return int(json.loads(r.out)["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (a killed daemon's orphans may never be reaped here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def wait_until(pred: Any, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
+def procs_mentioning(needle: str, argv0: str | None = None) -> list[int]:
+    """Live processes whose command line (or environment) mentions ``needle``."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+            envb = (p / "environ").read_bytes() if argv0 is None else b""
+        except OSError:
+            continue
+        if argv0 is not None:
+            if argv0.encode() in os.path.basename(cmd.split(b"\0", 1)[0]) and (
+                needle.encode() in cmd
+            ):
+                out.append(int(p.name))
+        elif b"mvm.daemon" in cmd and f"MVM_HOME={needle}".encode() in envb.split(b"\0"):
+            out.append(int(p.name))
+    return [pid for pid in out if pid_alive(pid)]
+
+
+def qemu_pids(home: Path) -> list[int]:
+    return procs_mentioning(str(home), argv0="qemu")
+
+
+def daemon_pids(home: Path) -> list[int]:
+    return procs_mentioning(str(home))
+
+
+def default_home() -> Path:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MVM_HOME", raising=False)
+        return paths.home()
+
+
+def guest_int(ctl: Ctl, name: str, script: str) -> int:
+    r = ctl.sh(name, script)
+    assert r.rc == 0, str(r)
+    return int(r.out.strip())
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    if shutil.which(qemu_binary()) is None:
+        pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
+    default = default_home()
+    ImageStore(default).ensure("python")
+    (default / "build.lock").touch()
+    h = Path(tempfile.mkdtemp(prefix="mvmd-", dir="/tmp"))
+    for n in SHARED:
+        (h / n).symlink_to(default / n)
+    (h / "images").mkdir()
+    for rec in (default / "images").glob("*.json"):
+        shutil.copy(rec, h / "images" / rec.name)
+    try:
+        yield h
+    finally:
+        ctl = Ctl(h)
+        for args, limit in ((("down", "--all"), 120), (("daemon", "stop"), 30)):
+            try:
+                ctl(*args, timeout=limit)
+            except subprocess.TimeoutExpired:
+                pass  # a hung daemon: killed below
+        wait_until(lambda: not daemon_pids(h), 10)
+        for pid in daemon_pids(h) + qemu_pids(h):  # started for this home only
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not qemu_pids(h), 10)
+        shutil.rmtree(h, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ctl(home: Path) -> Ctl:
+    return Ctl(home)
+
+
+@pytest.fixture(scope="module")
+def project(home: Path) -> Path:
+    """``mvmctl init --preset worker`` output; the directory name is the image name."""
+    return home / "proj" / "mvmit-worker"
+
+
+@pytest.fixture
+def client(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+    """Client objects for this home are made with MVM_HOME set (the socket path is fixed then)."""
+    monkeypatch.setenv("MVM_HOME", str(home))
+    monkeypatch.delenv("MVM_RUN_DIR", raising=False)
+    with Client(autostart=False) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- 1. init/build/up
+
+
+def test_init_build_up_runs_the_task_with_its_env(ctl: Ctl, project: Path, home: Path) -> None:
+    r = ctl.ok("init", str(project), "--preset", "worker")
+    assert (project / "mvm.toml").is_file() and (project / "task.py").is_file(), str(r)
+    r = ctl.ok("build", str(project), timeout=600)
+    assert "mvmit-worker" in r.out
+    assert not (home / "mvmd.sock").exists(), "init/build must not need the daemon"
+
+    token = secrets.token_hex(4)
+    r = ctl.ok(
+        "up", str(project), "--name", "worker", "--ttl", "30m", "-e", "MODE=dev",
+        "-e", f"TOKEN={token}", timeout=300,
+    )  # fmt: skip
+    assert r.out.startswith("worker  sb-"), str(r)
+    assert "running" in r.out and "1 files in /work" in r.out
+    # the first command that needs it auto-started mvmd in this home, socket 0600
+    sock = home / "mvmd.sock"
+    assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o600
+    assert pid_alive(ctl.daemon_pid())
+
+    ctl.ok("fs", "write", "worker", "/work/in.json", input='{"job": 7}')
+    r = ctl.ok("exec", "worker", "--", "python", "/work/task.py")
+    assert "hello from" in r.out and "'mode': 'dev'" in r.out, str(r)
+    assert json.loads(ctl.ok("fs", "read", "worker", "/work/out.json").out) == {
+        "received": {"job": 7},
+        "mode": "dev",
+    }
+    r = ctl.ok("exec", "worker", "--", "sh", "-c", 'echo "$MODE $TOKEN"; id -u; pwd')
+    assert r.out.splitlines() == [f"dev {token}", "1000", "/work"]
+
+
+def test_ls_json_shows_the_sandbox(ctl: Ctl) -> None:
+    s = ctl.sandboxes()["worker"]
+    assert s["name"] == "worker"
+    assert s["id"].startswith("sb-")
+    assert s["image"] == "mvmit-worker"
+    assert s["state"] == "running"
+    assert 25 * 60 < s["ttl_left"] <= 30 * 60
+    assert s["cpus"] == 1 and s["memory_mb"] == 512
+    assert s["pid"] and pid_alive(s["pid"])
+    r = ctl.ok("ls")  # the table names it too
+    assert "worker" in r.out and "running" in r.out
+
+
+# ----------------------------------------------------------------------------- 2. exec
+
+
+def test_exec_keeps_streams_apart_and_the_exit_code(ctl: Ctl) -> None:
+    r = ctl.sh("worker", "echo out; echo err >&2; echo out2; exit 7")
+    assert r.rc == 7, str(r)
+    assert r.out == "out\nout2\n"
+    assert r.err == "err\n"
+    r = ctl("exec", "worker", "--", "no-such-command")
+    assert r.rc == 127 and "no-such-command" in r.err, str(r)
+
+
+def test_exec_options_and_json(ctl: Ctl) -> None:
+    r = ctl("exec", "--json", "worker", "--", "sh", "-c", "echo o; echo e >&2; exit 3")
+    assert r.rc == 3, str(r)
+    obj = json.loads(r.out)  # all of stdout is one JSON object
+    assert obj["sandbox"] == "worker" and obj["exit_code"] == 3
+    assert obj["stdout"] == "o\n" and obj["stderr"] == "e\n"
+    assert obj["timed_out"] is False and obj["truncated"] == {"stdout": False, "stderr": False}
+    script = 'echo "$X|$MODE"; id -u; pwd'
+    r = ctl.ok(
+        "exec", "--user", "root", "--cwd", "/tmp", "-e", "X=1", "worker", "--", "sh", "-c", script
+    )
+    assert r.out.splitlines() == ["1|dev", "0", "/tmp"]
+
+
+def test_exec_streams_output_while_the_command_runs(ctl: Ctl) -> None:
+    p = ctl.popen("exec", "worker", "--", "sh", "-c", "echo first; sleep 4; echo second")
+    try:
+        assert p.stdout is not None
+        started = time.monotonic()
+        ready, _, _ = select.select([p.stdout], [], [], 20)
+        assert ready, "no output within 20 s"
+        line = p.stdout.readline()
+        assert line == b"first\n"
+        assert p.poll() is None, "the first line only came when the command ended"
+        assert time.monotonic() - started < 10
+        rest, _ = p.communicate(timeout=60)
+        assert rest == b"second\n" and p.returncode == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def test_exec_interactive_passes_stdin(ctl: Ctl) -> None:
+    data = b"line one\nline two\n" + bytes(range(256)) * 40
+    r = ctl("exec", "-i", "worker", "--", "cat", input=data)
+    assert r.rc == 0, str(r)
+    assert r.out_b == data
+    r = ctl("exec", "-i", "worker", "--", "wc", "-c", input=b"x" * 100_000)
+    assert r.out.strip() == "100000"
+
+
+def test_exec_unknown_sandbox_is_125(ctl: Ctl) -> None:
+    r = ctl("exec", "no-such-box", "--", "true")
+    assert r.rc == 125, str(r)
+    assert "no sandbox named 'no-such-box'" in r.err
+    assert r.out == ""
+
+
+def test_exec_timeout_is_124(ctl: Ctl) -> None:
+    started = time.monotonic()
+    r = ctl("exec", "worker", "--timeout", "1", "--", "sleep", "10")
+    assert r.rc == 124, str(r)
+    assert "timed out" in r.err
+    assert time.monotonic() - started < 9, "the command was not stopped at its timeout"
+    assert ctl.ok("exec", "worker", "--", "echo", "still-here").out == "still-here\n"
+
+
+# ----------------------------------------------------------------------------- 3. fs and cp
+
+
+def test_fs_write_read_round_trip_with_binary_bytes(ctl: Ctl) -> None:
+    data = bytes(range(256)) * 64 + b"\x00\xff\r\n" + os.urandom(300_000)  # > 1 frame
+    r = ctl.ok("fs", "write", "worker", "/work/bin.dat", input=data)
+    assert f"{len(data)} bytes" in r.out
+    assert ctl.ok("fs", "read", "worker", "/work/bin.dat").out_b == data
+    r = ctl.ok("exec", "worker", "--", "sha256sum", "/work/bin.dat")
+    assert r.out.split()[0] == hashlib.sha256(data).hexdigest()
+    ctl.ok("fs", "write", "worker", "/work/empty", input=b"")
+    assert ctl.ok("fs", "read", "worker", "/work/empty").out_b == b""
+
+
+def test_fs_ls_stat_mkdir_mv_rm(ctl: Ctl) -> None:
+    ctl.ok("fs", "mkdir", "-p", "worker", "/work/t/a/b/c")
+    r = ctl("fs", "mkdir", "worker", "/work/t/x/y")
+    assert r.rc == 125 and "No such file" in r.err, str(r)
+    ctl.ok("fs", "write", "--mode", "600", "worker", "/work/t/a/b/c/f.txt", input="hello")
+    st = json.loads(ctl.ok("fs", "stat", "worker", "/work/t/a/b/c/f.txt").out)
+    assert st["type"] == "file" and st["size"] == 5 and st["mode"] & 0o777 == 0o600
+    assert st["uid"] == 1000  # files are given to the guest user
+    assert json.loads(ctl.ok("fs", "stat", "worker", "/work/t/a").out)["type"] == "dir"
+    entries = {e["name"]: e for e in ctl.json("fs", "ls", "worker", "/work/t/a/b/c")}
+    assert set(entries) == {"f.txt"} and entries["f.txt"]["size"] == 5
+    assert "f.txt" in ctl.ok("fs", "ls", "worker", "/work/t/a/b/c").out
+
+    ctl.ok("fs", "mv", "worker", "/work/t/a/b/c/f.txt", "/work/t/g.txt")
+    assert ctl.ok("fs", "read", "worker", "/work/t/g.txt").out == "hello"
+    assert ctl("fs", "stat", "worker", "/work/t/a/b/c/f.txt").rc == 125
+    r = ctl("fs", "rm", "worker", "/work/t/a")
+    assert r.rc == 125 and "not empty" in r.err.lower(), str(r)
+    ctl.ok("fs", "rm", "-r", "worker", "/work/t/a")
+    ctl.ok("fs", "rm", "worker", "/work/t/g.txt")
+    assert ctl.json("fs", "ls", "worker", "/work/t") == []
+    # and the guest agrees
+    assert ctl.ok("exec", "worker", "--", "ls", "-A", "/work/t").out == ""
+
+
+def test_fs_read_of_a_missing_path_fails_clearly(ctl: Ctl) -> None:
+    r = ctl("fs", "read", "worker", "/work/does-not-exist")
+    assert r.rc == 125, str(r)
+    assert "/work/does-not-exist" in r.err and "No such file" in r.err
+    assert r.out_b == b""
+    r = ctl("fs", "read", "worker", "/work")
+    assert r.rc == 125 and "directory" in r.err, str(r)
+
+
+def test_fs_write_over_the_limit_fails_clearly(ctl: Ctl) -> None:
+    assert M.MAX_FILE_WRITE == 64 * 1024 * 1024
+    script = f'head -c {M.MAX_FILE_WRITE + 1} /dev/zero | "$@"'
+    p = subprocess.run(
+        ["sh", "-c", script, "sh", *MVMCTL, "fs", "write", "worker", "/work/too-big"],
+        capture_output=True,
+        timeout=CMD_TIMEOUT,
+        env=ctl.env,
+        check=False,
+    )
+    err = p.stderr.decode()
+    assert p.returncode == 2, err
+    assert "larger than the limit of 64 MiB" in err
+    assert ctl("fs", "stat", "worker", "/work/too-big").rc == 125  # nothing was written
+
+
+def test_cp_between_host_and_guest(ctl: Ctl, home: Path) -> None:
+    local = home / "cp-src"
+    local.mkdir()
+    f = local / "notes.txt"
+    payload = b"notes \x00\x01 " + os.urandom(5000)
+    f.write_bytes(payload)
+    f.chmod(0o640)
+    ctl.ok("fs", "mkdir", "-p", "worker", "/work/inbox")
+
+    r = ctl.ok("cp", str(f), "worker:/work/inbox/")  # into a directory (trailing slash)
+    assert "worker:/work/inbox/notes.txt" in r.out
+    assert ctl.ok("fs", "read", "worker", "/work/inbox/notes.txt").out_b == payload
+    st = json.loads(ctl.ok("fs", "stat", "worker", "/work/inbox/notes.txt").out)
+    assert st["mode"] & 0o777 == 0o640
+    ctl.ok("cp", str(f), "worker:/work/inbox")  # an existing directory without the slash
+    assert [e["name"] for e in ctl.json("fs", "ls", "worker", "/work/inbox")] == ["notes.txt"]
+    ctl.ok("cp", str(f), "worker:/work/inbox/renamed.txt")
+    assert ctl.ok("fs", "read", "worker", "/work/inbox/renamed.txt").out_b == payload
+
+    out_dir = home / "cp-out"
+    out_dir.mkdir()
+    ctl.ok("cp", "worker:/work/inbox/renamed.txt", str(out_dir))  # into a host directory
+    assert (out_dir / "renamed.txt").read_bytes() == payload
+    ctl.ok("cp", "worker:/work/out.json", str(out_dir / "result.json"))
+    assert json.loads((out_dir / "result.json").read_text())["mode"] == "dev"
+
+    r = ctl("cp", str(local), "worker:/work/")  # a host directory: refused
+    assert r.rc == 2, str(r)
+    assert "is a directory" in r.err
+    r = ctl("cp", str(home / "missing.txt"), "worker:/work/")
+    assert r.rc == 2 and "no such file" in r.err, str(r)
+    r = ctl("cp", str(f), str(out_dir))
+    assert r.rc == 2 and "NAME:/path" in r.err, str(r)
+    r = ctl("cp", "worker:/work/nope", str(out_dir))
+    assert r.rc == 125 and "No such file" in r.err, str(r)
+    assert not (out_dir / "nope").exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: `cp NAME:/path DEST` into a missing host directory dies with a Python "
+    "traceback (FileNotFoundError from Path.write_bytes in cli/sandboxes.py:cp) instead of "
+    "a clear mvm error",
+)
+def test_cp_into_a_missing_host_directory_fails_clearly(ctl: Ctl, home: Path) -> None:
+    r = ctl("cp", "worker:/work/out.json", str(home / "no-such-dir") + "/")
+    assert r.rc in (2, 125), str(r)
+    assert "Traceback" not in r.err
+    assert "no-such-dir" in r.err
+
+
+# ----------------------------------------------------------------------------- 4. concurrency
+
+
+def test_twenty_concurrent_execs_get_their_own_output(client: Client) -> None:
+    n, lines = 20, 400
+    results: dict[int, tuple[int | None, bytes, bytes]] = {}
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        try:
+            script = f"for k in $(seq {lines}); do echo T{i}-$k; echo E{i}-$k >&2; done"
+            req = M.ExecRequest(argv=["sh", "-c", script], timeout=120)
+            out = {"stdout": bytearray(), "stderr": bytearray()}
+            code = None
+            with Client(autostart=False) as c:
+                barrier.wait(30)
+                for ev in c.exec_stream("worker", req):
+                    if ev.type in out:
+                        out[ev.type] += ev.data
+                    elif ev.type == "exit":
+                        code = ev.exit_code
+            results[i] = (code, bytes(out["stdout"]), bytes(out["stderr"]))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert not any(t.is_alive() for t in threads), "an exec did not finish"
+    assert not failures, failures
+    for i in range(n):
+        want_out = "".join(f"T{i}-{k}\n" for k in range(1, lines + 1)).encode()
+        want_err = "".join(f"E{i}-{k}\n" for k in range(1, lines + 1)).encode()
+        code, out, err = results[i]
+        assert code == 0
+        assert out == want_out, f"exec {i}: stdout mixed up or incomplete"
+        assert err == want_err, f"exec {i}: stderr mixed up or incomplete"
+
+
+def test_two_ups_in_parallel(ctl: Ctl) -> None:
+    # Make the default shape's boot template first: two creates that both have to make
+    # the same template deadlock mvmd (test_daemon_template_race.py, an xfail).
+    ctl.ok("up", "--name", "warm", "--ttl", "5m", timeout=300)
+    ctl.ok("down", "warm")
+    pa = ctl.popen("up", "--name", "par-a", "-e", "SNAPENV=one", "--ttl", "20m")
+    pb = ctl.popen("up", "--name", "par-b", "--ttl", "20m")
+    try:
+        outs = [p.communicate(timeout=120) for p in (pa, pb)]
+    finally:
+        for p in (pa, pb):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert pa.returncode == 0, outs[0]
+    assert pb.returncode == 0, outs[1]
+    boxes = ctl.sandboxes()
+    a, b = boxes["par-a"], boxes["par-b"]
+    assert a["state"] == b["state"] == "running"
+    assert a["id"] != b["id"] and a["pid"] != b["pid"]
+    assert a["image"] == "python-3.11"
+    assert ctl.sh("par-a", 'echo "a:$SNAPENV"').out == "a:one\n"
+    assert ctl.sh("par-b", 'echo "b:$SNAPENV"').out == "b:\n"
+
+
+# ----------------------------------------------------------------------------- 5. proc, logs
+
+
+def test_background_process_lifecycle(ctl: Ctl) -> None:
+    r = ctl.ok(
+        "proc", "start", "worker", "--", "sh", "-c", "while true; do echo tick; sleep 0.5; done"
+    )
+    pid = r.out.strip()
+    assert pid.isdigit(), str(r)
+    procs = {str(p["proc"]): p for p in ctl.json("proc", "ls", "worker")}
+    assert procs[pid]["running"] is True and procs[pid]["exit_code"] is None
+    assert f"{pid}  pid" in ctl.ok("proc", "ls", "worker").out
+    assert wait_until(lambda: ctl("proc", "output", "worker", pid).out.count("tick") >= 2, 20)
+    out = ctl.ok("proc", "output", "worker", pid).out
+    assert set(out.splitlines()) == {"tick"}
+
+    ctl.ok("proc", "signal", "worker", pid, "KILL")
+    r = ctl("proc", "wait", "worker", pid, "--timeout", "20s")
+    assert r.rc == 128 + 9, str(r)
+    p = {str(p["proc"]): p for p in ctl.json("proc", "ls", "worker")}[pid]
+    assert p["running"] is False and p["signal"] == 9 and p["ended"] is not None
+
+    events = [json.loads(line) for line in ctl.ok("logs", "worker", "--json").out.splitlines()]
+    ticks = [e for e in events if e["stream"] == f"proc:{pid}:stdout"]
+    assert len(ticks) >= 2 and {e["message"] for e in ticks} == {"tick"}
+    assert any(
+        e["stream"] == "mvmd" and f"proc {pid} exited with 137" in e["message"] for e in events
+    )
+    assert f"proc:{pid}:stdout" in ctl.ok("logs", "worker").out
+
+    r = ctl("proc", "wait", "worker", "999")
+    assert r.rc == 125 and "no background process" in r.err, str(r)
+
+
+def test_background_process_stdin(ctl: Ctl) -> None:
+    num = ctl.ok(
+        "proc", "start", "--stdin-open", "worker", "--", "sh", "-c", "cat; exit 4"
+    ).out.strip()
+    r = ctl("proc", "wait", "worker", num, "--timeout", "1s")
+    assert r.rc == 124 and "still running" in r.err, str(r)
+    ctl.ok("proc", "stdin", "worker", num, input="first\n")
+    ctl.ok("proc", "stdin", "--eof", "worker", num, input="second\n")
+    r = ctl("proc", "wait", "worker", num, "--timeout", "20s")
+    assert r.rc == 4, str(r)
+    assert ctl.ok("proc", "output", "worker", num).out == "first\nsecond\n"
+
+
+def test_logs_follow_streams_new_lines(ctl: Ctl) -> None:
+    token = f"FOLLOW-{secrets.token_hex(4)}"
+    follower = ctl.popen("logs", "worker", "-f")
+    lines: queue.Queue[bytes] = queue.Queue()
+
+    def pump() -> None:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        first = lines.get(timeout=30)  # the existing log comes first
+        assert first
+        assert token.encode() not in first
+        ctl.ok("proc", "start", "worker", "--", "sh", "-c", f"sleep 0.5; echo {token}")
+        deadline = time.monotonic() + 30
+        seen = b""
+        while token.encode() not in seen:
+            seen = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert b"proc:" in seen
+        assert follower.poll() is None, "logs -f ended instead of following"
+    finally:
+        follower.kill()
+        follower.wait(10)
+
+
+# ----------------------------------------------------------------------------- 6. mvmd -9
+
+
+def test_kill_9_daemon_then_the_next_command_reattaches(ctl: Ctl, home: Path) -> None:
+    ctl.ok("fs", "write", "worker", "/work/before-kill.txt", input="still here")
+    r = ctl.ok(
+        "proc", "start", "worker", "--", "sh", "-c",
+        "i=0; while true; do i=$((i+1)); echo n$i; sleep 0.3; done",
+    )  # fmt: skip
+    num = r.out.strip()
+    before = ctl.sandboxes()
+    old = ctl.daemon_pid()
+    assert (home / "mvmd.lock").read_text().strip() == str(old)
+
+    os.kill(old, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(old), 10)
+    assert ctl("daemon", "status", "--json", timeout=30).rc == 1  # nobody answers now
+    for s in before.values():  # sandboxes outlive the daemon
+        assert pid_alive(s["pid"]), s
+
+    # the next command starts a new daemon, which adopts every running QEMU
+    procs = {str(p["proc"]): p for p in ctl.json("proc", "ls", "worker")}
+    new = ctl.daemon_pid()
+    assert new != old and pid_alive(new)
+    assert procs[num]["running"] is True
+    after = ctl.sandboxes()
+    assert set(after) == set(before)
+    for name, s in after.items():
+        assert s["state"] == "running", s
+        assert s["pid"] == before[name]["pid"] and s["id"] == before[name]["id"]
+    assert ctl.ok("fs", "read", "worker", "/work/before-kill.txt").out == "still here"
+    assert ctl.ok("exec", "worker", "--", "echo", "ok").out == "ok\n"
+    assert ctl.sh("par-b", "echo ok").out == "ok\n"
+    n1 = len(ctl.ok("proc", "output", "worker", num).out.splitlines())
+    assert wait_until(
+        lambda: len(ctl.ok("proc", "output", "worker", num).out.splitlines()) > n1, 20
+    ), "the background process stopped making progress"
+    # its output events reach the new daemon's log too
+    assert wait_until(lambda: f"proc:{num}:stdout" in ctl.ok("logs", "worker").out, 10)
+    assert len(daemon_pids(home)) == 1
+    ctl.ok("proc", "kill", "worker", num)
+
+
+# ----------------------------------------------------------------------------- 7. pause
+
+
+def test_pause_and_resume(ctl: Ctl) -> None:
+    r = ctl.ok(
+        "proc", "start", "worker", "--", "sh", "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done",
+    )  # fmt: skip
+    num = r.out.strip()
+    assert wait_until(lambda: ctl.sh("worker", "cat /tmp/count 2>/dev/null").out.strip(), 20)
+    up1 = float(ctl.ok("exec", "worker", "--", "cat", "/proc/uptime").out.split()[0])
+    t1 = time.monotonic()
+
+    assert ctl.ok("pause", "worker").out == "worker: paused\n"
+    assert ctl.sandboxes()["worker"]["state"] == "paused"
+    r = ctl("exec", "worker", "--", "true")
+    assert r.rc == 125 and "paused" in r.err, str(r)
+    assert "mvmctl resume worker" in r.err
+    r = ctl("pause", "worker")
+    assert r.rc == 125 and "paused" in r.err, str(r)
+    time.sleep(3)
+    assert ctl.ok("resume", "worker").out == "worker: running\n"
+    up2 = float(ctl.ok("exec", "worker", "--", "cat", "/proc/uptime").out.split()[0])
+    host_elapsed = time.monotonic() - t1
+    assert up2 - up1 < host_elapsed - 2, (
+        f"the guest ran while paused: {up2 - up1:.2f}s of guest time in {host_elapsed:.2f}s"
+    )
+    assert ctl.sandboxes()["worker"]["state"] == "running"
+    r = ctl("resume", "worker")
+    assert r.rc == 125 and "not paused" in r.err, str(r)
+
+    c1 = guest_int(ctl, "worker", "cat /tmp/count")
+    assert wait_until(lambda: guest_int(ctl, "worker", "cat /tmp/count") > c1, 20), (
+        "the background counter did not continue after resume"
+    )
+    procs = {str(p["proc"]): p for p in ctl.json("proc", "ls", "worker")}
+    assert procs[num]["running"] is True
+    ctl.ok("proc", "kill", "worker", num)
+
+
+# ----------------------------------------------------------------------------- 8. snapshots
+
+
+def test_snapshot_save_down_restore_rm(ctl: Ctl, home: Path) -> None:
+    data = f"snapdata-{secrets.token_hex(4)}"
+    ctl.ok("fs", "write", "par-a", "/work/snap.txt", input=data)
+    r = ctl.ok(
+        "proc", "start", "par-a", "--", "sh", "-c",
+        "i=0; while true; do i=$((i+1)); echo s$i; sleep 0.3; done",
+    )  # fmt: skip
+    num = r.out.strip()
+    assert wait_until(lambda: "s2" in ctl.ok("proc", "output", "par-a", num).out, 20)
+
+    r = ctl.ok("snapshot", "save", "par-a", "s1", timeout=300)
+    assert r.out.startswith("par-a/s1: "), str(r)
+    snaps = ctl.json("snapshot", "ls", "par-a")
+    assert [s["name"] for s in snaps] == ["s1"] and snaps[0]["size"] > 0
+    assert snaps[0]["image"] == "python-3.11"
+    assert "s1" in ctl.ok("snapshot", "ls", "par-a").out
+    assert (home / "snapshots" / "par-a" / "s1" / "state").is_file()
+    assert ctl.sandboxes()["par-a"]["state"] == "running"  # saving does not stop it
+
+    r = ctl("snapshot", "save", "par-a", "s1")
+    assert r.rc == 125 and "already has a snapshot 's1'" in r.err, str(r)
+    r = ctl("snapshot", "restore", "par-a", "nosuch")
+    assert r.rc == 125 and "no snapshot 'nosuch'" in r.err and "s1" in r.err, str(r)
+    r = ctl("snapshot", "save", "par-a", "Bad Snap")
+    assert r.rc == 2 and "invalid snapshot name" in r.err, str(r)
+
+    # in place: files written after the snapshot go away
+    ctl.ok("fs", "write", "par-a", "/work/after.txt", input="later")
+    ctl.ok("snapshot", "restore", "par-a", "s1", timeout=300)
+    assert ctl("fs", "stat", "par-a", "/work/after.txt").rc == 125
+    assert ctl.ok("fs", "read", "par-a", "/work/snap.txt").out == data
+
+    old_id = ctl.sandboxes()["par-a"]["id"]
+    ctl.ok("down", "par-a")
+    assert "par-a" not in ctl.sandboxes()
+    assert [s["name"] for s in ctl.json("snapshot", "ls", "par-a")] == ["s1"]  # kept
+
+    r = ctl.ok("snapshot", "restore", "par-a", "s1", timeout=300)
+    assert "restored s1" in r.out, str(r)
+    s = ctl.sandboxes()["par-a"]
+    assert s["state"] == "running" and s["id"] != old_id and pid_alive(s["pid"])
+    assert ctl.ok("fs", "read", "par-a", "/work/snap.txt").out == data
+    procs = {str(p["proc"]): p for p in ctl.json("proc", "ls", "par-a")}
+    assert procs[num]["running"] is True
+    n1 = len(ctl.ok("proc", "output", "par-a", num).out.splitlines())
+    assert wait_until(
+        lambda: len(ctl.ok("proc", "output", "par-a", num).out.splitlines()) > n1, 20
+    ), "the restored background process does not run"
+    assert ctl.ok("exec", "par-a", "--", "echo", "restored").out == "restored\n"
+
+    ctl.ok("snapshot", "rm", "par-a", "s1")
+    assert ctl.json("snapshot", "ls", "par-a") == []
+    assert not (home / "snapshots" / "par-a" / "s1").exists()
+    r = ctl("snapshot", "restore", "par-a", "s1")
+    assert r.rc == 125 and "no snapshot 's1'" in r.err, str(r)
+    r = ctl("snapshot", "rm", "par-a", "s1")
+    assert r.rc == 125, str(r)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a sandbox recreated by `snapshot restore` after `down` loses its env "
+    "(Manager._recreate_from sets env={}; SnapshotRecord does not store it)",
+)
+def test_snapshot_restore_after_down_keeps_the_sandbox_env(ctl: Ctl) -> None:
+    ctl.ok("up", "--name", "envsnap", "-e", "SNAPENV=kept", "--ttl", "10m", timeout=300)
+    try:
+        assert ctl.sh("envsnap", 'echo "[$SNAPENV]"').out == "[kept]\n"
+        ctl.ok("snapshot", "save", "envsnap", "e1", timeout=300)
+        ctl.ok("down", "envsnap")
+        ctl.ok("snapshot", "restore", "envsnap", "e1", timeout=300)
+        assert ctl.sh("envsnap", 'echo "[$SNAPENV]"').out == "[kept]\n"
+    finally:
+        ctl("down", "envsnap")
+        ctl("snapshot", "rm", "envsnap", "e1")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: two concurrent `snapshot save` with one name both pass the existence check "
+    "(Manager.snapshot_save checks before taking live.lock): the loser fails with 'internal "
+    "error: IntegrityError' (HTTP 500) after replacing the winner's state file on disk",
+)
+def test_concurrent_snapshot_saves_of_one_name(client: Client, ctl: Ctl, home: Path) -> None:
+    outcomes: list[BaseException | M.SnapshotInfo] = []
+    barrier = threading.Barrier(2)
+
+    def save() -> None:
+        with Client(autostart=False) as c:
+            barrier.wait(30)
+            try:
+                outcomes.append(c.snapshot_save("par-a", "race"))
+            except errors.MvmError as exc:
+                outcomes.append(exc)
+
+    threads = [threading.Thread(target=save, daemon=True) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(200)
+        assert len(outcomes) == 2
+        ok = [o for o in outcomes if isinstance(o, M.SnapshotInfo)]
+        bad = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(ok) == 1, outcomes
+        assert isinstance(bad[0], errors.SnapshotExists), repr(bad[0])
+        # the loser must not have replaced the winner's state file
+        state = home / "snapshots" / "par-a" / "race" / "state"
+        assert state.stat().st_size == ok[0].size
+    finally:
+        ctl("snapshot", "rm", "par-a", "race")
+
+
+# ----------------------------------------------------------------------------- 10. failure
+
+
+def test_killed_qemu_marks_the_sandbox_failed(ctl: Ctl, home: Path) -> None:
+    s = ctl.sandboxes()["par-b"]
+    pid, sid = s["pid"], s["id"]
+    run_dir = home / "run" / sid
+    assert run_dir.is_dir()
+    assert pid in qemu_pids(home), "the pid in `ls` is not this sandbox's QEMU"
+    os.kill(pid, signal.SIGKILL)
+
+    assert wait_until(lambda: ctl.sandboxes()["par-b"]["state"] == "failed", 15), ctl.sandboxes()
+    s = ctl.sandboxes()["par-b"]
+    assert "QEMU exited" in s["reason"]
+    assert s["pid"] is None
+    assert not run_dir.exists(), "the failed sandbox's run dir was not removed"
+    assert "failed" in ctl.ok("ls").out
+    r = ctl("exec", "par-b", "--", "true")
+    assert r.rc == 125 and "failed" in r.err, str(r)
+    assert ctl.sandboxes()["par-b"]["state"] == "failed"  # the reaper leaves it listed
+
+    assert ctl.ok("down", "par-b").out == "par-b: removed\n"
+    assert "par-b" not in ctl.sandboxes()
+    assert not run_dir.exists()
+
+
+# ----------------------------------------------------------------------------- 9. TTL
+
+
+def test_ttl_reaper_set_ttl_and_wait(ctl: Ctl, home: Path) -> None:
+    ctl.ok("up", "--name", "ttl-a", "--ttl", "3s", timeout=300)
+    a = ctl.sandboxes()["ttl-a"]
+    ctl.ok("up", "--name", "ttl-b", "--ttl", "6s", timeout=300)
+    t_b = time.monotonic()  # ttl-b was created before this: its first TTL ends before t_b + 6
+    r = ctl.ok("set-ttl", "ttl-b", "1h")  # extends it well past its first TTL
+    assert "ttl-b: 3" in r.out and "s left" in r.out, str(r)
+
+    time.sleep(max(0.0, 6.5 - (time.monotonic() - t_b)))  # no client call meanwhile
+    boxes = ctl.sandboxes()
+    assert "ttl-a" not in boxes, "the reaper did not remove ttl-a at its TTL"
+    assert not (home / "run" / a["id"]).exists()
+    assert wait_until(lambda: not pid_alive(a["pid"]), 5)
+    assert boxes["ttl-b"]["state"] == "running" and boxes["ttl-b"]["ttl_left"] > 3500
+
+    follower = ctl.popen("logs", "-f", "ttl-b")
+    try:
+        ctl.ok("set-ttl", "ttl-b", "3s")
+        started = time.monotonic()
+        r = ctl.ok("wait", "ttl-b", "--timeout", "30s", timeout=60)
+        assert time.monotonic() - started < 25
+        assert r.out.strip() == "ttl-b: stopped", str(r)
+        assert "ttl-b" not in ctl.sandboxes()
+        # a follower of a removed sandbox's log ends
+        follower.communicate(timeout=15)
+        assert follower.returncode == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(10)
+    r = ctl("wait", "ttl-b", "--timeout", "5s")
+    assert r.rc == 125 and "no sandbox named" in r.err, str(r)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: `mvmctl wait NAME --timeout T` exits 0 when T passes and the sandbox is "
+    "still running (prints 'NAME: running'), so a script cannot tell a timeout from the end; "
+    "`proc wait` exits 124 in the same case",
+)
+def test_wait_that_times_out_says_so(ctl: Ctl) -> None:
+    r = ctl("wait", "worker", "--timeout", "1s")
+    assert r.out.strip() == "worker: running" or "running" in r.err, str(r)
+    assert r.rc == 124, str(r)
+
+
+# ----------------------------------------------------------------------------- 11. resources
+
+
+def test_cpus_memory_and_disk_limits(ctl: Ctl, home: Path) -> None:
+    ctl.ok(
+        "up", "--name", "res", "--cpus", "2", "--memory", "256", "--disk", "32", "--ttl", "10m",
+        timeout=300,
+    )  # fmt: skip
+    try:
+        s = ctl.sandboxes()["res"]
+        assert (s["cpus"], s["memory_mb"], s["disk_mb"]) == (2, 256, 32)
+        r = ctl.sh("res", "nproc; grep MemTotal /proc/meminfo")
+        lines = r.out.splitlines()
+        assert lines[0] == "2", str(r)
+        mem_kib = int(lines[1].split()[1])
+        assert 128 * 1024 < mem_kib < 256 * 1024
+
+        r = ctl.sh("res", "head -c 67108864 /dev/zero > /work/big")
+        assert r.rc != 0, str(r)
+        assert "No space left" in r.err
+        size = guest_int(ctl, "res", "stat -c %s /work/big")
+        assert size <= 32 * 1024 * 1024
+        # the writable layer is guest memory: nothing landed on the host's disk
+        used = sum(p.stat().st_size for p in (home / "run" / s["id"]).rglob("*") if p.is_file())
+        assert used < 4 * 1024 * 1024, f"{used} bytes in the run dir"
+        assert ctl.ok("exec", "res", "--", "echo", "alive").out == "alive\n"
+        ctl.ok("fs", "rm", "res", "/work/big")
+        ctl.ok("fs", "write", "res", "/work/small", input="x" * 1000)
+    finally:
+        ctl("down", "res")
+
+
+# ----------------------------------------------------------------------------- 12. bad input
+
+
+def test_taken_and_invalid_names_are_refused(ctl: Ctl) -> None:
+    r = ctl("up", "--name", "worker")
+    assert r.rc == 125 and "a sandbox named 'worker' already exists" in r.err, str(r)
+    w = ctl.sandboxes()["worker"]
+    assert w["state"] == "running", w  # untouched
+    r = ctl("up", "--name", "Bad Name!")
+    assert r.rc == 2 and "invalid sandbox name 'Bad Name!'" in r.err, str(r)
+    r = ctl("up", "--name", "x" * 64)
+    assert r.rc == 2 and "invalid sandbox name" in r.err, str(r)
+    r = ctl("up", "--name", "ok-name", "--ttl", "0s")
+    assert r.rc == 2 and "ttl" in r.err.lower(), str(r)
+    r = ctl("up", "--name", "ok-name", "--image", "no-such-image")
+    assert r.rc == 125 and "no-such-image" in r.err, str(r)
+    assert set(ctl.sandboxes()) == {"worker", "par-a"}
+
+
+def test_racing_ups_of_one_name_make_one_sandbox(ctl: Ctl) -> None:
+    procs = [ctl.popen("up", "--name", "dup", "--ttl", "5m") for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+        codes = sorted(p.returncode for p in procs)
+        assert codes == [0, 125], outs
+        loser = outs[[p.returncode for p in procs].index(125)]
+        assert b"already exists" in loser[1]
+        assert ctl.sandboxes()["dup"]["state"] == "running"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        ctl("down", "dup")
+
+
+def test_one_daemon_per_home(ctl: Ctl, home: Path) -> None:
+    first = ctl.ok("daemon", "start").out
+    second = ctl.ok("daemon", "start").out
+    pid = ctl.daemon_pid()
+    assert f"pid {pid}" in first and f"pid {pid}" in second
+    assert daemon_pids(home) == [pid]
+
+    p = subprocess.run(
+        [sys.executable, "-m", "mvm.daemon"],
+        capture_output=True,
+        timeout=60,
+        env=ctl.env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    assert b"already running" in p.stderr and str(pid).encode() in p.stderr
+    assert ctl.daemon_pid() == pid and daemon_pids(home) == [pid]
+    assert ctl.ok("exec", "worker", "--", "true").rc == 0
+
+
+def test_a_socket_owned_by_another_user_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown a file to another uid")
+    h = Path(tempfile.mkdtemp(prefix="mvmd-", dir="/tmp"))
+    try:
+        sock_path = h / "mvmd.sock"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(sock_path))
+        s.close()
+        check_socket_owner(sock_path)  # ours: fine
+        os.chown(sock_path, 65534, 65534)
+        with pytest.raises(errors.HostError, match="belongs to uid 65534"):
+            check_socket_owner(sock_path)
+        monkeypatch.setenv("MVM_HOME", str(h))
+        with pytest.raises(errors.HostError, match="belongs to uid 65534"):
+            Client()
+        env = {**os.environ, "MVM_HOME": str(h)}
+        p = subprocess.run([*MVMCTL, "ls"], capture_output=True, timeout=60, env=env, check=False)
+        assert p.returncode == 125, p.stderr
+        assert b"belongs to uid 65534" in p.stderr
+        assert not (h / "mvmd.lock").exists(), "a daemon was started anyway"
+    finally:
+        shutil.rmtree(h, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the end
+
+
+def test_down_all_and_daemon_stop_leave_nothing_behind(ctl: Ctl, home: Path) -> None:
+    assert set(ctl.sandboxes()) == {"worker", "par-a"}
+    r = ctl.ok("down", "--all")
+    assert sorted(r.out.splitlines()) == ["par-a: removed", "worker: removed"]
+    assert ctl.sandboxes() == {}
+    assert wait_until(lambda: not qemu_pids(home), 10), [
+        (pid, Path(f"/proc/{pid}/cmdline").read_bytes()) for pid in qemu_pids(home)
+    ]
+    assert [p.name for p in (home / "run").iterdir()] == []
+    pid = ctl.daemon_pid()
+    assert ctl.ok("daemon", "stop").out == f"mvmd stopped (pid {pid})\n"
+    assert wait_until(lambda: not pid_alive(pid), 10)
+    assert not (home / "mvmd.sock").exists()
+    assert ctl("daemon", "status").rc == 1
