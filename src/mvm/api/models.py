@@ -29,6 +29,33 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     data: dict[str, object] = {}
 
 
+class NetworkSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a sandbox may reach. ``preset``: none (no NIC at all, the default),
+    registries, dev, unrestricted; ``allow``: extra ``host[:port]`` patterns
+    (``*.example.org`` wildcards)."""
+
+    preset: str = "none"
+    allow: list[str] = []
+
+
+class PortSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A host port forwarded to a guest port (TCP). Binds 127.0.0.1 unless told otherwise;
+    a wildcard address needs ``allow_wildcard``."""
+
+    guest_port: int
+    host_port: int = 0  # 0: any free port
+    host: str = "127.0.0.1"
+    allow_wildcard: bool = False
+
+
+class ForwardInfo(msgspec.Struct, kw_only=True):
+    id: str
+    host: str
+    host_port: int
+    guest_port: int
+    audit_id: str | None = None
+
+
 class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str | None = None
     image: str = "python"
@@ -37,6 +64,14 @@ class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     disk_mb: int | None = None  # size of the writable layer; default half the memory
     ttl_seconds: float = DEFAULT_TTL
     env: dict[str, str] = {}
+    #: Environment variables whose values are secrets, by secret name (resolved by mvmd).
+    secret_env: dict[str, str] = {}
+    network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
+    ports: list[PortSpec] = []
+    #: Host directories whose contents enter the guest (checked by admission).
+    mounts: list[str] = []
+    workload_id: str | None = None
+    tags: dict[str, str] = {}
 
 
 class SandboxInfo(msgspec.Struct, kw_only=True):
@@ -53,6 +88,11 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     pid: int | None = None
     reason: str = ""
     boot_seconds: float | None = None
+    network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
+    forwards: list[ForwardInfo] = []
+    workload_id: str | None = None
+    tags: dict[str, str] = {}
+    audit_id: str | None = None
 
 
 class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -63,6 +103,8 @@ class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stdin: bytes = b""  # base64 in JSON
     timeout: float = 300.0
     output_limit: int = 16 * 1024 * 1024
+    #: Environment variables whose values are secrets, by secret name (resolved by mvmd).
+    secret_env: dict[str, str] = {}
 
 
 class ExecEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -77,6 +119,7 @@ class ExecEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     truncated_stdout: bool = False
     truncated_stderr: bool = False
     error: ErrorBody | None = None
+    audit_id: str | None = None
 
 
 class ProcStart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -86,6 +129,7 @@ class ProcStart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     user: str | None = None
     stdin: bytes = b""
     stdin_open: bool = False
+    secret_env: dict[str, str] = {}
 
 
 class ProcView(msgspec.Struct, kw_only=True):
@@ -99,6 +143,7 @@ class ProcView(msgspec.Struct, kw_only=True):
     ended: float | None = None
     stdout_bytes: int = 0
     stderr_bytes: int = 0
+    audit_id: str | None = None
 
 
 class FileEntry(msgspec.Struct, kw_only=True):
@@ -132,6 +177,7 @@ class SnapshotInfo(msgspec.Struct, kw_only=True):
     created: float
     size: int
     image: str
+    audit_id: str | None = None
 
 
 class TtlRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
