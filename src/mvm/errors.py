@@ -110,4 +110,20 @@ class SnapshotExists(MvmError):
 
 
 class PolicyDenied(MvmError):
-    pass
+    """Admission refused a launch (data: rules, denials)."""
+
+    exit_code = 126
+
+
+class PolicyFileError(MvmError):
+    """The policy file cannot be read or parsed."""
+
+    exit_code = 2
+
+
+class SecretError(MvmError):
+    """The secret store refused an operation (bad name, bad value, unreadable store)."""
+
+
+class SecretNotFound(SecretError):
+    """No secret of that name (data: name, known)."""

@@ -1,0 +1,414 @@
+"""Admission: the one pure decision every launch goes through.
+
+``admit(plan, policy)`` looks at what a sandbox would get (image, resources, network,
+ports, host directories, secret names) and at what the policy permits, and answers
+allow or deny with *every* broken rule, each named by a short stable string so users
+and programs can tell which limit stopped them. It does no I/O: callers build the plan
+(``plan_from_create`` for API requests, the SDK from its IR), load the policy
+(``load_policy``) and pass the facts they know (built images, project directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import posixpath
+import tomllib
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from mvm import errors, paths
+
+if TYPE_CHECKING:
+    from mvm.api.models import CreateSandbox
+
+#: The network presets mvm knows (egress owns what each one reaches).
+NETWORK_PRESETS = ("none", "registries", "dev", "unrestricted")
+
+#: The stable rule names a Denial can carry.
+RULES = (
+    "image",
+    "cpus",
+    "memory",
+    "disk",
+    "ttl",
+    "network.preset",
+    "network.allow",
+    "ports.wildcard",
+    "ports.count",
+    "ports.range",
+    "mounts",
+    "secrets",
+)
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """What a launch asks for, reduced to the facts admission judges."""
+
+    image: str
+    cpus: int = 1
+    memory_mb: int = 512
+    disk_mb: int | None = None
+    ttl_seconds: float = 1800.0
+    network_preset: str = "none"
+    network_allow: tuple[str, ...] = ()
+    #: (host, host_port, guest_port, allow_wildcard)
+    ports: tuple[tuple[str, int, int, bool], ...] = ()
+    #: absolute host paths that will be copied/mounted in
+    mounts: tuple[str, ...] = ()
+    #: secret NAMES referenced
+    secrets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Denial:
+    rule: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    denials: tuple[Denial, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Limits a launch must stay within. The defaults are the safe out-of-the-box policy."""
+
+    #: fnmatch patterns of image names; None: any built image.
+    allowed_images: tuple[str, ...] | None = None
+    max_cpus: int = 4
+    max_memory_mb: int = 8192
+    max_disk_mb: int = 8192
+    max_ttl_seconds: float = 7 * 24 * 3600.0
+    allowed_network_presets: tuple[str, ...] = NETWORK_PRESETS
+    #: host[:port] patterns ("*", "*.example.org", "pypi.org:443") allowlist entries must fall within.
+    allowed_hosts: tuple[str, ...] = ("*",)
+    #: host directories under which mounts are allowed (plus the caller's project dir).
+    mount_roots: tuple[str, ...] = ()
+    allow_wildcard_ports: bool = False
+    max_ports: int = 16
+    #: fnmatch patterns of secret names; None: any secret in the store.
+    allowed_secrets: tuple[str, ...] | None = None
+
+
+# ---------------------------------------------------------------- the decision
+
+
+def admit(
+    plan: SandboxPlan,
+    policy: Policy,
+    *,
+    known_images: Collection[str] | None = None,
+    mount_roots: Sequence[str] = (),
+) -> Decision:
+    """Check every rule and collect every denial (pure: no I/O, no clock)."""
+    denials: list[Denial] = []
+    notes: list[str] = []
+    denials += _check_image(plan, policy, known_images)
+    denials += _check_resources(plan, policy)
+    net_denials, net_notes = _check_network(plan, policy)
+    denials += net_denials
+    notes += net_notes
+    denials += _check_ports(plan, policy)
+    denials += _check_mounts(plan, (*policy.mount_roots, *mount_roots))
+    denials += _check_secrets(plan, policy)
+    return Decision(allowed=not denials, denials=tuple(denials), notes=tuple(notes))
+
+
+def _check_image(
+    plan: SandboxPlan, policy: Policy, known_images: Collection[str] | None
+) -> list[Denial]:
+    out: list[Denial] = []
+    if policy.allowed_images is not None and not any(
+        fnmatchcase(plan.image, p) for p in policy.allowed_images
+    ):
+        allowed = ", ".join(policy.allowed_images) or "(none)"
+        out.append(Denial("image", f"image {plan.image!r} is not in allowed_images ({allowed})"))
+    if known_images is not None and plan.image not in known_images:
+        out.append(Denial("image", f"image {plan.image!r} is not built"))
+    return out
+
+
+def _check_resources(plan: SandboxPlan, policy: Policy) -> list[Denial]:
+    out: list[Denial] = []
+    if not 1 <= plan.cpus <= policy.max_cpus:
+        out.append(Denial("cpus", f"{plan.cpus} CPUs is outside 1..max_cpus={policy.max_cpus}"))
+    if not 1 <= plan.memory_mb <= policy.max_memory_mb:
+        out.append(
+            Denial(
+                "memory",
+                f"{plan.memory_mb} MiB of memory is outside 1..max_memory_mb={policy.max_memory_mb}",
+            )
+        )
+    if plan.disk_mb is not None and not 1 <= plan.disk_mb <= policy.max_disk_mb:
+        out.append(
+            Denial(
+                "disk", f"{plan.disk_mb} MiB of disk is outside 1..max_disk_mb={policy.max_disk_mb}"
+            )
+        )
+    ttl = plan.ttl_seconds
+    if not (ttl == ttl and 0 < ttl <= policy.max_ttl_seconds):  # ttl == ttl: not NaN
+        out.append(
+            Denial(
+                "ttl", f"TTL {ttl:g}s is outside (0, max_ttl_seconds={policy.max_ttl_seconds:g}]"
+            )
+        )
+    return out
+
+
+def _split_hostport(entry: str) -> tuple[str, int | None]:
+    """``host[:port]`` -> (lower-case host, port or None). A bare IPv6 address has no port."""
+    host, sep, port = entry.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host.lower(), int(port)
+    if entry.startswith("[") and "]:" in entry:
+        h, _, p = entry[1:].partition("]:")
+        if p.isdigit():
+            return h.lower(), int(p)
+    return entry.strip("[]").lower(), None
+
+
+def host_within(entry: str, pattern: str) -> bool:
+    """Does allowlist ``entry`` reach only hosts that policy ``pattern`` permits?
+
+    ``*`` permits everything; ``*.example.org`` permits its subdomains (and wildcard
+    entries below it) but not ``example.org`` itself; a pattern with a port permits only
+    entries naming that port.
+    """
+    e_host, e_port = _split_hostport(entry)
+    p_host, p_port = _split_hostport(pattern)
+    if p_port is not None and e_port != p_port:
+        return False
+    if p_host == "*":
+        return True
+    if p_host.startswith("*."):
+        return e_host.endswith(p_host[1:]) and len(e_host) > len(p_host) - 1
+    return not e_host.startswith("*") and e_host == p_host
+
+
+def _check_network(plan: SandboxPlan, policy: Policy) -> tuple[list[Denial], list[str]]:
+    out: list[Denial] = []
+    notes: list[str] = []
+    preset = plan.network_preset
+    if preset not in policy.allowed_network_presets:
+        allowed = ", ".join(policy.allowed_network_presets) or "(none)"
+        out.append(
+            Denial(
+                "network.preset",
+                f"network preset {preset!r} is not in allowed_network_presets ({allowed})",
+            )
+        )
+    elif preset == "unrestricted" and "*" not in policy.allowed_hosts:
+        out.append(
+            Denial(
+                "network.preset",
+                "network preset 'unrestricted' reaches any host, but allowed_hosts is limited to "
+                + ", ".join(policy.allowed_hosts),
+            )
+        )
+    for entry in plan.network_allow:
+        if not entry or any(c.isspace() for c in entry):
+            out.append(Denial("network.allow", f"allowlist entry {entry!r} is not host[:port]"))
+        elif not any(host_within(entry, p) for p in policy.allowed_hosts):
+            out.append(
+                Denial(
+                    "network.allow",
+                    f"allowlist entry {entry!r} is not within allowed_hosts ("
+                    + (", ".join(policy.allowed_hosts) or "(none)")
+                    + ")",
+                )
+            )
+    if preset == "none" and plan.network_allow:
+        notes.append("network preset 'none' with allowlist entries: the entries open egress")
+    return out, notes
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_ports(plan: SandboxPlan, policy: Policy) -> list[Denial]:
+    out: list[Denial] = []
+    if len(plan.ports) > policy.max_ports:
+        out.append(
+            Denial(
+                "ports.count",
+                f"{len(plan.ports)} port forwards exceeds max_ports={policy.max_ports}",
+            )
+        )
+    for host, host_port, guest_port, allow_wildcard in plan.ports:
+        if not 1 <= guest_port <= 65535 or not 0 <= host_port <= 65535:
+            out.append(
+                Denial(
+                    "ports.range",
+                    f"port {host_port}->{guest_port}: guest port must be 1..65535, "
+                    "host port 0..65535",
+                )
+            )
+        if not _is_loopback(host):
+            if not policy.allow_wildcard_ports:
+                out.append(
+                    Denial(
+                        "ports.wildcard",
+                        f"forward on {host or '*'}:{host_port} is reachable beyond this host; "
+                        "policy allow_wildcard_ports=false",
+                    )
+                )
+            elif not allow_wildcard:
+                out.append(
+                    Denial(
+                        "ports.wildcard",
+                        f"forward on {host or '*'}:{host_port} binds beyond loopback "
+                        "without allow_wildcard",
+                    )
+                )
+    return out
+
+
+def _within_root(path: str, root: str) -> bool:
+    root = posixpath.normpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _check_mounts(plan: SandboxPlan, roots: Sequence[str]) -> list[Denial]:
+    """Mounts must be absolute and, normalised, under an allowed root.
+
+    Pure: the caller resolves symlinks (``os.path.realpath``) before building the plan.
+    """
+    out: list[Denial] = []
+    good_roots = [r for r in roots if r.startswith("/")]
+    for m in plan.mounts:
+        if not m.startswith("/"):
+            out.append(Denial("mounts", f"mount {m!r} is not an absolute host path"))
+            continue
+        norm = posixpath.normpath(m)
+        if norm.startswith("//"):
+            norm = "/" + norm.lstrip("/")
+        if not any(_within_root(norm, r) for r in good_roots):
+            where = ", ".join(good_roots) or "none configured"
+            out.append(Denial("mounts", f"mount {m!r} is not under an allowed root ({where})"))
+    return out
+
+
+def _check_secrets(plan: SandboxPlan, policy: Policy) -> list[Denial]:
+    if policy.allowed_secrets is None:
+        return []
+    allowed = ", ".join(policy.allowed_secrets) or "(none)"
+    return [
+        Denial("secrets", f"secret {name!r} is not in allowed_secrets ({allowed})")
+        for name in plan.secrets
+        if not any(fnmatchcase(name, p) for p in policy.allowed_secrets)
+    ]
+
+
+# ---------------------------------------------------------------- plans and policies
+
+
+def plan_from_create(req: CreateSandbox) -> SandboxPlan:
+    """The plan of an API create request (``mounts`` taken as given: resolve them first)."""
+    return SandboxPlan(
+        image=req.image,
+        cpus=req.cpus,
+        memory_mb=req.memory_mb,
+        disk_mb=req.disk_mb,
+        ttl_seconds=req.ttl_seconds,
+        network_preset=req.network.preset,
+        network_allow=tuple(req.network.allow),
+        ports=tuple((p.host, p.host_port, p.guest_port, p.allow_wildcard) for p in req.ports),
+        mounts=tuple(req.mounts),
+        secrets=tuple(sorted(set(req.secret_env.values()))),
+    )
+
+
+def denied_error(decision: Decision) -> errors.PolicyDenied:
+    """The error a denial raises: the message names each rule that denied."""
+    parts = [f"[{d.rule}] {d.message}" for d in decision.denials]
+    return errors.PolicyDenied(
+        "policy denied the launch: " + "; ".join(parts),
+        hint="change the request, or the policy file (MVM_POLICY or $MVM_HOME/policy.toml)",
+        rules=",".join(dict.fromkeys(d.rule for d in decision.denials)),
+        denials=[{"rule": d.rule, "message": d.message} for d in decision.denials],
+    )
+
+
+def policy_path() -> Path:
+    """Where the policy comes from: ``MVM_POLICY``, else ``$MVM_HOME/policy.toml``."""
+    env = os.environ.get("MVM_POLICY")
+    return Path(env) if env else paths.home() / "policy.toml"
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Policy)}
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Parse policy TOML (top-level keys named as ``Policy`` fields); unknown keys are errors."""
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise errors.PolicyFileError(
+            f"{source}: not valid TOML: {exc}",
+            hint="fix the file or remove it to use the default policy",
+            path=source,
+        ) from None
+    if isinstance(data.get("policy"), dict) and len(data) == 1:
+        data = data["policy"]
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise errors.PolicyFileError(
+            f"{source}: unknown policy key(s): {', '.join(unknown)}",
+            hint="known keys: " + ", ".join(sorted(_FIELDS)),
+            path=source,
+        )
+    try:
+        policy = msgspec.convert(data, Policy)
+    except msgspec.ValidationError as exc:
+        raise errors.PolicyFileError(
+            f"{source}: {exc}", hint="see docs/cli.md, 'policy.toml'", path=source
+        ) from None
+    bad = sorted(set(policy.allowed_network_presets) - set(NETWORK_PRESETS))
+    if bad:
+        raise errors.PolicyFileError(
+            f"{source}: unknown network preset(s) in allowed_network_presets: {', '.join(bad)}",
+            hint="presets: " + ", ".join(NETWORK_PRESETS),
+            path=source,
+        )
+    return policy
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    """The policy from ``path``, ``MVM_POLICY``, or ``$MVM_HOME/policy.toml``; defaults if absent.
+
+    An explicitly named file (argument or ``MVM_POLICY``) must exist.
+    """
+    explicit = path is not None or bool(os.environ.get("MVM_POLICY"))
+    p = path if path is not None else policy_path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise errors.PolicyFileError(
+                f"policy file {p} does not exist",
+                hint="create it, or unset MVM_POLICY to use $MVM_HOME/policy.toml",
+                path=str(p),
+            ) from None
+        return Policy()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise errors.PolicyFileError(
+            f"cannot read policy file {p}: {exc}", hint="check its permissions", path=str(p)
+        ) from None
+    return parse_policy(text, str(p))
