@@ -1,0 +1,288 @@
+"""The append-only JSONL audit log of one tenant, shared by mvmd and CLI processes.
+
+Each line is one record::
+
+    {"seq": 7, "id": "…", "time": "2025-…Z", "tenant": "default", "actor": "mvmd",
+     "event": "cmd.exec.finished", "sandbox": "web", "data": {…},
+     "prev": "<sha256 of line 6>", "key": "<host key fingerprint>", "sig": "<Ed25519>"}
+
+Appends take an exclusive ``flock`` on the file (bounded wait), read the last
+line, and write the new line with one ``write`` on an ``O_APPEND`` descriptor, so
+several processes and threads never interleave or fork the chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mvm import paths
+from mvm.audit import keys
+from mvm.audit.encoding import (
+    GENESIS,
+    MAX_RECORD_BYTES,
+    AuditError,
+    canonical,
+    check_fields,
+    record_hash,
+    sha256_hex,
+    signed_body,
+)
+
+#: How long an append waits for another process's lock before failing.
+LOCK_TIMEOUT_S = 5.0
+
+#: Longest line ``tail``/``show`` will parse (a bigger one is reported, not loaded).
+MAX_LINE_BYTES = MAX_RECORD_BYTES + 4096
+
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_EVENT_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+
+
+def tenant() -> str:
+    """The tenant whose log records go to: ``MVM_TENANT`` or ``default``."""
+    t = os.environ.get("MVM_TENANT", "") or "default"
+    if not _TENANT_RE.match(t):
+        raise AuditError(
+            f"invalid MVM_TENANT {t!r}",
+            hint="use letters, digits, '_', '.', '-' (at most 64)",
+        )
+    return t
+
+
+def audit_dir() -> Path:
+    return paths.home() / "audit"
+
+
+def default_path() -> Path:
+    return audit_dir() / f"{tenant()}.jsonl"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def last_line(f: Any) -> bytes | None:
+    """The last complete line of an open binary file (``None`` if empty), reading from the end."""
+    f.seek(0, os.SEEK_END)
+    end = f.tell()
+    if end == 0:
+        return None
+    block = 8192
+    pos = end
+    buf: bytes = b""
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        buf = f.read(step) + buf
+        body = buf[:-1] if buf.endswith(b"\n") else buf
+        nl = body.rfind(b"\n")
+        if nl >= 0:
+            return body[nl + 1 :]
+        if len(buf) > MAX_LINE_BYTES * 2:
+            break
+    return bytes(buf).rstrip(b"\n")
+
+
+class AuditLog:
+    """One tenant's log file plus the host key that signs it."""
+
+    def __init__(self, path: Path, *, tenant_name: str = "default") -> None:
+        self.path = path
+        self.tenant = tenant_name
+        self._lock = threading.Lock()
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    def append(
+        self, event: str, *, actor: str = "mvmd", sandbox: str | None = None, **fields: Any
+    ) -> str:
+        """Sign and chain one record; return its id. Fields are metadata only."""
+        if not _EVENT_RE.match(event) or len(event) > 64:
+            raise AuditError(f"invalid audit event name {event!r}", hint="use dotted.lower_case")
+        data = check_fields(fields)
+        hk = keys.load_or_create(self.dir)
+        with self._lock, self._locked() as f:
+            last = last_line(f)
+            seq, prev = 1, GENESIS
+            if last is not None:
+                prev = record_hash(last)
+                seq = _seq_of(last, f) + 1
+            rec: dict[str, Any] = {
+                "seq": seq,
+                "time": _now(),
+                "tenant": self.tenant,
+                "actor": str(actor)[:64],
+                "event": event,
+                "sandbox": sandbox,
+                "data": data,
+                "prev": prev,
+                "key": hk.fingerprint[:16],
+            }
+            rec["id"] = f"{seq}-{sha256_hex(canonical(rec))[:12]}"
+            rec["sig"] = keys.sign(hk.private, signed_body(rec))
+            line = canonical(rec)
+            if len(line) > MAX_RECORD_BYTES:
+                raise AuditError(
+                    f"audit record for {event} is {len(line)} bytes (limit {MAX_RECORD_BYTES})",
+                    hint="fields are metadata: pass hashes and sizes, not contents",
+                )
+            f.seek(0, os.SEEK_END)
+            # A crash may have left a partial line: terminate it so the new record
+            # stands on its own line (verify still reports the damaged one).
+            tail = b""
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    tail = b"\n"
+            os.write(f.fileno(), tail + line + b"\n")
+            if os.environ.get("MVM_AUDIT_FSYNC", "1") != "0":
+                os.fdatasync(f.fileno())
+            return str(rec["id"])
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[Any]:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        f = os.fdopen(fd, "r+b", buffering=0)
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise AuditError(
+                            f"audit log {self.path} stayed locked for {LOCK_TIMEOUT_S:.0f}s",
+                            hint="another mvm process is stuck holding it; find it with fuser",
+                            path=str(self.path),
+                        ) from None
+                    time.sleep(0.002)
+            yield f
+        finally:
+            f.close()
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number from 1, raw line) for every line, including damaged ones."""
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return
+        with f:
+            yield from enumerate(f, 1)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every parsable record in file order (damaged lines skipped; see verify)."""
+        for _n, line in self.lines():
+            rec = parse_line(line)
+            if rec is not None:
+                yield rec
+
+    def tail(self, n: int) -> list[dict[str, Any]]:
+        """The last ``n`` parsable records."""
+        out: list[dict[str, Any]] = []
+        for rec in self.records():
+            out.append(rec)
+            if len(out) > n:
+                out.pop(0)
+        return out
+
+    def find(self, ident: str) -> dict[str, Any] | None:
+        """The record with this id, id prefix, or sequence number."""
+        ident = ident.strip()
+        for rec in self.records():
+            rid = str(rec.get("id", ""))
+            if rid == ident or (len(ident) >= 4 and rid.startswith(ident)):
+                return rec
+            if ident.isdigit() and rec.get("seq") == int(ident):
+                return rec
+        return None
+
+    def follow(self, *, poll_s: float = 0.2, start_at_end: bool = True) -> Iterator[dict[str, Any]]:
+        """Yield records as they are appended (forever; the caller stops iterating)."""
+        pos = 0
+        if start_at_end:
+            with contextlib.suppress(FileNotFoundError):
+                pos = self.path.stat().st_size
+        pending = b""
+        while True:
+            try:
+                with open(self.path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < pos:  # replaced/truncated: start over
+                        pos, pending = 0, b""
+                    f.seek(pos)
+                    chunk = f.read(1 << 20)
+                    pos += len(chunk)
+            except FileNotFoundError:
+                chunk = b""
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                rec = parse_line(line)
+                if rec is not None:
+                    yield rec
+            if not chunk:
+                time.sleep(poll_s)
+
+
+def parse_line(line: bytes) -> dict[str, Any] | None:
+    """A record from one line, or ``None`` if it is not a JSON object."""
+    if len(line) > MAX_LINE_BYTES:
+        return None
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _int_seq(rec: dict[str, Any] | None) -> int | None:
+    seq = rec.get("seq") if rec else None
+    if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+        return seq
+    return None
+
+
+def _seq_of(line: bytes, f: Any) -> int:
+    """Sequence number of the last record; if that line is damaged, the last good one + lines after."""
+    seq = _int_seq(parse_line(line))
+    if seq is not None:
+        return seq
+    f.seek(0)
+    best, after = 0, 0
+    for raw in f:
+        s = _int_seq(parse_line(raw))
+        if s is not None:
+            best, after = s, 0
+        else:
+            after += 1
+    return best + after
+
+
+_logs: dict[tuple[Path, str], AuditLog] = {}
+_logs_lock = threading.Lock()
+
+
+def default_log() -> AuditLog:
+    """The log for the current ``MVM_HOME`` and ``MVM_TENANT`` (resolved on every call)."""
+    t = tenant()
+    path = audit_dir() / f"{t}.jsonl"
+    with _logs_lock:
+        log = _logs.get((path, t))
+        if log is None:
+            log = _logs[(path, t)] = AuditLog(path, tenant_name=t)
+        return log
