@@ -10,20 +10,25 @@ exit codes. Payload bytes (file contents, output, env values) never go in.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mvm.audit.encoding import AuditError, sha256_hex
 from mvm.audit.log import AuditLog, audit_dir, default_log, default_path, tenant
+from mvm.audit.verify import Report, verify_file
 
 __all__ = [
     "AuditError",
     "AuditLog",
+    "Report",
     "audit_dir",
     "default_log",
     "default_path",
     "record",
     "sha256_hex",
     "tenant",
+    "verify",
+    "verify_file",
 ]
 
 
@@ -34,3 +39,8 @@ def record(event: str, *, actor: str = "mvmd", sandbox: str | None = None, **fie
     bytes are refused. Raises ``AuditError`` if the log cannot be written.
     """
     return default_log().append(event, actor=actor, sandbox=sandbox, **fields)
+
+
+def verify(path: Path | None = None) -> Report:
+    """Verify a log (default: this tenant's) against the host key; see ``Report.first_bad``."""
+    return verify_file(path or default_path())

@@ -24,6 +24,7 @@ from rich.table import Table
 from mvm import doctor as doctor_mod
 from mvm.agent import protocol as P
 from mvm.cli.common import fail_on_errors, parse_env
+from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
 from mvm.errors import InvalidArgument
@@ -206,7 +207,7 @@ def run(
     sys.exit(TIMEOUT_EXIT if result.timed_out else result.exit_code)
 
 
-for _command in COMMANDS:
+for _command in [*COMMANDS, *AUDIT_COMMANDS]:
     cli.add_command(_command)
 
 
