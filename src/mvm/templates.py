@@ -9,8 +9,8 @@ instead of a multi-second cold boot. The RAM file is never written after the
 template is made, which is what keeps clones sound.
 
 Templates are keyed by everything that must match between template and clone:
-image, initramfs (agent), CPUs, memory, overlay size, accelerator and the QEMU
-binary. They are made on first use of a shape, under a lock.
+image, initramfs (agent), CPUs, memory, overlay size, accelerator, the QEMU
+binary, and whether the VM has a NIC. They are made on first use of a shape, under a lock.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def template_key(
     overlay_size: str,
     accel: str,
     qemu: str,
+    network: bool = False,
 ) -> str:
-    doc = {
+    doc: dict[str, object] = {
         "v": TEMPLATE_VERSION,
         "image": image_id,
         "initramfs": initramfs,
@@ -80,6 +81,8 @@ def template_key(
         "accel": accel,
         "qemu": qemu,
     }
+    if network:  # a NIC is part of the device state (absent: keys stay as they were)
+        doc["net"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,6 +52,15 @@ class VMSpec:
     cpus: int = 1
     memory_mb: int = 512
     overlay_size: str = "50%"
+    #: A NIC whose only way out is the sandbox's egress proxy (part of the VM's shape).
+    network: bool = False
+
+
+def egress_relay_argv() -> tuple[str, ...]:
+    """The program QEMU runs per guest connection to the egress address (stdlib only)."""
+    from mvm.daemon import egress_relay
+
+    return (sys.executable, "-I", str(Path(egress_relay.__file__).resolve()))
 
 
 def base_config(spec: VMSpec, store: ImageStore, run_dir: Path) -> VMConfig:
@@ -66,6 +76,8 @@ def base_config(spec: VMSpec, store: ImageStore, run_dir: Path) -> VMConfig:
         tsc_khz=accel.host_tsc_khz(),
         overlay_size=spec.overlay_size,
         qemu=qemu_binary(),
+        network=spec.network,
+        egress_relay=egress_relay_argv() if spec.network else (),
     )
 
 
@@ -154,6 +166,7 @@ class MicroVM:
                 overlay_size=spec.overlay_size,
                 accel=base.accel,
                 qemu=templates.qemu_identity(find_qemu(base.qemu)),
+                network=spec.network,
             )
             tpl = tstore.get(key) or await make_template(tstore, key, spec, store, boot_timeout)
             cfg = replace(base, memory_file=tpl.ram, memory_shared=False, incoming=True)

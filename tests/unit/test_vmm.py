@@ -54,6 +54,35 @@ def test_argv_machine_and_isolation() -> None:
         assert net not in joined
 
 
+def test_argv_network_only_when_enabled() -> None:
+    """A NIC appears only with ``network``: restricted slirp, one guestfwd to the relay."""
+    relay = ("/usr/bin/python3", "-I", "/opt/mvm/egress_relay.py")
+    c = cfg(network=True, egress_relay=relay)
+    assert validate(c) == []
+    argv = build_argv(c)
+    (netdev,) = opt(argv, "-netdev")
+    parts = netdev.split(",")
+    assert parts[0] == "user" and "restrict=on" in parts and "ipv6=off" in parts
+    fwds = [p for p in parts if p.startswith("guestfwd=")]
+    assert fwds == [
+        "guestfwd=tcp:10.0.2.100:3128-cmd:/usr/bin/python3 -I /opt/mvm/egress_relay.py "
+        "/run/mvm/vm1/egress.sock"
+    ]
+    assert "hostfwd" not in netdev
+    assert "virtio-net-device,netdev=n0" in opt(argv, "-device")
+    assert "mvm.net=1" in kernel_cmdline(c).split()
+    assert "mvm.net=1" not in kernel_cmdline(cfg()).split()
+    # with network off, the relay setting changes nothing
+    assert build_argv(cfg(egress_relay=relay)) == build_argv(cfg())
+
+
+@pytest.mark.parametrize("bad", ["/a b/relay.py", "/x,y", "/q'uote", "/semi;colon", ""])
+def test_network_relay_words_must_be_plain(bad: str) -> None:
+    c = cfg(network=True, egress_relay=("/usr/bin/python3", bad))
+    assert any("egress relay argument" in e for e in validate(c))
+    assert "needs an egress relay" in " ".join(validate(cfg(network=True)))
+
+
 def test_argv_files_and_sockets() -> None:
     """Kernel, initrd, a read-only root drive, and the three sockets under run_dir."""
     c = cfg()

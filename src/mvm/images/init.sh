@@ -1,7 +1,9 @@
 #!/bin/busybox sh
 # mvm initramfs /init: load virtio modules, mount the read-only root with a
 # tmpfs overlay on top, copy the agent in, and hand over to it as PID 1.
-# Kernel command line knobs: mvm.overlay=<tmpfs size, e.g. 256m or 50%>.
+# Kernel command line knobs: mvm.overlay=<tmpfs size, e.g. 256m or 50%>;
+# mvm.net=1: configure eth0 (static, the slirp network; the only way out is the
+# host's egress proxy at 10.0.2.100:3128).
 /bin/busybox mkdir -p /bin /sbin /proc /sys /dev /mnt/ro /mnt/rw /newroot
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
@@ -24,9 +26,11 @@ while read -r mod; do
 done < /lib/modules/order
 
 overlay=50%
+net=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         mvm.overlay=*) overlay="${arg#mvm.overlay=}" ;;
+        mvm.net=1) net=1 ;;
     esac
 done
 
@@ -57,6 +61,17 @@ mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 chmod 1777 /newroot/tmp
 ip link set lo up 2>/dev/null
+if [ "$net" = 1 ]; then
+    # eth0 appears a moment after virtio_net loads: wait, bounded (5 s).
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 500 ]; do
+        i=$((i + 1))
+        usleep 10000
+    done
+    ip link set eth0 up 2>/dev/null || echo "mvm-init: no eth0" > /dev/console
+    ip addr add 10.0.2.15/24 dev eth0 2>/dev/null
+    ip route add default via 10.0.2.2 dev eth0 2>/dev/null
+fi
 
 for py in /usr/bin/python3 /usr/local/bin/python3; do
     if [ -x "/newroot$py" ]; then

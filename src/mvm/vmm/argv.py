@@ -30,6 +30,12 @@ class VMConfig:
     memory_shared: bool = True
     #: Start paused, waiting for ``migrate-incoming`` (restoring a snapshot).
     incoming: bool = False
+    #: A NIC: user-mode networking with ``restrict=on`` whose only way out is a guestfwd
+    #: to ``EGRESS_ADDR`` running ``egress_relay + [egress_socket]`` per guest connection.
+    network: bool = False
+    #: Program (argv) QEMU runs for each guest connection to the egress address; its
+    #: stdin/stdout are the connection, its last argument the proxy's Unix socket.
+    egress_relay: tuple[str, ...] = ()
 
     @property
     def qmp_socket(self) -> Path:
@@ -43,6 +49,10 @@ class VMConfig:
     def console_socket(self) -> Path:
         return self.run_dir / "console.sock"
 
+    @property
+    def egress_socket(self) -> Path:
+        return self.run_dir / "egress.sock"
+
 
 def validate(cfg: VMConfig) -> list[str]:
     """Problems with a config, as messages (empty when fine)."""
@@ -55,7 +65,33 @@ def validate(cfg: VMConfig) -> list[str]:
         )
     if cfg.accel not in ("kvm", "tcg"):
         errs.append(f"accel must be kvm or tcg (got {cfg.accel})")
+    if cfg.network:
+        if not cfg.egress_relay:
+            errs.append("a network needs an egress relay program")
+        for arg in (*cfg.egress_relay, str(cfg.egress_socket)):
+            # QEMU hands the command to a shell-like splitter: keep every word plain.
+            if not arg or not set(arg) <= _PLAIN:
+                errs.append(f"egress relay argument {arg!r} has characters QEMU cannot pass")
     return errs
+
+
+#: Characters allowed in a guestfwd command word (no spaces, quotes, commas, shell syntax).
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+=@%")
+#: The guest's one way out: the egress proxy's address on the slirp network.
+EGRESS_ADDR = "10.0.2.100"
+EGRESS_PORT = 3128
+
+
+def netdev_args(cfg: VMConfig) -> list[str]:
+    """``-netdev``/``-device`` for a sandbox with a network, empty without one."""
+    if not cfg.network:
+        return []
+    cmd = " ".join([*cfg.egress_relay, str(cfg.egress_socket)])
+    netdev = (
+        "user,id=n0,restrict=on,net=10.0.2.0/24,host=10.0.2.2,ipv6=off,"
+        f"guestfwd=tcp:{EGRESS_ADDR}:{EGRESS_PORT}-cmd:{cmd.replace(',', ',,')}"
+    )
+    return ["-netdev", netdev, "-device", "virtio-net-device,netdev=n0"]
 
 
 def kernel_cmdline(cfg: VMConfig) -> str:
@@ -73,6 +109,8 @@ def kernel_cmdline(cfg: VMConfig) -> str:
         "rdinit=/init",
         f"mvm.overlay={cfg.overlay_size}",
     ]
+    if cfg.network:
+        args.append("mvm.net=1")  # /init configures eth0
     if cfg.tsc_khz:
         # With acpi=on the guest cannot calibrate its TSC and boots very slowly without this.
         args.append(f"tsc_early_khz={cfg.tsc_khz}")
@@ -81,7 +119,8 @@ def kernel_cmdline(cfg: VMConfig) -> str:
 
 
 def build_argv(cfg: VMConfig) -> list[str]:
-    """QEMU argv for a ``-M microvm`` guest with no network, no default devices, no display."""
+    """QEMU argv for a ``-M microvm`` guest: no default devices, no display, and no NIC
+    unless ``cfg.network`` (then only the restricted egress one)."""
     if cfg.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
     else:
@@ -119,5 +158,6 @@ def build_argv(cfg: VMConfig) -> list[str]:
         "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off",
+        *netdev_args(cfg),
         *incoming,
     ]  # fmt: skip
