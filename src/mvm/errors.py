@@ -112,8 +112,6 @@ class SnapshotExists(MvmError):
 class PolicyDenied(MvmError):
     """Admission refused a launch (data: rules, denials)."""
 
-    exit_code = 126
-
 
 class PolicyFileError(MvmError):
     """The policy file cannot be read or parsed."""
