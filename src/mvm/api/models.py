@@ -161,6 +161,7 @@ class FileStat(msgspec.Struct, kw_only=True):
     mtime: float
     uid: int = 0
     gid: int = 0
+    audit_id: str | None = None
 
 
 class LogEvent(msgspec.Struct, kw_only=True):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mvm.audit.encoding import AuditError, sha256_hex
+from mvm.audit.encoding import AuditError, argv_sha256, sha256_hex
 from mvm.audit.log import AuditLog, audit_dir, default_log, default_path, tenant
 from mvm.audit.verify import Report, verify_file
 
@@ -21,6 +21,7 @@ __all__ = [
     "AuditError",
     "AuditLog",
     "Report",
+    "argv_sha256",
     "audit_dir",
     "default_log",
     "default_path",

@@ -80,6 +80,11 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: walk(v, 1, k) for k, v in fields.items()}
 
 
+def argv_sha256(argv: list[str]) -> str:
+    """Hash of a command line: SHA-256 of its canonical JSON list (unambiguous, unlike a join)."""
+    return sha256_hex(canonical(list(argv)))
+
+
 def record_hash(line: bytes) -> str:
     """The hash a successor's ``prev`` must carry: SHA-256 of the stored line (no newline)."""
     return sha256_hex(line.rstrip(b"\n"))

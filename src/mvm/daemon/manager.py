@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -19,13 +20,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from mvm import paths, state
+from mvm import audit, paths, state
 from mvm.agent import protocol as P
 from mvm.agent.client import AgentClient
 from mvm.api import models as M
+from mvm.daemon.forwards import Forwards, check_spec
 from mvm.daemon.logbook import LogBook
 from mvm.errors import (
     InvalidArgument,
@@ -58,6 +61,11 @@ class Live:
     vm: MicroVM | None = None
     logbook: LogBook | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    forwards: list[M.ForwardInfo] = field(default_factory=list)
+    #: Audit id of the last lifecycle record (launched, paused, ...): goes into SandboxInfo.
+    audit_id: str | None = None
+    #: Background processes mvmd started here -> audit id of their exit record (None: running).
+    procs: dict[int, str | None] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -80,6 +88,8 @@ def info(live: Live) -> M.SandboxInfo:
         pid=r.pid,
         reason=r.reason,
         boot_seconds=live.vm.boot_seconds if live.vm else None,
+        forwards=list(live.forwards),
+        audit_id=live.audit_id,
     )
 
 
@@ -96,6 +106,26 @@ def check_ttl(ttl: float) -> None:
         raise InvalidArgument(f"TTL must be between 0 and {M.MAX_TTL:.0f} seconds (got {ttl:g})")
 
 
+def audit_after(event: str, sandbox: str | None, **fields: Any) -> str | None:
+    """Audit something that already happened: a failing log is logged, not raised, so the
+    caller's result is not lost. (Records made *before* acting use ``audit.record`` and fail
+    closed.)"""
+    try:
+        return audit.record(event, sandbox=sandbox, **fields)
+    except MvmError as exc:
+        log.error("audit record %s for %s failed: %s", event, sandbox, exc)
+        return None
+
+
+def reason_fields(reason: str) -> dict[str, Any]:
+    """A failure reason for the audit log: its first clause (mvm's own words) and a hash
+    (the rest may quote guest console output)."""
+    return {
+        "reason": reason.split(":", 1)[0][:120],
+        "reason_sha256": audit.sha256_hex(reason.encode()),
+    }
+
+
 def snapshots_dir() -> Path:
     return paths.home() / "snapshots"
 
@@ -107,11 +137,14 @@ class Manager:
         self.live: dict[str, Live] = {}
         self._create_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self.forwards = Forwards(db, lambda sandbox_id: self.running(sandbox_id)[1])
 
     # -- startup / shutdown -----------------------------------------------------------
     async def start(self) -> None:
         for rec in self.db.all():
             await self._reattach(rec)
+        for live in list(self.live.values()):
+            await self._restore_forwards(live)
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def close(self) -> None:
@@ -120,6 +153,7 @@ class Manager:
             self._reaper.cancel()
             with contextlib.suppress(BaseException):
                 await self._reaper
+        await self.forwards.close()
         for live in list(self.live.values()):
             if live.vm is not None:
                 if live.vm.agent is not None:
@@ -180,8 +214,37 @@ class Manager:
                     book.add(f"proc:{h.get('proc')}:{h.get('stream')}", frame.payload)
                 elif h.get("kind") == "proc.exit":
                     book.note(f"proc {h.get('proc')} exited with {h.get('exit_code')}")
+                    self.proc_exited(live, h.get("proc"), h.get("exit_code"), h.get("signal"))
 
             agent.on_event = on_event
+
+    def proc_started(
+        self, live: Live, proc: int, argv: list[str], env_keys: list[str]
+    ) -> str | None:
+        live.procs[proc] = None
+        return audit_after(
+            "proc.started",
+            live.name,
+            proc=proc,
+            argv_sha256=audit.argv_sha256(argv),
+            argc=len(argv),
+            env_keys=sorted(env_keys),
+        )
+
+    def proc_exited(self, live: Live, proc: object, exit_code: object, sig: object) -> str | None:
+        """Record the exit of a process mvmd started, once (the guest's word is not trusted to
+        name other processes, nor to repeat an exit: it cannot flood the log)."""
+        if not isinstance(proc, int) or proc not in live.procs:
+            return None
+        if live.procs[proc] is None:
+            live.procs[proc] = audit_after(
+                "proc.exited",
+                live.name,
+                proc=proc,
+                exit_code=exit_code if isinstance(exit_code, int) else None,
+                signal=sig if isinstance(sig, int) else None,
+            )
+        return live.procs[proc]
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Live:
@@ -218,6 +281,7 @@ class Manager:
         name = req.name or new_id()
         check_name(name)
         check_ttl(req.ttl_seconds)
+        ports = [check_spec(p) for p in req.ports]  # refuse bad forwards before booting
         disk_mb = req.disk_mb if req.disk_mb is not None else max(MIN_DISK_MB, req.memory_mb // 2)
         if disk_mb < MIN_DISK_MB:
             raise InvalidArgument(f"disk must be at least {MIN_DISK_MB} MiB")
@@ -262,6 +326,7 @@ class Manager:
                 self.db.delete(rec.id)
                 self.live.pop(name, None)
                 shutil.rmtree(rec.run_dir, ignore_errors=True)
+                audit_after("sandbox.failed", name, id=vm_id, **reason_fields(f"boot: {exc!r}"))
                 if isinstance(exc, MvmError):
                     raise
                 raise VMError(f"could not start {name}: {exc!r}") from exc
@@ -270,17 +335,52 @@ class Manager:
             self._wire(live)
             live.rec = self.db.transition(replace_rec(rec, pid=vm.qemu.pid), state.RUNNING)
             live.logbook.note(f"started from {image.name} in {vm.boot_seconds:.2f}s")
+            live.audit_id = audit_after(
+                "sandbox.launched",
+                name,
+                id=vm_id,
+                image=image.name,
+                image_id=image.id,
+                cpus=req.cpus,
+                memory_mb=req.memory_mb,
+                disk_mb=disk_mb,
+                ttl_seconds=req.ttl_seconds,
+                network=req.network.preset,
+                network_allow=len(req.network.allow),
+                ports=len(req.ports),
+                env_keys=sorted(rec.env),
+                secret_env_keys=sorted(req.secret_env),
+                workload_id=req.workload_id,
+                tags=dict(req.tags),
+                boot_seconds=round(vm.boot_seconds, 3),
+            )
+        try:
+            for p in ports:
+                await self.forward_add(name, p)
+        except BaseException:
+            with contextlib.suppress(MvmError):
+                await self.down(name, reason="forward refused")
+            raise
         return live
 
-    async def down(self, name: str) -> M.SandboxInfo:
+    async def down(self, name: str, *, reason: str = "down") -> M.SandboxInfo:
         live = self.get(name)
         async with live.lock:
             if live.rec.state != state.STOPPING:
                 live.rec = self.db.transition(live.rec, state.STOPPING)
+            await self.forwards.remove_all(live.rec.id)
+            live.forwards = []
             await self._teardown(live)
             live.rec = replace_rec(live.rec, state=state.STOPPED)
             self.db.delete(live.rec.id)
             self.live.pop(live.name, None)
+            live.audit_id = audit_after(
+                "sandbox.stopped",
+                live.name,
+                id=live.rec.id,
+                reason=reason,
+                lived_seconds=round(time.time() - live.rec.created, 3),
+            )
         return info(live)
 
     async def _teardown(self, live: Live) -> None:
@@ -305,10 +405,13 @@ class Manager:
         log.warning("sandbox %s failed: %s", live.name, reason)
         if live.logbook is not None:
             live.logbook.note(f"failed: {reason}")
+        await self.forwards.remove_all(live.rec.id)
+        live.forwards = []
         await self._teardown(live)
         rec = replace_rec(live.rec, state=state.FAILED, reason=reason[:2000], pid=None)
         self.db.save(rec)
         live.rec = rec
+        live.audit_id = audit_after("sandbox.failed", live.name, id=rec.id, **reason_fields(reason))
 
     async def pause(self, name: str) -> Live:
         live, _ = self.running(name)
@@ -319,6 +422,7 @@ class Manager:
                 await qmp.execute("stop")
             if live.logbook:
                 live.logbook.note("paused")
+            live.audit_id = audit_after("sandbox.paused", live.name, id=live.rec.id)
         return live
 
     async def resume(self, name: str) -> Live:
@@ -334,6 +438,7 @@ class Manager:
                     await live.vm.agent.hello(5.0)  # the guest clock stood still: reset it
             if live.logbook:
                 live.logbook.note("resumed")
+            live.audit_id = audit_after("sandbox.resumed", live.name, id=live.rec.id)
         return live
 
     def set_ttl(self, name: str, ttl: float) -> Live:
@@ -369,7 +474,7 @@ class Manager:
             if rec.state in (state.RUNNING, state.PAUSED) and rec.expires_at <= now:
                 log.info("sandbox %s reached its TTL", rec.name)
                 with contextlib.suppress(MvmError):
-                    await self.down(rec.name)
+                    await self.down(rec.name, reason="ttl")
                 continue
             if rec.state in (state.RUNNING, state.PAUSED) and live.vm is not None:
                 if not live.lock.locked() and not live.vm.qemu.alive():
@@ -379,35 +484,122 @@ class Manager:
                 elif live.vm.agent is not None and live.vm.agent.failure is not None:
                     await self._fail(live, f"agent connection lost: {live.vm.agent.failure}")
 
+    # -- port forwards -------------------------------------------------------------------
+    async def forward_add(self, name: str, spec: M.PortSpec) -> M.ForwardInfo:
+        live = self.get(name)
+        if live.rec.state not in (state.RUNNING, state.PAUSED) or live.vm is None:
+            raise SandboxStateError(
+                f"sandbox {name} is {live.rec.state}", sandbox=name, state=live.rec.state
+            )
+        fwd = await self.forwards.add(live.rec.id, live.name, spec)
+        live.forwards = self.forwards.infos(live.rec.id)
+        if live.logbook:
+            live.logbook.note(f"forward {fwd.host}:{fwd.host_port} -> guest port {fwd.guest_port}")
+        return fwd
+
+    def forward_list(self, name: str) -> list[M.ForwardInfo]:
+        live = self.get(name)
+        return self.forwards.infos(live.rec.id)
+
+    async def forward_remove(self, name: str, forward_id: str) -> M.ForwardInfo:
+        live = self.get(name)
+        fwd = await self.forwards.remove(live.rec.id, forward_id)
+        live.forwards = self.forwards.infos(live.rec.id)
+        return fwd
+
+    async def _restore_forwards(self, live: Live) -> None:
+        """After a reattach: bind the sandbox's stored forwards again (or forget them)."""
+        if live.rec.state not in (state.RUNNING, state.PAUSED) or live.vm is None:
+            await self.forwards.remove_all(live.rec.id)
+            return
+        for problem in await self.forwards.restore(live.rec.id):
+            log.warning("sandbox %s: %s", live.name, problem)
+            if live.logbook:
+                live.logbook.note(problem)
+        live.forwards = self.forwards.infos(live.rec.id)
+
     # -- exec and files -------------------------------------------------------------------
     async def exec_stream(self, name: str, req: M.ExecRequest) -> AsyncIterator[M.ExecEvent]:
         live, agent = self.running(name)
         env = {**live.rec.env, **req.env}
-        async for frame in agent.exec_stream(
-            req.argv,
-            env=env,
+        # Fail closed: no audit record, no exec. Output is hashed as it streams by.
+        audit.record(
+            "cmd.exec.started",
+            sandbox=live.name,
+            argv_sha256=audit.argv_sha256(req.argv),
+            argc=len(req.argv),
+            env_keys=sorted(env),
+            secret_env_keys=sorted(req.secret_env),
             cwd=req.cwd,
             user=req.user,
-            stdin=req.stdin,
             timeout=req.timeout,
-            output_limit=req.output_limit,
-        ):
-            if frame.type == P.OUT:
-                stream = frame.header.get("stream")
-                if stream in ("stdout", "stderr"):
-                    yield M.ExecEvent(type=str(stream), data=frame.payload)
-            elif frame.type == P.OK:
-                from mvm.agent.client import ExecReply, _convert
+            stdin_bytes=len(req.stdin),
+            stdin_sha256=audit.sha256_hex(req.stdin),
+        )
+        digests = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256()}
+        sizes = {"stdout": 0, "stderr": 0}
+        t0 = time.monotonic()
+        finished = False
 
-                reply: ExecReply = _convert(frame, ExecReply, "exec")
-                yield M.ExecEvent(
-                    type="exit",
-                    exit_code=reply.exit_code,
-                    timed_out=reply.timed_out,
-                    signal=reply.signal,
-                    duration=reply.duration,
-                    truncated_stdout=reply.truncated.stdout,
-                    truncated_stderr=reply.truncated.stderr,
+        def outputs() -> dict[str, Any]:
+            return {
+                f"{s}_{k}": v
+                for s in ("stdout", "stderr")
+                for k, v in (("sha256", digests[s].hexdigest()), ("bytes", sizes[s]))
+            }
+
+        try:
+            async for frame in agent.exec_stream(
+                req.argv,
+                env=env,
+                cwd=req.cwd,
+                user=req.user,
+                stdin=req.stdin,
+                timeout=req.timeout,
+                output_limit=req.output_limit,
+            ):
+                if frame.type == P.OUT:
+                    stream = frame.header.get("stream")
+                    if stream in ("stdout", "stderr"):
+                        ev = M.ExecEvent(type=str(stream), data=frame.payload)
+                        digests[ev.type].update(ev.data)
+                        sizes[ev.type] += len(ev.data)
+                        yield ev
+                elif frame.type == P.OK:
+                    from mvm.agent.client import ExecReply, _convert
+
+                    reply: ExecReply = _convert(frame, ExecReply, "exec")
+                    finished = True
+                    aid = audit_after(
+                        "cmd.exec.finished",
+                        live.name,
+                        exit_code=reply.exit_code,
+                        timed_out=reply.timed_out,
+                        signal=reply.signal,
+                        duration=round(reply.duration, 6),
+                        truncated_stdout=reply.truncated.stdout,
+                        truncated_stderr=reply.truncated.stderr,
+                        **outputs(),
+                    )
+                    yield M.ExecEvent(
+                        type="exit",
+                        exit_code=reply.exit_code,
+                        timed_out=reply.timed_out,
+                        signal=reply.signal,
+                        duration=reply.duration,
+                        truncated_stdout=reply.truncated.stdout,
+                        truncated_stderr=reply.truncated.stderr,
+                        audit_id=aid,
+                    )
+        finally:
+            if not finished:  # error, or the client went away: still close the pair
+                audit_after(
+                    "cmd.exec.finished",
+                    live.name,
+                    exit_code=None,
+                    aborted=True,
+                    duration=round(time.monotonic() - t0, 6),
+                    **outputs(),
                 )
 
     # -- snapshots ----------------------------------------------------------------------

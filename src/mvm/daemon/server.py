@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from mvm import errors
+from mvm import audit, errors
 from mvm.api import models as M
-from mvm.daemon.manager import Manager, info
+from mvm.daemon.manager import Manager, audit_after, info
 from mvm.state import SnapshotRecord
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,14 @@ def q_int(request: web.Request, key: str, default: int) -> int:
         raise errors.InvalidArgument(f"{key!r} must be an integer") from None
 
 
-def snap_info(s: SnapshotRecord) -> M.SnapshotInfo:
+def snap_info(s: SnapshotRecord, audit_id: str | None = None) -> M.SnapshotInfo:
     return M.SnapshotInfo(
-        sandbox=s.sandbox, name=s.name, created=s.created, size=s.size, image=s.image
+        sandbox=s.sandbox,
+        name=s.name,
+        created=s.created,
+        size=s.size,
+        image=s.image,
+        audit_id=audit_id,
     )
 
 
@@ -258,18 +263,32 @@ class Api:
         mode = q_int(request, "mode", 0o644)
         data = await request.read()
         await agent.write_file(path, data, mode=mode)
+        aid = audit_after(
+            "fs.write",
+            request.match_info["name"],
+            path=path,
+            size=len(data),
+            sha256=audit.sha256_hex(data),
+            mode=mode,
+        )
         st = await agent.stat(path)
         return json_response(
             M.FileStat(
-                type=st.type, size=st.size, mode=st.mode, mtime=st.mtime, uid=st.uid, gid=st.gid
+                type=st.type,
+                size=st.size,
+                mode=st.mode,
+                mtime=st.mtime,
+                uid=st.uid,
+                gid=st.gid,
+                audit_id=aid,
             )
         )
 
     async def remove(self, request: web.Request) -> web.Response:
-        await self._agent(request).remove(
-            q_str(request, "path"), recursive=bool(q_int(request, "recursive", 0))
-        )
-        return json_response({"ok": True})
+        path, recursive = q_str(request, "path"), bool(q_int(request, "recursive", 0))
+        await self._agent(request).remove(path, recursive=recursive)
+        aid = audit_after("fs.remove", request.match_info["name"], path=path, recursive=recursive)
+        return json_response({"ok": True, "audit_id": aid})
 
     async def list_dir(self, request: web.Request) -> web.Response:
         entries = await self._agent(request).list_dir(q_str(request, "path"))
@@ -289,14 +308,16 @@ class Api:
         )
 
     async def mkdir(self, request: web.Request) -> web.Response:
-        await self._agent(request).mkdir(
-            q_str(request, "path"), parents=bool(q_int(request, "parents", 0))
-        )
-        return json_response({"ok": True})
+        path, parents = q_str(request, "path"), bool(q_int(request, "parents", 0))
+        await self._agent(request).mkdir(path, parents=parents)
+        aid = audit_after("fs.mkdir", request.match_info["name"], path=path, parents=parents)
+        return json_response({"ok": True, "audit_id": aid})
 
     async def move(self, request: web.Request) -> web.Response:
-        await self._agent(request).move(q_str(request, "path"), q_str(request, "dest"))
-        return json_response({"ok": True})
+        path, dest = q_str(request, "path"), q_str(request, "dest")
+        await self._agent(request).move(path, dest)
+        aid = audit_after("fs.move", request.match_info["name"], path=path, dest=dest)
+        return json_response({"ok": True, "audit_id": aid})
 
     # -- processes ------------------------------------------------------------------------
     def _proc(self, request: web.Request) -> int:
@@ -322,7 +343,9 @@ class Api:
             stdin=req.stdin,
             stdin_open=req.stdin_open,
         )
-        return json_response(self._view(p), 201)
+        view = self._view(p)
+        view.audit_id = self.m.proc_started(live, view.proc, req.argv, [*live.rec.env, *req.env])
+        return json_response(view, 201)
 
     async def proc_list(self, request: web.Request) -> web.Response:
         return json_response([self._view(p) for p in await self._agent(request).proc_list()])
@@ -330,14 +353,22 @@ class Api:
     async def proc_wait(self, request: web.Request) -> web.Response:
         timeout = max(0.0, min(q_float(request, "timeout", 30.0), 3600.0))
         p = await self._agent(request).proc_wait(self._proc(request), timeout)
-        return json_response(self._view(p))
+        return json_response(self._exited_view(request, p))
 
     async def proc_signal(self, request: web.Request) -> web.Response:
         sig = q_int(request, "signal", 15)
         if not 1 <= sig <= 64:
             raise errors.InvalidArgument("signal must be between 1 and 64")
         p = await self._agent(request).proc_signal(self._proc(request), sig)
-        return json_response(self._view(p))
+        return json_response(self._exited_view(request, p))
+
+    def _exited_view(self, request: web.Request, p: Any) -> M.ProcView:
+        """The view, with the audit id of the exit record once the process has ended."""
+        view = self._view(p)
+        if not view.running:
+            live = self.m.get(request.match_info["name"])
+            view.audit_id = self.m.proc_exited(live, view.proc, view.exit_code, view.signal)
+        return view
 
     async def proc_stdin(self, request: web.Request) -> web.Response:
         data = await request.read()
@@ -392,12 +423,17 @@ class Api:
     async def snapshot_save(self, request: web.Request) -> web.Response:
         req = await body_as(request, M.SnapshotRequest)
         s = await self.m.snapshot_save(request.match_info["name"], req.name)
-        return json_response(snap_info(s), 201)
+        aid = audit_after("snapshot.saved", s.sandbox, snapshot=s.name, size=s.size, image=s.image)
+        return json_response(snap_info(s, aid), 201)
 
     async def snapshot_restore(self, request: web.Request) -> web.Response:
-        live = await self.m.snapshot_restore(request.match_info["name"], request.match_info["snap"])
+        snap = request.match_info["snap"]
+        live = await self.m.snapshot_restore(request.match_info["name"], snap)
+        live.audit_id = audit_after("snapshot.restored", live.name, snapshot=snap, id=live.rec.id)
         return json_response(info(live))
 
     async def snapshot_remove(self, request: web.Request) -> web.Response:
-        await self.m.snapshot_remove(request.match_info["name"], request.match_info["snap"])
-        return json_response({"ok": True})
+        name, snap = request.match_info["name"], request.match_info["snap"]
+        await self.m.snapshot_remove(name, snap)
+        aid = audit_after("snapshot.removed", name, snapshot=snap)
+        return json_response({"ok": True, "audit_id": aid})
