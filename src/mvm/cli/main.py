@@ -26,6 +26,7 @@ from mvm.agent import protocol as P
 from mvm.cli.common import fail_on_errors, parse_env
 from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
+from mvm.cli.secrets import COMMANDS as SECRET_COMMANDS
 from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
 from mvm.errors import InvalidArgument
 from mvm.images import manifest as manifests
@@ -207,7 +208,7 @@ def run(
     sys.exit(TIMEOUT_EXIT if result.timed_out else result.exit_code)
 
 
-for _command in [*COMMANDS, *AUDIT_COMMANDS]:
+for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS]:
     cli.add_command(_command)
 
 
