@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 
 from mvm import paths
-from mvm.errors import ImageNotFound, UnknownPreset
+from mvm.errors import ImageNotFound, MvmError, UnknownPreset
 from mvm.fsutil import remove_tree
 from mvm.images import manifest as manifests
 from mvm.images.initramfs import ensure_initramfs
@@ -55,6 +55,26 @@ class Image(msgspec.Struct, frozen=True):
     @property
     def env(self) -> dict[str, str]:
         return dict(self.manifest.env)
+
+
+def _audit_built(img: Image) -> None:
+    """``image.built`` in the audit log; a failing log does not fail the build."""
+    from mvm import audit
+
+    try:
+        audit.record(
+            "image.built",
+            actor="images",
+            image=img.name,
+            image_id=img.id,
+            rootfs_sha256=img.rootfs_sha256,
+            rootfs_bytes=img.rootfs_bytes,
+            kernel=img.kernel_release,
+            suite=img.manifest.suite,
+            packages=len(img.manifest.packages),
+        )
+    except MvmError:
+        pass
 
 
 class ImageStore:
@@ -188,6 +208,7 @@ class ImageStore:
                 tmp.write_bytes(data)
                 tmp.rename(self.records / f"{n}.json")
             rep.finish(f"{m.name}: built ({ident[:12]})")
+            _audit_built(img)
             return img
 
     def _clean_staging(self) -> None:
