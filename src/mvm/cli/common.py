@@ -52,3 +52,22 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
             raise InvalidArgument(f"--env {p!r}: expected KEY=VALUE")
         env[k] = v
     return env
+
+
+def split_env(pairs: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """``-e`` pairs -> (plain env, secret env ``{KEY: NAME}`` from ``KEY=secret:NAME``).
+
+    Secret references go to mvmd by name only; it resolves them when the process starts.
+    """
+    from mvm.secrets import check_name, secret_ref
+
+    env: dict[str, str] = {}
+    secret_env: dict[str, str] = {}
+    for key, value in parse_env(pairs).items():
+        ref = secret_ref(value)
+        if ref is None:
+            env[key] = value
+        else:
+            check_name(ref)
+            secret_env[key] = ref
+    return env, secret_env

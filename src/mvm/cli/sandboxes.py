@@ -17,7 +17,7 @@ from rich.table import Table
 
 from mvm import client as mvmclient
 from mvm.api import models as M
-from mvm.cli.common import fail_on_errors, parse_env
+from mvm.cli.common import fail_on_errors, split_env
 from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
 from mvm.durations import parse_duration
 from mvm.errors import InvalidArgument, MvmError
@@ -73,7 +73,13 @@ def init(directory: Path, preset: str) -> None:
 @click.option(
     "--ttl", default="30m", show_default=True, help="Lifetime: 90s, 30m, 1h... then it is removed."
 )
-@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE for every command (repeatable).")
+@click.option(
+    "-e",
+    "--env",
+    "env",
+    multiple=True,
+    help="KEY=VALUE or KEY=secret:NAME for every command (repeatable).",
+)
 @click.option(
     "-d", "--detach", is_flag=True, default=True, help="Return once it runs (the default)."
 )
@@ -93,7 +99,7 @@ def up(
 ) -> None:
     """Start a named sandbox (from a project DIRECTORY, or an --image) and leave it running."""
     files = []
-    envs = parse_env(env)
+    envs, secret_envs = split_env(env)
     if directory is not None:
         m = manifests.load_dir(directory)
         files = uploads(directory)
@@ -112,6 +118,7 @@ def up(
         disk_mb=disk,
         ttl_seconds=parse_duration(ttl, "ttl"),
         env=envs,
+        secret_env=secret_envs,
     )
     with connect() as c:
         info = c.create(req)
@@ -162,7 +169,9 @@ def ls(as_json: bool) -> None:
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True)
 @click.option("-i", "--interactive", is_flag=True, help="Send stdin (up to 1 MiB) to the command.")
-@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option(
+    "-e", "--env", "env", multiple=True, help="KEY=VALUE or KEY=secret:NAME (repeatable)."
+)
 @click.option("--cwd", help="Working directory (default /work).")
 @click.option("--user", help="Guest user (default 'user'; 'root' allowed).")
 @click.option(
@@ -189,9 +198,11 @@ def exec_(
         stdin = sys.stdin.buffer.read((1 << 20) + 1)
         if len(stdin) > 1 << 20:
             raise InvalidArgument("stdin is larger than 1 MiB", hint="copy it in with `mvmctl cp`")
+    plain_env, secret_env = split_env(env)
     req = M.ExecRequest(
         argv=list(command),
-        env=parse_env(env),
+        env=plain_env,
+        secret_env=secret_env,
         cwd=cwd,
         user=user,
         stdin=stdin,
@@ -426,11 +437,17 @@ def proc_start(
     as_json: bool,
 ) -> None:
     """Start COMMAND in the background; prints its process id."""
+    plain_env, secret_env = split_env(env)
     with connect() as c:
         p = c.proc_start(
             name,
             M.ProcStart(
-                argv=list(command), env=parse_env(env), cwd=cwd, user=user, stdin_open=stdin_open
+                argv=list(command),
+                env=plain_env,
+                secret_env=secret_env,
+                cwd=cwd,
+                user=user,
+                stdin_open=stdin_open,
             ),
         )
     if as_json:
