@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from mvm.agent import protocol as P
 from mvm.agent.client import OutputCallback
+from mvm.audit import runs as audit_runs
 from mvm.errors import CommandTimeout
 from mvm.images.store import ImageStore
 from mvm.progress import Reporter
@@ -31,6 +33,12 @@ class RunResult:
     truncated_stdout: bool
     truncated_stderr: bool
     signal: int | None = None
+    #: Audit id of the ``cmd.exec.finished`` record of this run.
+    audit_id: str | None = None
+    image_id: str = ""
+    #: Wall-clock start (before boot) and end of the run (Unix seconds).
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -59,9 +67,24 @@ async def run_once(
 ) -> RunResult:
     store = store or ImageStore()
     img = store.ensure(image, reporter)
+    started_at = time.time()
     async with await MicroVM.boot(VMSpec(img, cpus=cpus, memory_mb=memory_mb), store=store) as vm:
         agent = vm.require_agent()
         full_env = {**img.env, **(env or {})}
+        audit_runs.started(
+            vm.id,
+            argv,
+            image=img.name,
+            image_id=img.id,
+            env_keys=list(full_env),
+            cpus=cpus,
+            memory_mb=memory_mb,
+            timeout=timeout,
+            user=user,
+            cwd=cwd,
+            stdin=stdin,
+            boot_seconds=vm.boot_seconds,
+        )
         try:
             r = await agent.exec(
                 argv,
@@ -75,6 +98,17 @@ async def run_once(
             )
         except CommandTimeout:
             # The guest did not even report its own timeout: the VM is destroyed on exit.
+            aid = audit_runs.finished(
+                vm.id,
+                exit_code=TIMEOUT_EXIT,
+                timed_out=True,
+                signal=None,
+                duration=timeout,
+                stdout=b"",
+                stderr=b"",
+                truncated_stdout=False,
+                truncated_stderr=False,
+            )
             return RunResult(
                 vm.id,
                 img.name,
@@ -86,11 +120,27 @@ async def run_once(
                 True,
                 False,
                 False,
+                audit_id=aid,
+                image_id=img.id,
+                started_at=started_at,
+                finished_at=time.time(),
             )
+        code = TIMEOUT_EXIT if r.timed_out else r.exit_code
+        aid = audit_runs.finished(
+            vm.id,
+            exit_code=code,
+            timed_out=r.timed_out,
+            signal=r.signal,
+            duration=r.duration,
+            stdout=r.stdout,
+            stderr=r.stderr,
+            truncated_stdout=r.truncated_stdout,
+            truncated_stderr=r.truncated_stderr,
+        )
         return RunResult(
             sandbox_id=vm.id,
             image=img.name,
-            exit_code=TIMEOUT_EXIT if r.timed_out else r.exit_code,
+            exit_code=code,
             stdout=r.stdout,
             stderr=r.stderr,
             duration=r.duration,
@@ -99,4 +149,8 @@ async def run_once(
             truncated_stdout=r.truncated_stdout,
             truncated_stderr=r.truncated_stderr,
             signal=r.signal,
+            audit_id=aid,
+            image_id=img.id,
+            started_at=started_at,
+            finished_at=time.time(),
         )

@@ -161,3 +161,41 @@ def receipt_verify(file: Path, pubkey: Path | None, as_json: bool) -> None:
 
 
 COMMANDS = [audit, receipt_group]
+
+
+def write_run_receipt(
+    path: Path, argv: list[str], env_keys: list[str], result: Any, policy: dict[str, Any]
+) -> None:
+    """``run --receipt FILE``: sign what ran (hashes only) with the host audit key."""
+    from mvm.audit import runs
+    from mvm.images.store import ImageStore
+
+    img = ImageStore().find(result.image)
+    rec = runs.make_receipt(
+        argv=argv,
+        env_keys=env_keys,
+        image={
+            "name": result.image,
+            "id": result.image_id,
+            "rootfs_sha256": img.rootfs_sha256 if img and img.id == result.image_id else None,
+        },
+        policy=policy,
+        exit_code=result.exit_code,
+        stdout=result.stdout,
+        stderr=result.stderr,
+        timings={
+            "started_at": result.started_at,
+            "finished_at": result.finished_at,
+            "boot_seconds": round(result.boot_seconds, 6),
+            "duration": round(result.duration, 6),
+            "timed_out": result.timed_out,
+        },
+        audit_id=result.audit_id,
+        sandbox_id=result.sandbox_id,
+    )
+    try:
+        receipt.write(path, rec)
+    except OSError as e:
+        raise AuditError(
+            f"cannot write the receipt {path}: {e.strerror}", hint="check the path", path=str(path)
+        ) from e

@@ -23,8 +23,10 @@ from rich.table import Table
 
 from mvm import doctor as doctor_mod
 from mvm.agent import protocol as P
-from mvm.cli.common import fail_on_errors, parse_env
 from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
+from mvm.cli.audit import write_run_receipt
+from mvm.cli.common import fail_on_errors, parse_env
+from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.secrets import COMMANDS as SECRET_COMMANDS
 from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
@@ -146,7 +148,13 @@ def images(as_json: bool) -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help="Print one JSON object (exit_code, stdout, stderr, duration, truncated, sandbox_id).",
+    help="Print one JSON object (exit_code, stdout, stderr, duration, truncated, sandbox_id, audit_id).",
+)
+@click.option(
+    "--receipt",
+    "receipt_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a signed receipt (hashes of argv and output, env keys, image, policy) to FILE.",
 )
 @click.argument("command", nargs=-1, required=True)
 @fail_on_errors
@@ -160,6 +168,7 @@ def run(
     user: str | None,
     interactive: bool,
     as_json: bool,
+    receipt_file: Path | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a fresh microVM, then destroy it (one-shot; nothing persists).
@@ -194,6 +203,11 @@ def run(
                 reporter=rep,
             )
         )
+    if receipt_file is not None:
+        policy = {"network": "none", "cpus": cpus, "memory_mb": memory, "timeout": timeout}
+        policy |= {"user": user, "cwd": cwd}
+        keys = sorted(parse_env(env))
+        write_run_receipt(receipt_file, list(command), keys, result, policy)
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:
@@ -208,7 +222,7 @@ def run(
     sys.exit(TIMEOUT_EXIT if result.timed_out else result.exit_code)
 
 
-for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS]:
+for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS, *PORT_COMMANDS]:
     cli.add_command(_command)
 
 
