@@ -111,6 +111,25 @@ class ExecResult:
 OutputCallback = Callable[[str, bytes], None]
 
 
+#: Longest directory entry name a Linux guest can have (NAME_MAX), in UTF-8 bytes.
+NAME_MAX = 255
+
+
+def bad_entry_name(name: str) -> str | None:
+    """Why ``name`` cannot be one entry of a directory listing (None if it can).
+
+    Callers join entry names to paths (``cp -r`` out of a sandbox, the SDK): a guest
+    that answers ``..``, ``a/b`` or a name with a NUL is lying, never listing.
+    """
+    if name in ("", ".", ".."):
+        return "empty, '.' or '..'"
+    if "/" in name or "\x00" in name:
+        return "contains '/' or NUL"
+    if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX:
+        return f"longer than {NAME_MAX} bytes"
+    return None
+
+
 def _checked(frame: P.Frame, what: str) -> P.Frame:
     if frame.type == P.ERR:
         code = frame.header.get("code")
@@ -453,9 +472,16 @@ class AgentClient:
         frame = await self.call(P.FS_LIST, {"path": path})
         raw = frame.header.get("entries")
         try:
-            return msgspec.convert(raw, list[Entry], strict=True)
+            entries = msgspec.convert(raw, list[Entry], strict=True)
         except msgspec.ValidationError as exc:
             raise AgentProtocolError(f"fs.list: malformed reply from the guest: {exc}") from None
+        for e in entries:
+            problem = bad_entry_name(e.name)
+            if problem is not None:
+                raise AgentProtocolError(
+                    f"fs.list: the guest sent an impossible entry name ({problem}): {e.name[:80]!r}"
+                )
+        return entries
 
     async def stat(self, path: str) -> Stat:
         frame = await self.call(P.FS_STAT, {"path": path})
