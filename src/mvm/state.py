@@ -41,6 +41,11 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     doc BLOB NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS forwards (
+    id TEXT PRIMARY KEY,
+    sandbox TEXT NOT NULL,
+    doc BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS snapshots (
     sandbox TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -62,6 +67,8 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     memory_mb: int
     disk_mb: int
     env: dict[str, str] = {}
+    #: Secret environment by secret NAME (values are resolved at each exec, never stored).
+    secret_env: dict[str, str] = {}
     created: float
     ttl_seconds: float
     expires_at: float
@@ -69,6 +76,9 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     run_dir: str = ""
     memory_file: str | None = None  # the template RAM file a clone maps (for snapshots)
     reason: str = ""
+    #: Network policy as asked (preset + allow patterns); the proxy is rebuilt from it.
+    network_preset: str = "none"
+    network_allow: list[str] = []
 
     def ttl_left(self, now: float | None = None) -> float:
         return max(0.0, self.expires_at - (now if now is not None else time.time()))
@@ -86,6 +96,24 @@ class SnapshotRecord(msgspec.Struct, kw_only=True):
     memory_mb: int
     disk_mb: int
     memory_file: str | None = None
+    #: What a sandbox recreated from this snapshot gets back (secret values are never here:
+    #: only names live in records).
+    env: dict[str, str] = {}
+    ttl_seconds: float | None = None
+
+
+class ForwardRecord(msgspec.Struct, kw_only=True):
+    """A port forward of a sandbox (by sandbox id): a restarted mvmd binds it again."""
+
+    id: str
+    sandbox_id: str
+    sandbox: str  # name, for messages and audit
+    host: str
+    host_port: int
+    guest_port: int
+    wildcard: bool = False
+    created: float = 0.0
+    audit_id: str | None = None
 
 
 class InvalidTransition(Exception):
@@ -159,6 +187,29 @@ class StateDB:
         with self._lock:
             rows = self._db.execute("SELECT doc FROM sandboxes ORDER BY name").fetchall()
         return [msgspec.json.decode(r[0], type=SandboxRecord) for r in rows]
+
+    # -- port forwards ------------------------------------------------------------
+    def add_forward(self, fwd: ForwardRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO forwards (id, sandbox, doc) VALUES (?, ?, ?)",
+                (fwd.id, fwd.sandbox_id, msgspec.json.encode(fwd)),
+            )
+
+    def forwards(self, sandbox_id: str) -> list[ForwardRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT doc FROM forwards WHERE sandbox = ? ORDER BY rowid", (sandbox_id,)
+            ).fetchall()
+        return [msgspec.json.decode(r[0], type=ForwardRecord) for r in rows]
+
+    def remove_forward(self, forward_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM forwards WHERE id = ?", (forward_id,))
+
+    def remove_forwards(self, sandbox_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM forwards WHERE sandbox = ?", (sandbox_id,))
 
     # -- snapshots ----------------------------------------------------------------
     def add_snapshot(self, snap: SnapshotRecord) -> None:

@@ -21,6 +21,7 @@ from mvm import paths
 from mvm.daemon.manager import Manager
 from mvm.daemon.server import Api
 from mvm.images.store import ImageStore
+from mvm.redact import RedactingFilter
 from mvm.state import StateDB
 
 
@@ -57,6 +58,8 @@ async def serve() -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s mvmd %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # no secret value reaches mvmd's log
+        handler.addFilter(RedactingFilter())
     home = paths.home()
     home.mkdir(parents=True, exist_ok=True)
     lock = (home / "mvmd.lock").open("a+")

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from mvm.api.models import LogEvent
+from mvm.redact import Redactor, StreamRedactor
 
 MAX_BYTES = 8 * 1024 * 1024
 MAX_LINE = 4096
@@ -30,9 +31,15 @@ class LogBook:
         self._partial: dict[str, bytearray] = {}
         self._changed = asyncio.Event()
         self.closed = False
+        #: Secret values of this sandbox: redacted before anything reaches the file.
+        self.redactor = Redactor()
+        self._redacting: dict[str, StreamRedactor] = {}
 
     def add(self, stream: str, data: bytes) -> None:
         """Append guest output; whole lines are written, a trailing part waits for more."""
+        sr = self._redacting.setdefault(stream, StreamRedactor(self.redactor))
+        sr.redactor = self.redactor
+        data = sr.feed(data)  # a value split across chunks is still caught
         buf = self._partial.setdefault(stream, bytearray())
         buf += data
         lines = []
@@ -58,6 +65,8 @@ class LogBook:
     def _write(self, ev: LogEvent) -> None:
         if self.closed:
             return
+        if self.redactor:
+            ev.message = self.redactor.redact_text(ev.message)
         line = msgspec.json.encode(ev) + b"\n"
         if self._size + len(line) > MAX_BYTES:
             self._f.close()

@@ -17,17 +17,18 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from mvm import audit, paths, state
+from mvm import audit, paths, redact, state
 from mvm.agent import protocol as P
 from mvm.agent.client import AgentClient
 from mvm.api import models as M
+from mvm.daemon.egress import EgressProxy, Verdict, policy_for, proxy_env
 from mvm.daemon.forwards import Forwards, check_spec
 from mvm.daemon.logbook import LogBook
 from mvm.errors import (
@@ -41,6 +42,9 @@ from mvm.errors import (
     VMError,
 )
 from mvm.images.store import Image, ImageStore
+from mvm.policy import admission
+from mvm.policy.network import Policy as NetPolicy
+from mvm.secrets import SecretStore
 from mvm.state import SandboxRecord, SnapshotRecord, StateDB
 from mvm.vm import MicroVM, VMSpec, base_config, new_id
 from mvm.vmm.qmp import Qmp
@@ -66,6 +70,10 @@ class Live:
     audit_id: str | None = None
     #: Background processes mvmd started here -> audit id of their exit record (None: running).
     procs: dict[int, str | None] = field(default_factory=dict)
+    #: Knows every secret value injected here: output and log lines pass through it.
+    redactor: redact.Redactor = field(default_factory=redact.Redactor)
+    #: The sandbox's egress proxy (None: no network).
+    egress: EgressProxy | None = None
 
     @property
     def name(self) -> str:
@@ -90,6 +98,7 @@ def info(live: Live) -> M.SandboxInfo:
         boot_seconds=live.vm.boot_seconds if live.vm else None,
         forwards=list(live.forwards),
         audit_id=live.audit_id,
+        network=M.NetworkSpec(preset=r.network_preset, allow=list(r.network_allow)),
     )
 
 
@@ -138,6 +147,7 @@ class Manager:
         self._create_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
         self.forwards = Forwards(db, lambda sandbox_id: self.running(sandbox_id)[1])
+        self.secrets = SecretStore()
 
     # -- startup / shutdown -----------------------------------------------------------
     async def start(self) -> None:
@@ -155,6 +165,9 @@ class Manager:
                 await self._reaper
         await self.forwards.close()
         for live in list(self.live.values()):
+            if live.egress is not None:  # a new mvmd listens again on the same path
+                await live.egress.close()
+                live.egress = None
             if live.vm is not None:
                 if live.vm.agent is not None:
                     await live.vm.agent.close()
@@ -170,10 +183,17 @@ class Manager:
                 await self._fail(live, f"mvmd stopped while the sandbox was {rec.state}")
             return
         live.logbook = LogBook(Path(rec.run_dir) / "events.jsonl")
+        with contextlib.suppress(MvmError):  # a removed secret: nothing left to redact
+            self.resolve_secrets(live, rec.secret_env)
         try:
             image = self._image_for(rec)
+            network = await self._start_egress(live, rec.network_preset, rec.network_allow)
             spec = VMSpec(
-                image, cpus=rec.cpus, memory_mb=rec.memory_mb, overlay_size=f"{rec.disk_mb}m"
+                image,
+                cpus=rec.cpus,
+                memory_mb=rec.memory_mb,
+                overlay_size=f"{rec.disk_mb}m",
+                network=network,
             )
             cfg = base_config(spec, self.store, Path(rec.run_dir))
             if rec.state == state.PAUSED:
@@ -204,6 +224,7 @@ class Manager:
         vm, book = live.vm, live.logbook
         if vm is None or book is None:
             return
+        book.redactor = live.redactor
         vm.qemu.console_listener = lambda data: book.add("console", data)
         if vm.agent is not None:
             agent = vm.agent
@@ -246,6 +267,47 @@ class Manager:
             )
         return live.procs[proc]
 
+    # -- secrets and admission ------------------------------------------------------------
+    def resolve_secrets(self, live: Live | None, refs: Mapping[str, str]) -> dict[str, str]:
+        """``{ENV: name}`` -> ``{ENV: value}`` from the store, now (an unknown name fails
+        before anything starts); the values are taught to the redactors on the way."""
+        if not refs:
+            return {}
+        values = self.secrets.resolve(refs)
+        by_name = {refs[k]: v for k, v in values.items()}
+        redact.known.add(by_name)
+        if live is not None:
+            live.redactor = live.redactor.merged(by_name)
+            if live.logbook is not None:
+                live.logbook.redactor = live.redactor
+        return values
+
+    def exec_env(
+        self, live: Live, env: Mapping[str, str], refs: Mapping[str, str]
+    ) -> dict[str, str]:
+        """The environment of one process: the sandbox's, the call's, then its secrets (only
+        this process gets the values; the sandbox record keeps names)."""
+        secret_values = self.resolve_secrets(live, {**live.rec.secret_env, **refs})
+        return {**live.rec.env, **env, **secret_values}
+
+    def admit(self, name: str, req: M.CreateSandbox) -> admission.Decision:
+        """Run a launch through admission and audit the decision; a no raises PolicyDenied."""
+        plan = admission.plan_from_create(req)
+        plan = replace(plan, mounts=tuple(os.path.realpath(m) for m in plan.mounts))
+        decision = admission.admit(plan, admission.load_policy())
+        fields: dict[str, Any] = {
+            "image": plan.image,
+            "rules": [d.rule for d in decision.denials],
+            "denials": [d.message for d in decision.denials],
+            "notes": list(decision.notes),
+            "secrets": list(plan.secrets),
+        }
+        if not decision.allowed:
+            audit_after("plan.denied", name, **fields)
+            raise admission.denied_error(decision)
+        audit.record("plan.admitted", sandbox=name, **fields)  # fail closed
+        return decision
+
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Live:
         live = self.live.get(name)
@@ -280,8 +342,11 @@ class Manager:
     async def create(self, req: M.CreateSandbox) -> Live:
         name = req.name or new_id()
         check_name(name)
+        self.admit(name, req)  # before anything boots
         check_ttl(req.ttl_seconds)
+        self.resolve_secrets(None, req.secret_env)  # unknown names fail before booting
         ports = [check_spec(p) for p in req.ports]  # refuse bad forwards before booting
+        netpolicy = await policy_for(req.network.preset, list(req.network.allow))
         disk_mb = req.disk_mb if req.disk_mb is not None else max(MIN_DISK_MB, req.memory_mb // 2)
         if disk_mb < MIN_DISK_MB:
             raise InvalidArgument(f"disk must be at least {MIN_DISK_MB} MiB")
@@ -297,11 +362,14 @@ class Manager:
             cpus=req.cpus,
             memory_mb=req.memory_mb,
             disk_mb=disk_mb,
-            env={**image.env, **req.env},
+            env={**image.env, **(proxy_env() if netpolicy.enabled else {}), **req.env},
+            secret_env=dict(req.secret_env),
             created=now,
             ttl_seconds=req.ttl_seconds,
             expires_at=now + req.ttl_seconds,
             run_dir=str(paths.run_dir() / vm_id),
+            network_preset=req.network.preset,
+            network_allow=list(req.network.allow),
         )
         async with self._create_lock:  # name check + insert are one step
             if name in self.live:
@@ -317,12 +385,24 @@ class Manager:
                     f"a sandbox named {name!r} already exists", sandbox=name
                 ) from None
             live = Live(rec)
+            self.resolve_secrets(live, req.secret_env)
             self.live[name] = live
         async with live.lock:
-            spec = VMSpec(image, cpus=req.cpus, memory_mb=req.memory_mb, overlay_size=f"{disk_mb}m")
+            spec = VMSpec(
+                image,
+                cpus=req.cpus,
+                memory_mb=req.memory_mb,
+                overlay_size=f"{disk_mb}m",
+                network=netpolicy.enabled,
+            )
             try:
+                # The proxy listens before QEMU starts: the guest's first connection finds it.
+                await self._start_egress(live, rec.network_preset, rec.network_allow, netpolicy)
                 vm = await MicroVM.boot(spec, store=self.store, vm_id=vm_id)
             except BaseException as exc:
+                if live.egress is not None:
+                    await live.egress.close()
+                    live.egress = None
                 self.db.delete(rec.id)
                 self.live.pop(name, None)
                 shutil.rmtree(rec.run_dir, ignore_errors=True)
@@ -383,7 +463,30 @@ class Manager:
             )
         return info(live)
 
+    async def _start_egress(
+        self, live: Live, preset: str, allow: list[str], policy: NetPolicy | None = None
+    ) -> bool:
+        """Open the sandbox's egress proxy on ``<run dir>/egress.sock`` if its policy has a
+        network (also after an mvmd restart: same path). Returns whether it has one."""
+        pol = policy if policy is not None else await policy_for(preset, allow)
+        if not pol.enabled:
+            return False
+
+        def note(v: Verdict) -> None:
+            if live.logbook is not None:
+                what = "allowed" if v.allowed else f"denied ({v.rule}: {v.reason})"
+                live.logbook.note(f"egress {v.host}:{v.port} {what}")
+
+        live.egress = EgressProxy(
+            live.name, pol, Path(live.rec.run_dir) / "egress.sock", on_decision=note
+        )
+        await live.egress.start()
+        return True
+
     async def _teardown(self, live: Live) -> None:
+        if live.egress is not None:
+            await live.egress.close()
+            live.egress = None
         if live.vm is not None:
             await live.vm.destroy()
             live.vm = None
@@ -521,7 +624,8 @@ class Manager:
     # -- exec and files -------------------------------------------------------------------
     async def exec_stream(self, name: str, req: M.ExecRequest) -> AsyncIterator[M.ExecEvent]:
         live, agent = self.running(name)
-        env = {**live.rec.env, **req.env}
+        env = self.exec_env(live, req.env, req.secret_env)
+        redactors = {"stdout": live.redactor.stream(), "stderr": live.redactor.stream()}
         # Fail closed: no audit record, no exec. Output is hashed as it streams by.
         audit.record(
             "cmd.exec.started",
@@ -561,11 +665,20 @@ class Manager:
                 if frame.type == P.OUT:
                     stream = frame.header.get("stream")
                     if stream in ("stdout", "stderr"):
-                        ev = M.ExecEvent(type=str(stream), data=frame.payload)
-                        digests[ev.type].update(ev.data)
-                        sizes[ev.type] += len(ev.data)
-                        yield ev
+                        # Redacted before it is hashed or leaves: audit sees what clients see.
+                        data = redactors[str(stream)].feed(frame.payload)
+                        if data:
+                            ev = M.ExecEvent(type=str(stream), data=data)
+                            digests[ev.type].update(ev.data)
+                            sizes[ev.type] += len(ev.data)
+                            yield ev
                 elif frame.type == P.OK:
+                    for s_name, sr in redactors.items():
+                        tail = sr.flush()
+                        if tail:
+                            digests[s_name].update(tail)
+                            sizes[s_name] += len(tail)
+                            yield M.ExecEvent(type=s_name, data=tail)
                     from mvm.agent.client import ExecReply, _convert
 
                     reply: ExecReply = _convert(frame, ExecReply, "exec")
@@ -608,12 +721,16 @@ class Manager:
         live = self.get(name)
         if live.rec.state not in (state.RUNNING, state.PAUSED) or live.vm is None:
             raise SandboxStateError(f"sandbox {name} is {live.rec.state}", sandbox=name)
-        if self.db.snapshot(name, snap) is not None:
-            raise SnapshotExists(
-                f"{name} already has a snapshot {snap!r}",
-                hint=f"remove it: mvmctl snapshot rm {name} {snap}",
-            )
-        async with live.lock:
+        async with live.lock:  # the name check and the save are one step
+            if self.db.snapshot(live.name, snap) is not None:
+                raise SnapshotExists(
+                    f"{name} already has a snapshot {snap!r}",
+                    hint=f"remove it: mvmctl snapshot rm {name} {snap}",
+                    sandbox=name,
+                    snapshot=snap,
+                )
+            if live.rec.state not in (state.RUNNING, state.PAUSED) or live.vm is None:
+                raise SandboxStateError(f"sandbox {name} is {live.rec.state}", sandbox=name)
             d = snapshots_dir() / live.name / snap
             tmp = d.with_name(f".tmp-{snap}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -641,6 +758,8 @@ class Manager:
                 cpus=r.cpus,
                 memory_mb=r.memory_mb,
                 disk_mb=r.disk_mb,
+                env=r.env,
+                ttl_seconds=r.ttl_seconds,
             )
             (d / "snapshot.json").write_bytes(msgspec.json.encode(snap_rec))
             self.db.add_snapshot(snap_rec)
@@ -693,6 +812,7 @@ class Manager:
         image = self._image_for_snapshot(srec)
         vm_id = new_id()
         now = time.time()
+        ttl = srec.ttl_seconds or M.DEFAULT_TTL
         rec = SandboxRecord(
             id=vm_id,
             name=srec.sandbox,
@@ -702,10 +822,10 @@ class Manager:
             cpus=srec.cpus,
             memory_mb=srec.memory_mb,
             disk_mb=srec.disk_mb,
-            env={},
+            env=dict(srec.env),
             created=now,
-            ttl_seconds=M.DEFAULT_TTL,
-            expires_at=now + M.DEFAULT_TTL,
+            ttl_seconds=ttl,
+            expires_at=now + ttl,
             run_dir=str(paths.run_dir() / vm_id),
         )
         async with self._create_lock:

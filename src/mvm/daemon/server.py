@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from mvm import audit, errors
+from mvm import audit, errors, redact
 from mvm.api import models as M
 from mvm.daemon.manager import Manager, audit_after, info
 from mvm.state import SnapshotRecord
@@ -60,10 +60,17 @@ def status_for(exc: errors.MvmError) -> int:
 
 
 def error_body(exc: errors.MvmError) -> M.ErrorBody:
+    """The JSON form of an error, with every secret value mvmd handed out redacted."""
+    r = redact.known.current()
     data: dict[str, object] = {
-        k: v for k, v in exc.data.items() if isinstance(v, (str, int, float, bool))
+        k: r.redact_text(v) if isinstance(v, str) else v
+        for k, v in exc.data.items()
+        if isinstance(v, (str, int, float, bool))
     }
-    return M.ErrorBody(error=type(exc).__name__, message=exc.message, hint=exc.hint, data=data)
+    hint = r.redact_text(exc.hint) if exc.hint else exc.hint
+    return M.ErrorBody(
+        error=type(exc).__name__, message=r.redact_text(exc.message), hint=hint, data=data
+    )
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -83,7 +90,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception as exc:  # a bug: report it, keep serving
         log.exception("unhandled error in %s %s", request.method, request.path)
         body = M.ErrorBody(
-            error="MvmError", message=f"internal error: {exc.__class__.__name__}: {exc}"
+            error="MvmError",
+            message=redact.known.current().redact_text(
+                f"internal error: {exc.__class__.__name__}: {exc}"
+            ),
         )
         return json_response(body, 500)
 
@@ -176,6 +186,9 @@ class Api:
         r.add_post(f"{s}/procs/{{proc}}/stdin", self.proc_stdin)
         r.add_get(f"{s}/procs/{{proc}}/output", self.proc_output)
         r.add_get(f"{s}/logs", self.logs)
+        r.add_get(f"{s}/forwards", self.forward_list)
+        r.add_post(f"{s}/forwards", self.forward_add)
+        r.add_delete(f"{s}/forwards/{{forward}}", self.forward_remove)
         r.add_get(f"{s}/snapshots", self.snapshot_list)
         r.add_post(f"{s}/snapshots", self.snapshot_save)
         r.add_post(f"{s}/snapshots/{{snap}}/restore", self.snapshot_restore)
@@ -337,7 +350,7 @@ class Api:
         live, agent = self.m.running(request.match_info["name"])
         p = await agent.proc_start(
             req.argv,
-            env={**live.rec.env, **req.env},
+            env=self.m.exec_env(live, req.env, req.secret_env),
             cwd=req.cwd,
             user=req.user,
             stdin=req.stdin,
@@ -385,7 +398,7 @@ class Api:
 
     async def proc_output(self, request: web.Request) -> web.Response:
         stream = request.query.get("stream", "stdout")
-        agent = self._agent(request)
+        live, agent = self.m.running(request.match_info["name"])
         num = self._proc(request)
         out = bytearray()
         offset = 0
@@ -397,7 +410,20 @@ class Api:
             offset = meta.offset + len(data)
             if offset >= meta.end:
                 break
-        return web.Response(body=bytes(out), content_type="application/octet-stream")
+        body = live.redactor.redact_bytes(bytes(out))
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    # -- port forwards ---------------------------------------------------------------------
+    async def forward_add(self, request: web.Request) -> web.Response:
+        spec = await body_as(request, M.PortSpec)
+        return json_response(await self.m.forward_add(request.match_info["name"], spec), 201)
+
+    async def forward_list(self, request: web.Request) -> web.Response:
+        return json_response(self.m.forward_list(request.match_info["name"]))
+
+    async def forward_remove(self, request: web.Request) -> web.Response:
+        name, fid = request.match_info["name"], request.match_info["forward"]
+        return json_response(await self.m.forward_remove(name, fid))
 
     # -- logs -----------------------------------------------------------------------------
     async def logs(self, request: web.Request) -> web.StreamResponse:
