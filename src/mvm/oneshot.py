@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mvm import audit, redact
 from mvm.agent import protocol as P
 from mvm.agent.client import OutputCallback
 from mvm.audit import runs as audit_runs
 from mvm.errors import CommandTimeout
 from mvm.images.store import ImageStore
+from mvm.policy import admission
 from mvm.progress import Reporter
+from mvm.secrets import SecretStore
 from mvm.vm import MicroVM, VMSpec
 
 #: Default command timeout for ``run`` (seconds). A timeout always applies.
@@ -64,13 +68,43 @@ async def run_once(
     on_output: OutputCallback | None = None,
     store: ImageStore | None = None,
     reporter: Reporter | None = None,
+    secret_env: Mapping[str, str] | None = None,
 ) -> RunResult:
+    """``secret_env`` maps ENV -> secret name: resolved from the store before boot, injected
+    into this one command, and every value is redacted from its output."""
+    refs = dict(secret_env or {})
+    plan = admission.SandboxPlan(
+        image=image,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        ttl_seconds=timeout,
+        secrets=tuple(sorted(set(refs.values()))),
+    )
+    decision = admission.admit(plan, admission.load_policy())
+    verdict: dict[str, Any] = {"image": image, "rules": [d.rule for d in decision.denials]}
+    if not decision.allowed:
+        audit.record("plan.denied", actor="mvmctl", **verdict)
+        raise admission.denied_error(decision)
+    audit.record("plan.admitted", actor="mvmctl", **verdict)
+    secret_values = SecretStore().resolve(refs)  # unknown names fail before boot
+    by_name = {refs[k]: v for k, v in secret_values.items()}
+    redact.known.add(by_name)
+    redactor = redact.Redactor(by_name)
+    streams = {"stdout": redactor.stream(), "stderr": redactor.stream()}
+    user_output = on_output
+    if user_output is not None and redactor:
+
+        def on_output(stream: str, data: bytes) -> None:
+            clean = streams[stream].feed(data) if stream in streams else redactor.redact_bytes(data)
+            if clean:
+                user_output(stream, clean)
+
     store = store or ImageStore()
     img = store.ensure(image, reporter)
     started_at = time.time()
     async with await MicroVM.boot(VMSpec(img, cpus=cpus, memory_mb=memory_mb), store=store) as vm:
         agent = vm.require_agent()
-        full_env = {**img.env, **(env or {})}
+        full_env = {**img.env, **(env or {}), **secret_values}
         audit_runs.started(
             vm.id,
             argv,
@@ -125,6 +159,14 @@ async def run_once(
                 started_at=started_at,
                 finished_at=time.time(),
             )
+        if redactor:
+            if user_output is not None:
+                for name, sr in streams.items():
+                    tail = sr.flush()
+                    if tail:
+                        user_output(name, tail)
+            r.stdout = redactor.redact_bytes(r.stdout)
+            r.stderr = redactor.redact_bytes(r.stderr)
         code = TIMEOUT_EXIT if r.timed_out else r.exit_code
         aid = audit_runs.finished(
             vm.id,

@@ -25,7 +25,7 @@ from mvm import doctor as doctor_mod
 from mvm.agent import protocol as P
 from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.audit import write_run_receipt
-from mvm.cli.common import fail_on_errors, parse_env
+from mvm.cli.common import fail_on_errors, parse_env, split_env
 from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.secrets import COMMANDS as SECRET_COMMANDS
@@ -140,7 +140,9 @@ def images(as_json: bool) -> None:
     type=click.FloatRange(0.1),
     help="Seconds the command may run; then it is killed, the VM destroyed, exit 124.",
 )
-@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE for the command (repeatable).")
+@click.option(
+    "-e", "--env", "env", multiple=True, help="KEY=VALUE or KEY=secret:NAME (repeatable)."
+)
 @click.option("--cwd", help="Working directory in the guest (default /work).")
 @click.option("--user", help="Guest user (default: the unprivileged 'user'; 'root' allowed).")
 @click.option("-i", "--interactive", is_flag=True, help=f"Forward stdin (up to {MAX_STDIN} bytes).")
@@ -187,6 +189,7 @@ def run(
         out.write(data)
         out.flush()
 
+    plain_env, secret_env = split_env(env)
     with RichReporter(enabled=stderr_is_tty() and not as_json) as rep:
         result: RunResult = asyncio.run(
             run_once(
@@ -195,7 +198,8 @@ def run(
                 cpus=cpus,
                 memory_mb=memory,
                 timeout=timeout,
-                env=parse_env(env),
+                env=plain_env,
+                secret_env=secret_env,
                 cwd=cwd,
                 user=user,
                 stdin=stdin,
