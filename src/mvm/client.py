@@ -275,6 +275,18 @@ class Client:
             "GET", f"/sandboxes/{name}/procs/{proc}/output", params={"stream": stream}
         ).content
 
+    # -- port forwards ---------------------------------------------------------------
+    def forward(self, name: str, spec: M.PortSpec) -> M.ForwardInfo:
+        """Forward ``spec.host:spec.host_port`` to ``spec.guest_port`` in the sandbox."""
+        return self._post(f"/sandboxes/{name}/forwards", M.ForwardInfo, spec)
+
+    def forwards(self, name: str) -> list[M.ForwardInfo]:
+        return self._get(f"/sandboxes/{name}/forwards", list[M.ForwardInfo])
+
+    def unforward(self, name: str, forward_id: str) -> M.ForwardInfo:
+        resp = self.request("DELETE", f"/sandboxes/{name}/forwards/{forward_id}")
+        return msgspec.json.decode(resp.content, type=M.ForwardInfo)
+
     # -- logs -----------------------------------------------------------------------
     def logs(
         self, name: str, *, follow: bool = False, since: float | None = None

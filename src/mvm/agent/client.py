@@ -23,7 +23,14 @@ from typing import Any
 import msgspec
 
 from mvm.agent import protocol as P
-from mvm.errors import AgentError, AgentProtocolError, CommandTimeout, InvalidArgument, VMDied
+from mvm.errors import (
+    AgentError,
+    AgentProtocolError,
+    CommandTimeout,
+    InvalidArgument,
+    MvmError,
+    VMDied,
+)
 
 #: Frames a request may have waiting before the reader stops reading (backpressure).
 QUEUE_FRAMES = 16
@@ -33,6 +40,8 @@ DEFAULT_READ_LIMIT = 64 * 1024 * 1024
 TIMEOUT_GRACE = 5.0
 #: Default timeout for small requests (fs, ping).
 CALL_TIMEOUT = 30.0
+#: Bound on telling the guest to kill a command the host abandoned.
+ABANDON_TIMEOUT = 10.0
 
 
 class Truncated(msgspec.Struct, frozen=True):
@@ -161,8 +170,12 @@ class AgentClient:
         self._task = asyncio.create_task(self._read_loop())
         self.dropped_frames = 0
         self.info: dict[str, Any] = {}
+        #: Fire-and-forget tasks (killing abandoned commands), kept so they are not collected.
+        self._background: set[asyncio.Task[None]] = set()
         #: Called (synchronously, must not block) with each unsolicited event frame.
         self.on_event: Callable[[P.Frame], None] | None = None
+        #: Sent in every hello: a guest seeing a new session drops the old host's TCP relays.
+        self.session = secrets.token_hex(8)
 
     @classmethod
     async def connect(cls, path: Path, timeout: float = 10.0) -> AgentClient:
@@ -313,6 +326,7 @@ class AgentClient:
                 "version": P.PROTOCOL_VERSION,
                 "time": time.time(),
                 "seed": os.urandom(32).hex(),
+                "session": self.session,
             }
             try:
                 frame = await self.call(
@@ -360,11 +374,14 @@ class AgentClient:
         if timeout is not None:
             header["timeout"] = timeout
         rid, q = self._open()
+        finished = False
         try:
             await self._send({**header, "t": P.EXEC, "id": rid}, stdin)
             deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE
             while True:
                 frame = await self._next(q, deadline)
+                if frame.type in (P.OK, P.ERR):
+                    finished = True
                 if frame.type == P.ERR:
                     _checked(frame, "exec")
                 yield frame
@@ -372,6 +389,20 @@ class AgentClient:
                     return
         finally:
             self._pending.pop(rid, None)
+            if not finished and self._failure is None:
+                # Abandoned (cancelled, timed out on the host, consumer gone): the guest
+                # must not keep running it. A task of its own, as this generator may be
+                # closing inside a cancelled task.
+                task = asyncio.get_running_loop().create_task(self._kill_abandoned(rid))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _kill_abandoned(self, rid: int) -> None:
+        """SIGKILL the process group of an exec nobody waits for any more (bounded)."""
+        with contextlib.suppress(MvmError, OSError):
+            await self.call(
+                P.SIGNAL, {"ref": rid, "signal": 9, "group": True}, timeout=ABANDON_TIMEOUT
+            )
 
     async def exec(
         self,
@@ -551,3 +582,115 @@ class AgentClient:
 
     async def shutdown(self) -> None:
         await self.call(P.SHUTDOWN, timeout=5.0)
+
+    # -- TCP relays -------------------------------------------------------------------
+    async def tcp_open(self, port: int, timeout: float = CALL_TIMEOUT) -> TcpStream:
+        """Connect to 127.0.0.1:``port`` inside the guest; AgentError(connection_refused)
+        when nothing listens there."""
+        if not 1 <= port <= 65535:
+            raise InvalidArgument(f"guest port {port} is not in 1-65535")
+        rid, q = self._open()
+        try:
+            await self._send({"t": P.TCP_OPEN, "id": rid, "port": port})
+            frame = await self._next(q, time.monotonic() + timeout)
+            if frame.type != P.STARTED:
+                _checked(frame, "tcp.open")  # err -> AgentError; a stray ok -> protocol error
+                raise AgentProtocolError("tcp.open: the guest ended the relay before starting it")
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return TcpStream(self, rid, q)
+
+
+class TcpStream:
+    """One TCP connection relayed by the guest agent (see ``AgentClient.tcp_open``).
+
+    Reads acknowledge what they consume, so the guest never has more than
+    ``TCP_WINDOW`` bytes in flight here; writes wait for the guest to take each chunk.
+    """
+
+    def __init__(
+        self, client: AgentClient, rid: int, q: asyncio.Queue[P.Frame | BaseException]
+    ) -> None:
+        self._client = client
+        self._rid = rid
+        self._q = q
+        self._eof = False  # the guest side sent EOF
+        self._done = False  # the final ok/err arrived
+        self.received = 0
+        self.sent = 0
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof or self._done
+
+    @property
+    def finished(self) -> bool:
+        """The guest ended the relay (its final reply came): nothing more will flow."""
+        return self._done
+
+    async def read(self) -> bytes:
+        """Next chunk from the guest; b"" once the guest side is at EOF (or the relay ended).
+
+        Waits as long as the connection is idle; it is woken if the agent connection fails
+        (VMDied / AgentProtocolError) or the relay is closed."""
+        while not self.at_eof:
+            frame = await self._client._next(self._q, None)
+            if frame.type == P.OUT:
+                if frame.header.get("stream") != "tcp":
+                    raise AgentProtocolError("tcp: output on a stream other than 'tcp'")
+                if frame.header.get("eof") is True:
+                    self._eof = True
+                    break
+                data = frame.payload
+                if len(data) > P.TCP_CHUNK:
+                    raise AgentProtocolError(f"tcp: a chunk larger than {P.TCP_CHUNK} bytes")
+                if not data:
+                    continue
+                self.received += len(data)
+                await self._client._send(
+                    {"t": P.TCP_ACK, "id": 0, "ref": self._rid, "bytes": len(data)}
+                )
+                return data
+            if frame.type in (P.OK, P.ERR):
+                self._finish()
+                break
+            raise AgentProtocolError(f"tcp: unexpected frame {frame.type!r}")
+        return b""
+
+    async def write(self, data: bytes, timeout: float = CALL_TIMEOUT * 3) -> None:
+        """Send bytes to the guest socket, in chunks; each waits until the guest wrote it."""
+        view = memoryview(data)
+        while view:
+            chunk = bytes(view[: P.CHUNK])
+            await self._client.call(
+                P.TCP_DATA, {"ref": self._rid, "eof": False}, chunk, timeout=timeout
+            )
+            self.sent += len(chunk)
+            view = view[len(chunk) :]
+
+    async def write_eof(self) -> None:
+        """Half-close: the guest application reads EOF; its replies still come back."""
+        await self._client.call(P.TCP_DATA, {"ref": self._rid, "eof": True})
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Abort the relay (if still open) and wait, bounded, for the guest to end it."""
+        if self._done:
+            return
+        try:
+            with contextlib.suppress(MvmError):
+                await self._client._send({"t": P.TCP_CLOSE, "id": 0, "ref": self._rid})
+            deadline = time.monotonic() + timeout
+            while not self._done:
+                try:
+                    frame = await self._client._next(self._q, deadline)
+                except MvmError:
+                    break
+                if frame.type in (P.OK, P.ERR):
+                    break
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._client._pending.pop(self._rid, None)

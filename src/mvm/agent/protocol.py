@@ -61,6 +61,14 @@ PROC_WAIT = "proc.wait"  # {"proc": id, "timeout": s} -> state (running or exit 
 PROC_OUTPUT = "proc.output"  # {"proc", "stream", "offset", "length"} -> bytes from the ring
 PROC_STDIN = "proc.stdin"  # {"proc", "eof"}, payload = data
 PROC_SIGNAL = "proc.signal"  # {"proc", "signal"}
+# TCP relays (port forwards without a NIC): the guest connects to 127.0.0.1:port and
+# answers ``started``; guest->host bytes come as ``out`` {"stream": "tcp"} frames (an
+# empty one with "eof": true at the guest's EOF), at most TCP_WINDOW bytes unacknowledged;
+# the final ``ok`` comes once both directions are closed (or after ``tcp.close``).
+TCP_OPEN = "tcp.open"  # {"port": 1..65535}
+TCP_DATA = "tcp.data"  # {"ref": open id, "eof": bool}, payload = bytes -> ok once written
+TCP_ACK = "tcp.ack"  # {"ref", "bytes"}: the host consumed that much (no reply)
+TCP_CLOSE = "tcp.close"  # {"ref"}: abort the connection (no reply; the open request ends)
 REQUESTS = frozenset(
     {
         PROC_START,
@@ -69,6 +77,10 @@ REQUESTS = frozenset(
         PROC_OUTPUT,
         PROC_STDIN,
         PROC_SIGNAL,
+        TCP_OPEN,
+        TCP_DATA,
+        TCP_ACK,
+        TCP_CLOSE,
         HELLO,
         PING,
         EXEC,
@@ -97,6 +109,12 @@ REPLIES = frozenset({OK, ERR, OUT, STARTED, READY, EVENT})
 PROC_RING = 1024 * 1024
 #: Background processes remembered (running ones are never forgotten).
 MAX_PROCS = 256
+#: Largest payload of one guest->host TCP frame, and the unacknowledged bytes allowed
+#: per connection (8 frames: well under the host's per-request queue of 16).
+TCP_CHUNK = 64 * 1024
+TCP_WINDOW = 8 * TCP_CHUNK
+#: TCP relays the guest serves at once.
+MAX_TCP = 128
 
 # Error codes carried by ERR frames.
 E_BAD_REQUEST = "bad_request"
@@ -110,6 +128,7 @@ E_NO_SPACE = "no_space"
 E_TOO_LARGE = "too_large"
 E_INTERNAL = "internal"
 E_UNKNOWN_REF = "unknown_ref"
+E_REFUSED = "connection_refused"
 
 
 class FrameError(ValueError):

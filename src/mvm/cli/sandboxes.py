@@ -18,11 +18,14 @@ from rich.table import Table
 from mvm import client as mvmclient
 from mvm.api import models as M
 from mvm.cli.common import fail_on_errors, split_env
+from mvm.cli.ports import describe as describe_forward
+from mvm.cli.ports import port_specs
 from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
 from mvm.durations import parse_duration
 from mvm.errors import InvalidArgument, MvmError
 from mvm.images import manifest as manifests
 from mvm.images.store import ImageStore
+from mvm.policy.network import PRESETS as NETWORK_PRESETS
 from mvm.project import PRESETS, init_project, uploads
 
 EXEC_TIMEOUT_EXIT = 124
@@ -81,6 +84,29 @@ def init(directory: Path, preset: str) -> None:
     help="KEY=VALUE or KEY=secret:NAME for every command (repeatable).",
 )
 @click.option(
+    "-p",
+    "--port",
+    "ports",
+    multiple=True,
+    metavar="HOST_PORT:GUEST_PORT",
+    help="Forward 127.0.0.1:HOST_PORT to GUEST_PORT (repeatable; GUEST_PORT alone: any free port).",
+)
+@click.option(
+    "--network-preset",
+    type=click.Choice(NETWORK_PRESETS),
+    default="none",
+    show_default=True,
+    help="none: no network device; registries: the host's apt/pip hosts; dev: registries plus "
+    "$MVM_HOME/network.toml; unrestricted: any name (never loopback, metadata, the host).",
+)
+@click.option(
+    "--network-allow",
+    "network_allow",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Also allow this name (*.example.org wildcards; port default 80 and 443; repeatable).",
+)
+@click.option(
     "-d", "--detach", is_flag=True, default=True, help="Return once it runs (the default)."
 )
 @click.option("--json", "as_json", is_flag=True)
@@ -94,12 +120,16 @@ def up(
     disk: int | None,
     ttl: str,
     env: tuple[str, ...],
+    ports: tuple[str, ...],
+    network_preset: str,
+    network_allow: tuple[str, ...],
     detach: bool,
     as_json: bool,
 ) -> None:
     """Start a named sandbox (from a project DIRECTORY, or an --image) and leave it running."""
     files = []
     envs, secret_envs = split_env(env)
+    port_list = port_specs(ports)
     if directory is not None:
         m = manifests.load_dir(directory)
         files = uploads(directory)
@@ -119,6 +149,8 @@ def up(
         ttl_seconds=parse_duration(ttl, "ttl"),
         env=envs,
         secret_env=secret_envs,
+        ports=port_list,
+        network=M.NetworkSpec(preset=network_preset, allow=list(network_allow)),
     )
     with connect() as c:
         info = c.create(req)
@@ -131,6 +163,8 @@ def up(
             f"{info.name}  {info.id}  {info.state}  image={info.image}  "
             f"ttl={info.ttl_left:.0f}s" + (f"  ({len(files)} files in /work)" if files else "")
         )
+        for fw in info.forwards:
+            click.echo(f"  forward {fw.id}  {describe_forward(fw)}")
 
 
 @click.command(name="ls")
@@ -144,7 +178,11 @@ def ls(as_json: bool) -> None:
         emit_json(items)
         return
     table = Table(box=None, header_style="bold")
-    for col in ("NAME", "ID", "IMAGE", "STATE", "AGE", "TTL LEFT", "CPUS", "MEMORY", "DISK"):
+    cols = (
+        "NAME", "ID", "IMAGE", "STATE", "AGE", "TTL LEFT", "CPUS", "MEMORY", "DISK", "NETWORK",
+        "PORTS",
+    )  # fmt: skip
+    for col in cols:
         table.add_column(col)
     for s in items:
         state = s.state + (f" ({s.reason[:40]})" if s.reason else "")
@@ -158,6 +196,8 @@ def ls(as_json: bool) -> None:
             str(s.cpus),
             f"{s.memory_mb}M",
             f"{s.disk_mb}M",
+            s.network.preset + (f"+{len(s.network.allow)}" if s.network.allow else ""),
+            ",".join(describe_forward(f) for f in s.forwards) or "-",
         )
     Console().print(table)
 
@@ -397,7 +437,15 @@ def cp(src: str, dest: str) -> None:
             target = Path(dest)
             if target.is_dir() or dest.endswith("/"):
                 target = target / safe_basename(path)
-            target.write_bytes(data)
+            if not target.parent.is_dir():
+                raise InvalidArgument(
+                    f"{target.parent}: no such directory on the host",
+                    hint=f"create it first: mkdir -p {target.parent}",
+                )
+            try:
+                target.write_bytes(data)
+            except OSError as exc:
+                raise InvalidArgument(f"cannot write {target}: {exc.strerror}") from None
             click.echo(f"{name}:{path} -> {target} ({len(data)} bytes)")
 
 
@@ -581,10 +629,14 @@ def logs(name: str, follow: bool, since: str | None, as_json: bool) -> None:
 @click.option("--timeout", default="1h", show_default=True)
 @fail_on_errors
 def wait(name: str, timeout: str) -> None:
-    """Wait until the sandbox stops (TTL, down, or failure)."""
+    """Wait until the sandbox stops (TTL, down, or failure).
+
+    Exits 0 when it stopped, 124 when --timeout passed first (like ``proc wait``)."""
     with connect() as c:
         s = c.wait(name, parse_duration(timeout, "timeout"))
     click.echo(f"{s.name}: {s.state}" + (f" ({s.reason})" if s.reason else ""))
+    if s.state in ("running", "paused", "creating"):
+        sys.exit(124)
 
 
 @click.command(name="set-ttl")

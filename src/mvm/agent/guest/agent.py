@@ -17,7 +17,9 @@ import errno
 import json
 import os
 import pwd
+import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -39,6 +41,8 @@ DEFAULT_USER = "user"
 MAX_THREADS = 256
 MAX_LIST_ENTRIES = 10000
 DRAIN_AFTER_EXIT = 1.0  # seconds pipes may stay open after the command exited
+TCP_CONNECT_TIMEOUT = 10.0  # seconds for a relay's connect to 127.0.0.1:port
+TCP_WRITE_TIMEOUT = 60.0  # seconds a guest application may leave relayed bytes unread
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -358,6 +362,28 @@ class EventQueue:
                 log(f"event send failed: {exc}")
 
 
+class TcpConn:
+    """One relayed TCP connection (tcp.open): the guest-side socket and its send window."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.cond = threading.Condition()
+        self.unacked = 0  # bytes sent to the host and not yet acknowledged
+        self.received = 0  # bytes the host wrote into the socket
+        self.host_eof = False
+        self.aborted = False
+
+    def abort(self) -> None:
+        """End the relay now; shutdown (not close) wakes a recv blocked in another thread."""
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------- agent
 
 
@@ -371,6 +397,9 @@ class Agent:
         self.bg_lock = threading.Lock()
         self.bg_next = 1
         self.events = EventQueue(channel)
+        self.tcp: dict[int, TcpConn] = {}
+        self.tcp_lock = threading.Lock()
+        self.session: str | None = None  # the host connection that owns the TCP relays
 
     # -- dispatch ---------------------------------------------------------------
     def serve(self) -> None:
@@ -392,7 +421,7 @@ class Agent:
 
     def dispatch(self, frame: P.Frame) -> None:
         t, rid = frame.type, frame.id
-        if t in (P.STDIN, P.SIGNAL, P.PING, P.HELLO):
+        if t in (P.STDIN, P.SIGNAL, P.PING, P.HELLO, P.TCP_ACK, P.TCP_CLOSE):
             self.handle(frame)  # cheap and order-sensitive: inline
             return
         if t not in P.REQUESTS:
@@ -446,6 +475,14 @@ class Agent:
                     f.write(bytes.fromhex(seed))
             except (OSError, ValueError):
                 pass
+        session = h.get("session")
+        if isinstance(session, str) and session != self.session:
+            if self.session is not None:  # a new host: relays of the old one have no peer
+                with self.tcp_lock:
+                    stale = list(self.tcp.values())
+                for conn in stale:
+                    conn.abort()
+            self.session = session
         nonce = h.get("nonce", "")
         return {
             "version": P.PROTOCOL_VERSION,
@@ -732,6 +769,116 @@ class Agent:
                 pass
         return bg.info(), b""
 
+    # -- TCP relays (port forwards) -------------------------------------------------
+    def tcp_open(self, rid: int, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """Connect to 127.0.0.1:port and pump guest->host bytes within the host's window."""
+        port = want_int(h, "port", 0, 1, 65535)
+        with self.tcp_lock:
+            if len(self.tcp) >= P.MAX_TCP:
+                raise RequestError(P.E_INTERNAL, f"too many TCP relays ({len(self.tcp)})")
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TCP_CONNECT_TIMEOUT)
+        except ConnectionRefusedError:
+            raise RequestError(
+                P.E_REFUSED, f"nothing listens on 127.0.0.1:{port} in the guest"
+            ) from None
+        except OSError as exc:
+            raise RequestError(P.E_INTERNAL, f"connect to 127.0.0.1:{port}: {exc}") from None
+        sock.settimeout(None)
+        conn = TcpConn(sock)
+        with self.tcp_lock:
+            self.tcp[rid] = conn
+        sent = 0
+        try:
+            self.ch.send({"t": P.STARTED, "id": rid, "port": port})
+            while True:
+                with conn.cond:
+                    while conn.unacked >= P.TCP_WINDOW and not conn.aborted:
+                        conn.cond.wait(1.0)
+                    if conn.aborted:
+                        break
+                    room = P.TCP_WINDOW - conn.unacked
+                try:
+                    data = sock.recv(min(P.TCP_CHUNK, room))
+                except OSError:
+                    break
+                if conn.aborted:
+                    break
+                if not data:
+                    self.ch.send({"t": P.OUT, "id": rid, "stream": "tcp", "eof": True})
+                    with conn.cond:
+                        while not (conn.host_eof or conn.aborted):
+                            conn.cond.wait(1.0)
+                    break
+                with conn.cond:
+                    conn.unacked += len(data)
+                sent += len(data)
+                self.ch.send({"t": P.OUT, "id": rid, "stream": "tcp"}, data)
+        finally:
+            with self.tcp_lock:
+                self.tcp.pop(rid, None)
+            try:
+                sock.close()
+            except OSError:
+                pass
+        return {"sent": sent, "received": conn.received}, b""
+
+    def _tcp(self, h: dict[str, Any]) -> TcpConn | None:
+        ref = h.get("ref")
+        with self.tcp_lock:
+            return self.tcp.get(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
+
+    def tcp_data(self, rid: int, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """Write host bytes into the guest socket (bounded wait), then maybe half-close it."""
+        conn = self._tcp(h)
+        if conn is None:
+            raise RequestError(P.E_UNKNOWN_REF, f"no TCP relay with id {h.get('ref')!r}")
+        eof = want_bool(h, "eof", False)
+        view = memoryview(payload)
+        poller = select.poll()
+        poller.register(conn.sock.fileno(), select.POLLOUT)
+        deadline = time.monotonic() + TCP_WRITE_TIMEOUT
+        while view:
+            if conn.aborted:
+                raise RequestError(P.E_UNKNOWN_REF, "the TCP relay was closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestError(P.E_INTERNAL, "the guest application did not read its input")
+            if not poller.poll(int(min(left, 1.0) * 1000) + 1):
+                continue
+            try:
+                n = conn.sock.send(view, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise RequestError(P.E_INTERNAL, f"write to the guest socket: {exc}") from None
+            view = view[n:]
+        conn.received += len(payload)
+        if eof:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            with conn.cond:
+                conn.host_eof = True
+                conn.cond.notify_all()
+        return {}, b""
+
+    def tcp_ack(self, rid: int, h: dict[str, Any], payload: bytes) -> None:
+        conn = self._tcp(h)
+        n = want_int(h, "bytes", 0, 0, 1 << 40)
+        if conn is not None:
+            with conn.cond:
+                conn.unacked = max(0, conn.unacked - n)
+                conn.cond.notify_all()
+        return None
+
+    def tcp_close(self, rid: int, h: dict[str, Any], payload: bytes) -> None:
+        conn = self._tcp(h)
+        if conn is not None:
+            conn.abort()
+        return None
+
     # -- files ------------------------------------------------------------------
     def fs_read(self, rid: int, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         path = want_path(h)
@@ -891,6 +1038,10 @@ HANDLERS = {
     P.PROC_OUTPUT: Agent.proc_output,
     P.PROC_STDIN: Agent.proc_stdin,
     P.PROC_SIGNAL: Agent.proc_signal,
+    P.TCP_OPEN: Agent.tcp_open,
+    P.TCP_DATA: Agent.tcp_data,
+    P.TCP_ACK: Agent.tcp_ack,
+    P.TCP_CLOSE: Agent.tcp_close,
     P.FS_READ: Agent.fs_read,
     P.FS_WRITE: Agent.fs_write,
     P.FS_LIST: Agent.fs_list,
