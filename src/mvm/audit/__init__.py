@@ -15,7 +15,7 @@ from typing import Any
 
 from mvm.audit.encoding import AuditError, argv_sha256, sha256_hex
 from mvm.audit.log import AuditLog, audit_dir, default_log, default_path, tenant
-from mvm.audit.verify import Report, verify_file
+from mvm.audit.verifier import Report, verify_file
 
 __all__ = [
     "AuditError",

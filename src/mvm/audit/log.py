@@ -212,11 +212,17 @@ class AuditLog:
         return None
 
     def follow(self, *, poll_s: float = 0.2, start_at_end: bool = True) -> Iterator[dict[str, Any]]:
-        """Yield records as they are appended (forever; the caller stops iterating)."""
+        """Yield records as they are appended (forever; the caller stops iterating).
+
+        The starting point is taken now, not at the first ``next()``.
+        """
         pos = 0
         if start_at_end:
             with contextlib.suppress(FileNotFoundError):
                 pos = self.path.stat().st_size
+        return self._follow_from(pos, poll_s)
+
+    def _follow_from(self, pos: int, poll_s: float) -> Iterator[dict[str, Any]]:
         pending = b""
         while True:
             try:
