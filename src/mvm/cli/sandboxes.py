@@ -275,6 +275,7 @@ def exec_(
                 "timed_out": final.timed_out,
                 "signal": final.signal,
                 "truncated": {"stdout": final.truncated_stdout, "stderr": final.truncated_stderr},
+                "audit_id": final.audit_id,
             }
         )
     elif final.timed_out:
