@@ -85,6 +85,13 @@ class CommandTimeout(MvmError):
     exit_code = 124
 
 
+class CommandFailed(MvmError):
+    """A command exited non-zero and the caller asked for ``check=True`` (data: argv,
+    exit_code). The SDK sets ``result`` to the command's result."""
+
+    exit_code = 1
+
+
 class InvalidArgument(MvmError):
     exit_code = 2
 

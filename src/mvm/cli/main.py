@@ -28,6 +28,7 @@ from mvm.cli.audit import write_run_receipt
 from mvm.cli.common import fail_on_errors, parse_env, split_env
 from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
+from mvm.cli.script import compile_command, run_mode
 from mvm.cli.secrets import COMMANDS as SECRET_COMMANDS
 from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
 from mvm.errors import InvalidArgument
@@ -158,6 +159,13 @@ def images(as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a signed receipt (hashes of argv and output, env keys, image, policy) to FILE.",
 )
+@click.option(
+    "--mode",
+    "sdk_mode",
+    type=click.Choice(["plan", "live"]),
+    help="Run an SDK script (plan: record it, print the plan and admission; live: perform "
+    "it) or replay a compiled IR dir (live). Takes SCRIPT or DIR instead of COMMAND.",
+)
 @click.argument("command", nargs=-1, required=True)
 @fail_on_errors
 def run(
@@ -171,13 +179,19 @@ def run(
     interactive: bool,
     as_json: bool,
     receipt_file: Path | None,
+    sdk_mode: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a fresh microVM, then destroy it (one-shot; nothing persists).
 
     \b
     Example: mvmctl run --timeout 10 -- python3 -c 'print(2 + 2)'
+    SDK scripts: mvmctl run --mode plan ./script.py | --mode live ./script.py | --mode live DIR
     """
+    if sdk_mode is not None:
+        if len(command) != 1:
+            raise InvalidArgument("--mode takes one SCRIPT or IR DIR, not a command")
+        sys.exit(run_mode(sdk_mode, command[0], as_json))
     stdin = b""
     if interactive:
         stdin = sys.stdin.buffer.read(MAX_STDIN + 1)
@@ -228,6 +242,7 @@ def run(
 
 for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS, *PORT_COMMANDS]:
     cli.add_command(_command)
+cli.add_command(compile_command)
 
 
 def main() -> None:
