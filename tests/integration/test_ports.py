@@ -1,0 +1,222 @@
+"""Port forwards end to end: ``mvmctl`` against a private mvmd and one real VM.
+
+The sandbox ``pf`` (network preset none: no NIC at all) is shared by the module; the
+tests run in file order: an HTTP server and an echo server run in the guest, and the
+host talks to them through forwards relayed over the agent channel. Then refusals,
+``ls``, a ``kill -9`` of mvmd (the forward works again after the restart), and
+``down`` (the host port is closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mvm.api import models as M
+from mvm.client import Client
+from tests.integration.test_daemon import Ctl, home, pid_alive, wait_until
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+__all__ = ["home"]  # the module-scoped private MVM_HOME fixture, shared with test_daemon
+
+NAME = "pf"
+BIG = 4 * 1024 * 1024
+ECHO = r"""
+import socket, threading
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return
+            c.sendall(d)
+s = socket.create_server(("127.0.0.1", 9000))
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def echo(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.settimeout(60)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = bytearray()
+        while chunk := s.recv(65536):
+            out += chunk
+        return bytes(out)
+
+
+def get(port: int, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ctl(home: Path) -> Ctl:
+    return Ctl(home)
+
+
+@pytest.fixture(scope="module")
+def sandbox(ctl: Ctl, home: Path) -> Iterator[dict[str, object]]:
+    """``pf`` with ``-p HTTP:8000``, an http.server on 8000 serving a 4 MiB file, and an
+    echo server on 9000."""
+    http_port = free_port()
+    info = ctl.json("up", "--name", NAME, "--ttl", "30m", "-p", f"{http_port}:8000")
+    assert [(f["host"], f["host_port"], f["guest_port"]) for f in info["forwards"]] == [
+        ("127.0.0.1", http_port, 8000)
+    ]
+    big = os.urandom(BIG)
+    ctl.ok("fs", "write", NAME, "/work/big.bin", input=big)
+    ctl.ok("fs", "write", NAME, "/work/echo.py", input=ECHO)
+    ctl.ok("proc", "start", NAME, "--", "python3", "-m", "http.server", "8000", "-b", "127.0.0.1")
+    ctl.ok("proc", "start", NAME, "--", "python3", "/work/echo.py")
+    r = ctl.sh(
+        NAME,
+        "for i in $(seq 300); do python3 -c 'import socket; socket.create_connection"
+        '(("127.0.0.1", 8000)).close(); socket.create_connection(("127.0.0.1", 9000))'
+        ".close()' 2>/dev/null && exit 0; sleep 0.1; done; exit 1",
+    )
+    assert r.rc == 0, f"guest servers did not start: {r}"
+    yield {"http_port": http_port, "sha": hashlib.sha256(big).hexdigest()}
+    ctl("down", NAME)
+
+
+def test_http_server_through_the_forward(sandbox: dict[str, object]) -> None:
+    port = int(str(sandbox["http_port"]))
+    resp = get(port, "/big.bin")
+    assert resp.status_code == 200
+    assert len(resp.content) == BIG
+    assert hashlib.sha256(resp.content).hexdigest() == sandbox["sha"]
+    assert "big.bin" in get(port, "/").text  # a second connection on the same forward
+
+
+def test_concurrent_connections_each_get_their_own_bytes(
+    ctl: Ctl, sandbox: dict[str, object]
+) -> None:
+    fwd = ctl.json("forward", NAME, "9000")  # any free host port
+    assert fwd["host"] == "127.0.0.1" and fwd["guest_port"] == 9000 and fwd["host_port"] > 0
+    blobs = [bytes([65 + i]) * 150_000 + os.urandom(1000) for i in range(10)]
+    results: list[bytes | BaseException | None] = [None] * 10
+
+    def one(i: int) -> None:
+        try:
+            results[i] = echo(fwd["host_port"], blobs[i])
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == blobs
+
+
+def test_upload_round_trip_4mib(ctl: Ctl, sandbox: dict[str, object]) -> None:
+    (fwd,) = [f for f in ctl.json("forward", NAME, "--list") if f["guest_port"] == 9000]
+    data = os.urandom(BIG)
+    got = echo(fwd["host_port"], data)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_nobody_listening_closes_cleanly_and_the_forward_keeps_working(
+    ctl: Ctl, sandbox: dict[str, object]
+) -> None:
+    dead = ctl.json("forward", NAME, "9999")
+    assert echo(dead["host_port"], b"anyone?") == b""
+    assert echo(dead["host_port"], b"again?") == b""
+    assert get(int(str(sandbox["http_port"])), "/").status_code == 200
+    gone = ctl.json("forward", NAME, "--remove", dead["id"])
+    assert gone["id"] == dead["id"]
+    with pytest.raises(OSError):
+        echo(dead["host_port"], b"x")
+
+
+def test_wildcard_needs_the_flag(ctl: Ctl, sandbox: dict[str, object]) -> None:
+    port = free_port()
+    r = ctl("forward", NAME, f"{port}:8000", "--host", "0.0.0.0")
+    assert r.rc != 0 and "wildcard" in r.err and "--allow-wildcard" in r.err, str(r)
+    fwd = ctl.json("forward", NAME, f"{port}:8000", "--host", "0.0.0.0", "--allow-wildcard")
+    assert fwd["host"] == "0.0.0.0" and fwd["audit_id"]
+    assert get(port, "/").status_code == 200
+    ctl.ok("forward", NAME, "--remove", fwd["id"])
+
+
+def test_port_in_use_is_refused(ctl: Ctl, sandbox: dict[str, object]) -> None:
+    port = int(str(sandbox["http_port"]))
+    r = ctl("forward", NAME, f"{port}:8000", "--json")
+    assert r.rc != 0, str(r)
+    err = json.loads(r.out)
+    assert err["error"] == "InvalidArgument" and str(port) in err["message"]
+    with socket.socket() as s:  # a port someone else holds
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        r = ctl("forward", NAME, f"{taken}:8000")
+        assert r.rc != 0 and f"{taken} is already in use" in r.err, str(r)
+
+
+def test_bad_guest_port_is_refused(ctl: Ctl, sandbox: dict[str, object]) -> None:
+    r = ctl("forward", NAME, "8080:70000")
+    assert r.rc == 2 and "1-65535" in r.err, str(r)
+
+
+def test_ls_shows_forwards(
+    ctl: Ctl, sandbox: dict[str, object], home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = int(str(sandbox["http_port"]))
+    fwds = ctl.sandboxes()[NAME]["forwards"]
+    assert {(f["host_port"], f["guest_port"]) for f in fwds} >= {(port, 8000)}
+    wide = Ctl(home)
+    wide.env["COLUMNS"] = "300"  # the table is cut to the terminal width otherwise
+    assert f"127.0.0.1:{port}->8000" in wide.ok("ls").out
+    monkeypatch.setenv("MVM_HOME", str(home))
+    with Client(autostart=False) as c:  # the SDK's calls
+        listed = c.forwards(NAME)
+        assert any(f.host_port == port for f in listed)
+        extra = c.forward(NAME, M.PortSpec(guest_port=8000))
+        assert get(extra.host_port, "/").status_code == 200
+        c.unforward(NAME, extra.id)
+
+
+def test_forward_survives_a_mvmd_kill(ctl: Ctl, sandbox: dict[str, object]) -> None:
+    port = int(str(sandbox["http_port"]))
+    pid = ctl.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(pid), 10)
+    with pytest.raises(httpx.TransportError):
+        get(port, "/")  # nobody listens while mvmd is down
+    ctl.ok("ls")  # starts a new mvmd, which reattaches and binds the forward again
+    assert ctl.daemon_pid() != pid
+    resp = get(port, "/big.bin")
+    assert hashlib.sha256(resp.content).hexdigest() == sandbox["sha"]
+
+
+def test_down_closes_the_host_port(ctl: Ctl, sandbox: dict[str, object]) -> None:
+    port = int(str(sandbox["http_port"]))
+    ctl.ok("down", NAME)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # and it is free for anyone again
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            break
