@@ -1,5 +1,5 @@
 """The network policy's pure parts: patterns, targets, decisions, always-refused addresses,
-and what the presets expand to from configuration text."""
+what the presets expand to from configuration text, and the egress proxy's head parser."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mvm.daemon.egress import MAX_HEAD, BadRequest, parse_head, response
 from mvm.errors import InvalidArgument
 from mvm.policy import network as N
 
@@ -229,3 +230,84 @@ def test_proc_parsers() -> None:
     assert N.parse_if_inet6(v6) == {ipaddress.ip_address("::1")}
     # this host's own addresses include loopback
     assert ipaddress.ip_address("127.0.0.1") in N.host_addresses()
+
+
+# -- the proxy's request-head parser (pure) ---------------------------------------------------
+
+
+def test_parse_connect() -> None:
+    r = parse_head(b"CONNECT Pypi.Example.org:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert r.method == "CONNECT" and r.upstream_head is None
+    assert (r.target.host, r.target.port, r.target.ip) == ("pypi.example.org", 443, None)
+
+
+def test_parse_absolute_http_rewrites_to_origin_form() -> None:
+    head = (
+        b"GET http://allowed.test:8080/a/b?q=1 HTTP/1.1\r\nHost: allowed.test:8080\r\n"
+        b"Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\n"
+        b"Connection: keep-alive\r\nAccept: */*\r\n\r\n"
+    )
+    r = parse_head(head)
+    assert (r.target.host, r.target.port) == ("allowed.test", 8080)
+    assert r.upstream_head == (
+        b"GET /a/b?q=1 HTTP/1.1\r\nHost: allowed.test:8080\r\nAccept: */*\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    r = parse_head(b"HEAD http://a.example.org?x HTTP/1.0\r\n\r\n")
+    assert r.target.port == 80
+    assert (
+        r.upstream_head == b"HEAD /?x HTTP/1.0\r\nHost: a.example.org\r\nConnection: close\r\n\r\n"
+    )
+    r = parse_head(b"GET http://198.51.100.2:8080/ HTTP/1.1\r\n\r\n")
+    assert r.target.ip is not None
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"GARBAGE\r\n\r\n", b"GET /relative HTTP/1.1\r\n\r\n", b"GET https://a.example.org/ HTTP/1.1\r\n\r\n",
+     b"CONNECT a.example.org HTTP/1.1\r\n\r\n", b"CONNECT a.example.org:0 HTTP/1.1\r\n\r\n",
+     b"GET http://u:p@a.example.org/ HTTP/1.1\r\n\r\n", b"get http://a.example.org/ HTTP/1.1\r\n\r\n",
+     b"GET http://a.example.org/ HTTP/2\r\n\r\n", b"GET http://a.example.org/ HTTP/1.1\r\nbad\r\n\r\n",
+     "GET http://\u00e9.org/ HTTP/1.1\r\n\r\n".encode(), b"GET http://a b/ HTTP/1.1\r\n\r\n"],
+)  # fmt: skip
+def test_bad_heads_are_refused(head: bytes) -> None:
+    with pytest.raises(BadRequest) as e:
+        parse_head(head)
+    assert e.value.status == 400
+
+
+def test_oversized_head() -> None:
+    with pytest.raises(BadRequest) as e:
+        parse_head(b"GET http://a.example.org/" + b"a" * MAX_HEAD + b" HTTP/1.1\r\n\r\n")
+    assert e.value.status == 431
+
+
+@given(st.binary(max_size=2000))
+def test_parse_head_never_crashes(head: bytes) -> None:
+    """Whatever the guest sends, the parser answers a request or a BadRequest."""
+    try:
+        r = parse_head(head)
+    except BadRequest as e:
+        assert e.status in (400, 431)
+        return
+    assert 1 <= r.target.port <= 65535
+    if r.upstream_head is not None:
+        assert r.upstream_head.endswith(b"Connection: close\r\n\r\n")
+
+
+@given(st.sampled_from(["GET", "POST", "PUT"]), names, st.none() | ports, st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyz0123456789/-._~%=&?", max_size=40))  # fmt: skip
+def test_parse_head_absolute_urls(method: str, name: str, port: int | None, path: str) -> None:
+    auth = name + (f":{port}" if port else "")
+    r = parse_head(f"{method} http://{auth}/{path} HTTP/1.1\r\nX-A: 1\r\n\r\n".encode())
+    assert (r.target.host, r.target.port) == (name, port or 80)
+    assert r.upstream_head is not None
+    assert r.upstream_head.startswith(f"{method} /{path} HTTP/1.1\r\n".encode())
+    assert f"\r\nHost: {auth}\r\n".encode() in r.upstream_head
+
+
+def test_response_is_a_complete_http_message() -> None:
+    data = response(403, "Forbidden by mvm egress policy", "mvm egress proxy: no\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 Forbidden by mvm egress policy\r\n")
+    assert b"X-Mvm-Egress: denied" in head and f"Content-Length: {len(body)}".encode() in head
