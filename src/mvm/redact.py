@@ -2,10 +2,11 @@
 
 ``Redactor`` is pure: built from ``{name: value}``, it replaces each value (longest first,
 so a secret that contains another is caught whole) in ``bytes`` or ``str``.
-``StreamRedactor`` does the same over a stream of chunks: it holds back the last
-``max(len(value)) - 1`` bytes of each chunk, so a value split across two chunks is still
-caught, and ``flush()`` releases the tail at the end. Output of the streaming form equals
-the one-shot form over the concatenation.
+``StreamRedactor`` does the same over a stream of chunks: it holds back the tail of a
+chunk that could be the start of a secret (never more than ``max(len(value)) - 1`` bytes,
+and nothing when the tail cannot start one, so a line such as ``ready\n`` is not delayed),
+so a value split across two chunks is still caught; ``flush()`` releases the tail at the
+end. Output of the streaming form equals the one-shot form over the concatenation.
 
 Redaction catches the literal value only: a program that encodes its secret (base64,
 ``rev``) defeats it. It keeps secrets out of logs and transcripts by accident, not
@@ -37,6 +38,7 @@ class Redactor:
         self.names: tuple[str, ...] = tuple(sorted(set(by_value.values())))
         #: Longest value in bytes (0 without secrets): a stream holds back one less.
         self.max_len = max((len(v) for v in self._names), default=0)
+        self._first_bytes = frozenset(v[0] for v in self._names)
         self._bytes_re: re.Pattern[bytes] | None = None
         self._text_names: dict[str, str] = {}
         self._text_re: re.Pattern[str] | None = None
@@ -80,6 +82,17 @@ class Redactor:
     def stream(self) -> StreamRedactor:
         return StreamRedactor(self)
 
+    def hold_point(self, buf: bytes, start: int = 0) -> int:
+        """The leftmost index >= ``start`` from which ``buf`` is a proper prefix of a secret
+        (the part to hold back for more data), or ``len(buf)``."""
+        n = len(buf)
+        for i in range(max(start, n - self.max_len + 1), n):
+            if buf[i] in self._first_bytes:
+                tail = buf[i:]
+                if any(len(v) > len(tail) and v.startswith(tail) for v in self._names):
+                    return i
+        return n
+
 
 class StreamRedactor:
     """Redact a stream chunk by chunk; call ``flush()`` when the stream ends."""
@@ -96,18 +109,25 @@ class StreamRedactor:
             passthrough, self._held = self._held + chunk, b""
             return passthrough
         buf = self._held + chunk
-        cut = max(0, len(buf) - (r.max_len - 1))
         out = bytearray()
         pos = 0
-        for m in pattern.finditer(buf):
-            if m.start() >= cut:
-                break  # could still become a longer secret: decide with more data
-            out += buf[pos : m.start()]
-            out += r._bytes_sub(m)
-            pos = m.end()
-        cut = max(cut, pos)
-        out += buf[pos:cut]
-        self._held = buf[cut:]
+        while True:
+            hold = r.hold_point(buf, pos)
+            moved_past = False
+            for m in pattern.finditer(buf, pos):
+                if m.start() >= hold:
+                    break  # could still become a longer secret: decide with more data
+                out += buf[pos : m.start()]
+                out += r._bytes_sub(m)
+                pos = m.end()
+                if pos > hold:  # the match covered the held part: look again from here
+                    moved_past = True
+                    break
+            if not moved_past:
+                break
+        hold = max(hold, pos)
+        out += buf[pos:hold]
+        self._held = buf[hold:]
         return bytes(out)
 
     def flush(self) -> bytes:

@@ -15,6 +15,23 @@ secret_maps = st.dictionaries(
 )
 
 
+#: Values over a two-letter alphabet: prefixes of one another, overlaps, repeats.
+ab_values = st.lists(st.sampled_from([b"a", b"b"]), min_size=1, max_size=6).map(b"".join)
+ab_maps = st.dictionaries(st.sampled_from(["x", "y", "z"]), ab_values, min_size=1)
+
+
+@settings(max_examples=500)
+@given(ab_maps, st.lists(ab_values, max_size=10), st.lists(st.integers(0, 80), max_size=8))
+def test_stream_equals_batch_with_overlapping_values(
+    secrets: dict[str, bytes], parts: list[bytes], cuts: list[int]
+) -> None:
+    data = b"".join(parts)
+    r = Redactor(secrets)
+    s = r.stream()
+    streamed = b"".join(s.feed(c) for c in chunked(data, cuts)) + s.flush()
+    assert streamed == r.redact_bytes(data)
+
+
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     out, prev = [], 0
@@ -84,10 +101,21 @@ def test_value_never_survives(value: bytes, noise: bytes, cuts: list[int]) -> No
         assert value not in piece
 
 
-def test_held_tail_is_bounded() -> None:
-    s = Redactor({"k": "x" * 10}).stream()
-    out = s.feed(b"a" * 1000)
-    assert len(out) == 1000 - 9
+def test_holds_only_a_possible_secret_start() -> None:
+    s = Redactor({"k": "abcdefghij"}).stream()
+    assert s.feed(b"ready\n") == b"ready\n"  # cannot start a secret: not delayed
+    assert s.feed(b"zzz abcde") == b"zzz "
+    assert s.feed(b"fghij!") == b"[REDACTED:k]!"
+    assert s.feed(b"abc") == b""
+    assert s.flush() == b"abc"
+
+
+@given(st.binary(max_size=200))
+def test_held_tail_is_bounded(data: bytes) -> None:
+    r = Redactor({"k": b"\x00\x01" * 5})
+    s = r.stream()
+    s.feed(data)
+    assert len(s._held) <= r.max_len - 1
 
 
 def test_logging_filter_redacts_known_values() -> None:

@@ -1,0 +1,205 @@
+"""Secrets and admission end to end: a real mvmd, a real VM, `mvmctl` subprocesses.
+
+One private MVM_HOME and one sandbox for the module (see test_daemon.py for the pattern).
+The secret value is random per run; at the end every file of the home (SQLite state and
+WAL, event logs, audit log, mvmd.log) and every captured CLI output is searched for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mvm.images.store import ImageStore
+from mvm.vmm.qemu import qemu_binary
+from tests.integration.test_daemon import (
+    SHARED,
+    Ctl,
+    Res,
+    daemon_pids,
+    default_home,
+    qemu_pids,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
+
+#: Random per run; the hex tail keeps it distinct from anything else in the home.
+VALUE = "sk-test-" + secrets.token_hex(12)
+SHA = hashlib.sha256(VALUE.encode()).hexdigest()
+MARK = "[REDACTED:api-key]"
+#: Every output of every mvmctl call of this module, searched at the end.
+CAPTURED: list[Res] = []
+
+
+class RecordingCtl(Ctl):
+    def __call__(self, *args: str, **kw: object) -> Res:  # type: ignore[override]
+        r = super().__call__(*args, **kw)  # type: ignore[arg-type]
+        CAPTURED.append(r)
+        return r
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    if shutil.which(qemu_binary()) is None:
+        pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
+    default = default_home()
+    ImageStore(default).ensure("python")
+    (default / "build.lock").touch()
+    h = Path(tempfile.mkdtemp(prefix="mvmsec-", dir="/tmp"))
+    for n in SHARED:
+        (h / n).symlink_to(default / n)
+    (h / "images").mkdir()
+    for rec in (default / "images").glob("*.json"):
+        shutil.copy(rec, h / "images" / rec.name)
+    try:
+        yield h
+    finally:
+        ctl = Ctl(h)
+        for args, limit in ((("down", "--all"), 120), (("daemon", "stop"), 30)):
+            try:
+                ctl(*args, timeout=limit)
+            except subprocess.TimeoutExpired:
+                pass
+        wait_until(lambda: not daemon_pids(h), 10)
+        for pid in daemon_pids(h) + qemu_pids(h):  # started for this home only
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not qemu_pids(h), 10)
+        shutil.rmtree(h, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ctl(home: Path) -> Ctl:
+    c = RecordingCtl(home)
+    c.env["MVM_SECRETS_KEYRING"] = "0"
+    c.env.pop("MVM_POLICY", None)
+    return c
+
+
+@pytest.fixture(scope="module")
+def sandbox(ctl: Ctl, home: Path) -> str:
+    """Secret stored, policy written, one sandbox up with a create-level secret env."""
+    r = ctl.ok("secret", "put", "api-key", input=VALUE + "\n")
+    assert "api-key" in r.err
+    (home / "policy.toml").write_text("max_cpus = 2\nmax_ttl_seconds = 3600\n")
+    ctl.ok("up", "--name", "sec", "--ttl", "20m", "-e", "FROM_UP=secret:api-key", "-e", "PLAIN=1")
+    return "sec"
+
+
+def test_secret_ls_shows_names_only(ctl: Ctl, sandbox: str) -> None:
+    assert ctl.json("secret", "ls") == ["api-key"]
+    assert ctl.ok("secret", "ls").out.split() == ["api-key"]
+
+
+def test_exec_injects_and_redacts(ctl: Ctl, sandbox: str) -> None:
+    script = (
+        'echo "$API_KEY"; echo "err:$API_KEY" >&2; printf %s "$API_KEY" | rev; echo; '
+        'printf %s "$API_KEY" | sha256sum; printf %s "$FROM_UP" | sha256sum'
+    )
+    r = ctl.ok("exec", sandbox, "-e", "API_KEY=secret:api-key", "--", "sh", "-c", script)
+    lines = r.out.splitlines()
+    assert lines[0] == MARK
+    assert r.err.strip() == f"err:{MARK}"
+    # The value really is in the process environment, whole: its hash matches, as does the
+    # reversed form (which redaction does not, and cannot, recognise).
+    assert lines[1] == VALUE[::-1]
+    assert lines[2].split()[0] == SHA
+    assert lines[3].split()[0] == SHA  # the create-level secret env reaches every exec
+
+
+def test_value_split_across_writes_is_redacted(ctl: Ctl, sandbox: str) -> None:
+    """Two writes with a pause between them, so the value likely arrives in two chunks."""
+    script = 'printf %s "${API_KEY%????????}"; sleep 0.3; printf "%s\\n" "${API_KEY#"${API_KEY%????????}"}"'
+    r = ctl.ok("exec", sandbox, "-e", "API_KEY=secret:api-key", "--", "sh", "-c", script)
+    assert r.out == MARK + "\n"
+
+
+def test_json_output_is_redacted(ctl: Ctl, sandbox: str) -> None:
+    r = ctl.ok("exec", sandbox, "-e", "K=secret:api-key", "--json", "--", "sh", "-c", 'echo "$K"')
+    assert MARK in r.out
+
+
+def test_proc_output_and_logs_are_redacted(ctl: Ctl, sandbox: str) -> None:
+    r = ctl.ok(
+        "proc", "start", sandbox, "-e", "K=secret:api-key", "--json", "--",
+        "sh", "-c", 'echo "proc:$K"; echo "proc-err:$K" >&2',
+    )  # fmt: skip
+    proc = str(json.loads(r.out)["proc"])
+    ctl.ok("proc", "wait", sandbox, proc, "--timeout", "60s")
+    assert ctl.ok("proc", "output", sandbox, proc).out == f"proc:{MARK}\n"
+    assert ctl.ok("proc", "output", sandbox, proc, "--stderr").out == f"proc-err:{MARK}\n"
+    logs = ctl.ok("logs", sandbox).out
+    assert f"proc:{MARK}" in logs and f"proc-err:{MARK}" in logs
+
+
+def test_unknown_secret_fails_before_the_command_starts(ctl: Ctl, sandbox: str) -> None:
+    r = ctl("exec", sandbox, "-e", "X=secret:nope", "--", "touch", "/tmp/ran")
+    assert r.rc != 0
+    assert "no secret named 'nope'" in r.err and "api-key" in r.err
+    assert ctl("exec", sandbox, "--", "test", "-e", "/tmp/ran").rc == 1
+
+
+def test_errors_that_quote_the_value_are_redacted(ctl: Ctl, sandbox: str) -> None:
+    """A command named after the value: whatever error comes back must not carry it."""
+    r = ctl("exec", sandbox, "-e", "K=secret:api-key", "--", f"/nonexistent/{VALUE}")
+    assert r.rc != 0
+    leaked = VALUE in r.out + r.err
+    assert not leaked, "the secret value came back in an error"
+
+
+def test_policy_denial_names_its_rules(ctl: Ctl, sandbox: str, home: Path) -> None:
+    r = ctl("up", "--name", "too-big", "--cpus", "3", "--ttl", "2h")
+    assert r.rc != 0
+    assert "[cpus]" in r.err and "max_cpus=2" in r.err and "[ttl]" in r.err
+    assert "too-big" not in ctl.sandboxes()
+    audit_text = "".join(p.read_text() for p in (home / "audit").rglob("*") if p.is_file())
+    assert "plan.denied" in audit_text and "plan.admitted" in audit_text
+
+
+def test_bad_policy_file_is_a_clear_error(ctl: Ctl, sandbox: str, home: Path) -> None:
+    policy = home / "policy.toml"
+    good = policy.read_text()
+    policy.write_text("max_cpuz = 2\n")
+    try:
+        r = ctl("up", "--name", "bad-policy")
+        assert r.rc != 0 and "unknown policy key" in r.err and "max_cpuz" in r.err
+    finally:
+        policy.write_text(good)
+
+
+def test_value_is_nowhere_on_disk_or_in_output(ctl: Ctl, sandbox: str, home: Path) -> None:
+    """Runs last: the whole home (no symlinked shared stores) and every CLI output."""
+    ctl.ok("daemon", "status")  # the daemon is still up: its files are as they are now
+    needle = VALUE.encode()
+    checked = []
+    for root, dirs, files in os.walk(home):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        for f in files:
+            p = Path(root, f)
+            if p.is_symlink() or not p.is_file():
+                continue
+            try:
+                data = p.read_bytes()
+            except OSError:
+                continue  # sockets, vanished files
+            checked.append(p.name)
+            leaked = needle in data
+            assert not leaked, f"secret value found in {p}"
+    assert {"state.db", "store.json", "mvmd.log"} <= set(checked), checked
+    assert any(n.startswith("events.jsonl") for n in checked), checked
+    for r in CAPTURED:
+        leaked = needle in r.out_b + r.err_b
+        assert not leaked, f"secret value in the output of mvmctl {r.args[:2]}"
