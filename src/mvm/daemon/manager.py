@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -689,7 +690,10 @@ class Manager:
                         exit_code=reply.exit_code,
                         timed_out=reply.timed_out,
                         signal=reply.signal,
-                        duration=round(reply.duration, 6),
+                        # The guest's number: a NaN/inf must not make the record unwritable.
+                        duration=(
+                            round(reply.duration, 6) if math.isfinite(reply.duration) else None
+                        ),
                         truncated_stdout=reply.truncated.stdout,
                         truncated_stderr=reply.truncated.stderr,
                         **outputs(),
