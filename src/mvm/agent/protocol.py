@@ -110,9 +110,9 @@ PROC_RING = 1024 * 1024
 #: Background processes remembered (running ones are never forgotten).
 MAX_PROCS = 256
 #: Largest payload of one guest->host TCP frame, and the unacknowledged bytes allowed
-#: per connection (8 frames: well under the host's per-request queue of 16).
-TCP_CHUNK = 64 * 1024
-TCP_WINDOW = 8 * TCP_CHUNK
+#: per connection (4 frames: well under the host's per-request queue of 16).
+TCP_CHUNK = 128 * 1024
+TCP_WINDOW = 4 * TCP_CHUNK
 #: TCP relays the guest serves at once.
 MAX_TCP = 128
 
