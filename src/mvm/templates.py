@@ -15,6 +15,7 @@ binary, and whether the VM has a NIC. They are made on first use of a shape, und
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -22,14 +23,19 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mvm import paths
+from mvm.errors import VMError
 
 #: Bumped when the template recipe (argv shape, agent handshake) changes.
 TEMPLATE_VERSION = 2
+#: Longest wait for another process or task making the same template (two cold boots' worth).
+LOCK_TIMEOUT = 600.0
+LOCK_POLL = 0.05
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,28 @@ class TemplateStore:
             return t
         return None
 
-    @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """Serialise creation of one template (others wait, then find it made)."""
+    @contextlib.asynccontextmanager
+    async def lock(self, key: str, timeout: float = LOCK_TIMEOUT) -> AsyncIterator[None]:
+        """Serialise creation of one template (others wait, then find it made).
+
+        An flock, so it holds across processes (CLI runs and mvmd); taken by polling
+        with LOCK_NB so that waiting never blocks the event loop, on which the holder
+        may itself be awaiting its template's boot (mvmd serves all creates on one loop).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / f".{key}.lock").open("w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise VMError(
+                            f"boot template {key[:12]} stayed locked for {timeout:.0f}s",
+                            hint="another mvm process is making it; retry when it is done",
+                        ) from None
+                    await asyncio.sleep(LOCK_POLL)
             try:
                 yield
             finally:
@@ -129,9 +151,9 @@ class TemplateStore:
             path.rename(aside / "t")
             shutil.rmtree(aside, ignore_errors=True)
 
-    def discard_if_same(self, key: str, seen: Template) -> None:
+    async def discard_if_same(self, key: str, seen: Template) -> None:
         """Drop template ``key`` if it is still the one that failed (not a newer one)."""
-        with self.lock(key):
+        async with self.lock(key):
             try:
                 same = (self.root / key / "state").stat().st_ino == seen.state.stat().st_ino
             except OSError:
@@ -139,8 +161,8 @@ class TemplateStore:
             if same:
                 self._set_aside(self.root / key)
 
-    def discard(self, key: str) -> None:
-        with self.lock(key):
+    async def discard(self, key: str) -> None:
+        async with self.lock(key):
             self._set_aside(self.root / key)
 
     def all(self) -> list[Template]:

@@ -89,7 +89,7 @@ async def make_template(
     boot_timeout: float,
 ) -> templates.Template:
     """Cold-boot a VM whose RAM is a shared file, wait for its agent, save its device state."""
-    with tstore.lock(key):
+    async with tstore.lock(key, timeout=2 * boot_timeout + 60):
         existing = tstore.get(key)
         if existing is not None:  # made by someone else while we waited
             return existing
@@ -175,7 +175,7 @@ class MicroVM:
             except StateLoadError as exc:
                 # Loading the template itself failed: drop it (if still the same one).
                 log.warning("template %s is unusable (%s); booting cold", key, exc)
-                tstore.discard_if_same(key, tpl)
+                await tstore.discard_if_same(key, tpl)
             except VMError as exc:
                 # Something passing (load, a race): keep the template, boot cold this once.
                 log.warning("restoring template %s failed (%s); booting cold", key, exc)

@@ -468,12 +468,6 @@ def test_cp_between_host_and_guest(ctl: Ctl, home: Path) -> None:
     assert not (out_dir / "nope").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `cp NAME:/path DEST` into a missing host directory dies with a Python "
-    "traceback (FileNotFoundError from Path.write_bytes in cli/sandboxes.py:cp) instead of "
-    "a clear mvm error",
-)
 def test_cp_into_a_missing_host_directory_fails_clearly(ctl: Ctl, home: Path) -> None:
     r = ctl("cp", "worker:/work/out.json", str(home / "no-such-dir") + "/")
     assert r.rc in (2, 125), str(r)
@@ -524,8 +518,8 @@ def test_twenty_concurrent_execs_get_their_own_output(client: Client) -> None:
 
 
 def test_two_ups_in_parallel(ctl: Ctl) -> None:
-    # Make the default shape's boot template first: two creates that both have to make
-    # the same template deadlock mvmd (test_daemon_template_race.py, an xfail).
+    # Make the default shape's boot template first, so this measures two restores side by
+    # side (two creates that both make one template: test_daemon_template_race.py).
     ctl.ok("up", "--name", "warm", "--ttl", "5m", timeout=300)
     ctl.ok("down", "warm")
     pa = ctl.popen("up", "--name", "par-a", "-e", "SNAPENV=one", "--ttl", "20m")
@@ -767,11 +761,6 @@ def test_snapshot_save_down_restore_rm(ctl: Ctl, home: Path) -> None:
     assert r.rc == 125, str(r)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a sandbox recreated by `snapshot restore` after `down` loses its env "
-    "(Manager._recreate_from sets env={}; SnapshotRecord does not store it)",
-)
 def test_snapshot_restore_after_down_keeps_the_sandbox_env(ctl: Ctl) -> None:
     ctl.ok("up", "--name", "envsnap", "-e", "SNAPENV=kept", "--ttl", "10m", timeout=300)
     try:
@@ -785,12 +774,6 @@ def test_snapshot_restore_after_down_keeps_the_sandbox_env(ctl: Ctl) -> None:
         ctl("snapshot", "rm", "envsnap", "e1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: two concurrent `snapshot save` with one name both pass the existence check "
-    "(Manager.snapshot_save checks before taking live.lock): the loser fails with 'internal "
-    "error: IntegrityError' (HTTP 500) after replacing the winner's state file on disk",
-)
 def test_concurrent_snapshot_saves_of_one_name(client: Client, ctl: Ctl, home: Path) -> None:
     outcomes: list[BaseException | M.SnapshotInfo] = []
     barrier = threading.Barrier(2)
@@ -884,12 +867,6 @@ def test_ttl_reaper_set_ttl_and_wait(ctl: Ctl, home: Path) -> None:
     assert r.rc == 125 and "no sandbox named" in r.err, str(r)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `mvmctl wait NAME --timeout T` exits 0 when T passes and the sandbox is "
-    "still running (prints 'NAME: running'), so a script cannot tell a timeout from the end; "
-    "`proc wait` exits 124 in the same case",
-)
 def test_wait_that_times_out_says_so(ctl: Ctl) -> None:
     r = ctl("wait", "worker", "--timeout", "1s")
     assert r.out.strip() == "worker: running" or "running" in r.err, str(r)

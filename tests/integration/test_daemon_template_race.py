@@ -113,12 +113,6 @@ def daemon_answers(env: dict[str, str]) -> bool:
     return p.returncode == 0 and json.loads(p.stdout).get("pid") is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: make_template takes the template's fcntl.flock on mvmd's event loop "
-    "(TemplateStore.lock blocks): a second create of the same new shape blocks the loop "
-    "while the first holds the lock and awaits its boot on that loop -> mvmd hangs for good",
-)
 def test_two_ups_that_both_need_a_new_template(env: dict[str, str]) -> None:
     start = subprocess.run(
         [*MVMCTL, "daemon", "start"], env=env, capture_output=True, timeout=60, check=False

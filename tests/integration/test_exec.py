@@ -274,12 +274,6 @@ def test_concurrent_execs_do_not_mix_output(call: Call, agent: AgentClient) -> N
     assert elapsed < n * 1.0, f"the commands did not run concurrently ({elapsed:.1f}s)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the guest agent closes a command's pipe fds while its pump threads may still "
-    "read them (a background child keeps the pipe open); the fd numbers are reused by the "
-    "next command's pipes and the stale pump steals that command's output",
-)
 def test_lingering_background_child_does_not_steal_later_output(
     call: Call, boot_vm: Callable[..., MicroVM]
 ) -> None:
@@ -302,11 +296,6 @@ def test_lingering_background_child_does_not_steal_later_output(
     assert (b.stdout, b.stderr) == (expected, expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cancelling or abandoning an exec on the host (task cancel, wait_for, "
-    "host-side CommandTimeout) never tells the guest: the command keeps running in the VM",
-)
 def test_cancelled_exec_stops_the_guest_command(
     call: Call, boot_vm: Callable[..., MicroVM]
 ) -> None:

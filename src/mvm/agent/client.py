@@ -393,9 +393,13 @@ class AgentClient:
                 # Abandoned (cancelled, timed out on the host, consumer gone): the guest
                 # must not keep running it. A task of its own, as this generator may be
                 # closing inside a cancelled task.
-                task = asyncio.get_running_loop().create_task(self._kill_abandoned(rid))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                try:
+                    task = asyncio.get_running_loop().create_task(self._kill_abandoned(rid))
+                except RuntimeError:  # collected outside the loop: nothing can be sent
+                    pass
+                else:
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
 
     async def _kill_abandoned(self, rid: int) -> None:
         """SIGKILL the process group of an exec nobody waits for any more (bounded)."""

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import click
 import msgspec
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -30,7 +29,7 @@ from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
 from mvm.cli.secrets import COMMANDS as SECRET_COMMANDS
-from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
+from mvm.cli.ui import RichReporter, err_console, out_console, stderr_is_tty
 from mvm.errors import InvalidArgument
 from mvm.images import manifest as manifests
 from mvm.images.store import ImageStore
@@ -68,7 +67,7 @@ def doctor(as_json: bool) -> None:
             table.add_row(
                 c.name, f"[{colors[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)
             )
-        Console().print(table)
+        out_console().print(table)
     sys.exit(1 if failed else 0)
 
 

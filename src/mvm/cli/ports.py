@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 import msgspec
-from rich.console import Console
 from rich.table import Table
 
 from mvm import client as mvmclient
 from mvm.api import models as M
 from mvm.cli.common import fail_on_errors
+from mvm.cli.ui import out_console
 from mvm.errors import InvalidArgument
 
 
@@ -92,7 +92,7 @@ def forward(
                 table.add_column(col)
             for f in items:
                 table.add_row(f.id, f.host, str(f.host_port), str(f.guest_port))
-            Console().print(table)
+            out_console().print(table)
             return
         if remove is not None:
             gone = c.unforward(name, remove)

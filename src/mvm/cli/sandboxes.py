@@ -12,7 +12,6 @@ from typing import Any
 
 import click
 import msgspec
-from rich.console import Console
 from rich.table import Table
 
 from mvm import client as mvmclient
@@ -20,7 +19,7 @@ from mvm.api import models as M
 from mvm.cli.common import fail_on_errors, split_env
 from mvm.cli.ports import describe as describe_forward
 from mvm.cli.ports import port_specs
-from mvm.cli.ui import RichReporter, err_console, stderr_is_tty
+from mvm.cli.ui import RichReporter, err_console, out_console, stderr_is_tty
 from mvm.durations import parse_duration
 from mvm.errors import InvalidArgument, MvmError
 from mvm.images import manifest as manifests
@@ -199,7 +198,7 @@ def ls(as_json: bool) -> None:
             s.network.preset + (f"+{len(s.network.allow)}" if s.network.allow else ""),
             ",".join(describe_forward(f) for f in s.forwards) or "-",
         )
-    Console().print(table)
+    out_console().print(table)
 
 
 # ----------------------------------------------------------------------------- exec

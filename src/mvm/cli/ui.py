@@ -11,6 +11,13 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from mvm.errors import MvmError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+#: Width of tables when stdout is not a terminal: scripts and pipes get whole cells.
+PIPE_WIDTH = 250
+
+
+def out_console() -> Console:
+    """A console for tables on stdout; never truncates cells when stdout is a pipe."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 class RichReporter:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -263,6 +264,34 @@ def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
     return proc
 
 
+def pipe_chunks(f: Any, stop: threading.Event) -> Iterator[bytes]:
+    """Yield what a command's pipe gives until EOF or ``stop``, then close the pipe.
+
+    The reader closes the pipe itself, never another thread: a pipe kept open by a
+    lingering background child would otherwise be closed under a reader still blocked
+    on it, its fd number reused by the next command's pipe, and that output stolen.
+    """
+    try:
+        fd = f.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        while not stop.is_set():
+            if not poller.poll(200):
+                continue
+            try:
+                chunk = os.read(fd, P.CHUNK)
+            except OSError:
+                return
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass
+
+
 def set_oom_score(pid: int | str, score: int) -> None:
     try:
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
@@ -310,6 +339,7 @@ class Background:
         self.rings = {"stdout": Ring(), "stderr": Ring()}
         self.cond = threading.Condition()
         self.pumps_done = 0
+        self.stop = threading.Event()  # set after exit + drain: pumps close their pipes
 
     def info(self) -> dict[str, Any]:
         rc = self.proc.returncode
@@ -534,14 +564,10 @@ class Agent:
         counts = {"stdout": 0, "stderr": 0}
         truncated = {"stdout": False, "stderr": False}
 
-        def pump(stream: str, fd: int) -> None:
-            while True:
-                try:
-                    chunk = os.read(fd, P.CHUNK)
-                except OSError:
-                    return
-                if not chunk:
-                    return
+        stop = threading.Event()
+
+        def pump(stream: str, f: Any) -> None:
+            for chunk in pipe_chunks(f, stop):
                 room = limit - counts[stream]
                 if room <= 0:
                     truncated[stream] = True
@@ -554,8 +580,8 @@ class Agent:
 
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
         pumps = [
-            threading.Thread(target=pump, args=("stdout", proc.stdout.fileno()), daemon=True),
-            threading.Thread(target=pump, args=("stderr", proc.stderr.fileno()), daemon=True),
+            threading.Thread(target=pump, args=("stdout", proc.stdout), daemon=True),
+            threading.Thread(target=pump, args=("stderr", proc.stderr), daemon=True),
         ]
         for th in pumps:
             th.start()
@@ -576,13 +602,13 @@ class Agent:
         deadline = time.monotonic() + DRAIN_AFTER_EXIT
         for th in pumps:
             th.join(max(0.0, deadline - time.monotonic()))
+        stop.set()  # pumps still held open by a lingering child stop and close their pipes
         with self.procs_lock:
             self.procs.pop(rid, None)
-        for f in (proc.stdout, proc.stderr, proc.stdin):
-            try:
-                f.close()
-            except OSError:
-                pass
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
         rc = proc.returncode
         return {
             "exit_code": rc if rc >= 0 else 128 - rc,
@@ -661,23 +687,15 @@ class Agent:
                 del self.bg[old.num]
         assert proc.stdout is not None and proc.stderr is not None
         for stream, f in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-            threading.Thread(
-                target=self._bg_pump, args=(bg, stream, f.fileno()), daemon=True
-            ).start()
+            threading.Thread(target=self._bg_pump, args=(bg, stream, f), daemon=True).start()
         threading.Thread(target=self._bg_wait, args=(bg,), daemon=True).start()
         threading.Thread(
             target=self._feed_stdin, args=(proc, payload, not keep_stdin), daemon=True
         ).start()
         return {"proc": num, "pid": proc.pid}, b""
 
-    def _bg_pump(self, bg: Background, stream: str, fd: int) -> None:
-        while True:
-            try:
-                chunk = os.read(fd, P.CHUNK)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                break
+    def _bg_pump(self, bg: Background, stream: str, f: Any) -> None:
+        for chunk in pipe_chunks(f, bg.stop):
             with bg.cond:
                 offset = bg.rings[stream].end
                 bg.rings[stream].append(chunk)
@@ -694,12 +712,12 @@ class Agent:
             bg.cond.wait_for(lambda: bg.pumps_done >= 2, timeout=DRAIN_AFTER_EXIT)
             bg.ended = time.time()
             bg.cond.notify_all()
-        for f in (bg.proc.stdin, bg.proc.stdout, bg.proc.stderr):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
+        bg.stop.set()
+        try:
+            if bg.proc.stdin is not None:
+                bg.proc.stdin.close()
+        except OSError:
+            pass
         self.events.put({"kind": "proc.exit", **bg.info()})
 
     def _bg(self, h: dict[str, Any]) -> Background:
