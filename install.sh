@@ -26,8 +26,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Host tools: QEMU (microvm machine), busybox for the initramfs, mmdebstrap and
-# e2fsprogs for root filesystems, lz4/zstd to unpack Debian's kernel, venv for Python.
-APT_PACKAGES="qemu-system-x86 busybox-static e2fsprogs lz4 zstd mmdebstrap cpio python3-venv ca-certificates"
+# e2fsprogs for root filesystems, lz4/zstd to unpack Debian's kernel, venv for Python,
+# iproute2 for the network tests' namespace test host.
+APT_PACKAGES="qemu-system-x86 busybox-static e2fsprogs lz4 zstd mmdebstrap cpio python3-venv ca-certificates iproute2"
 missing=""
 for p in $APT_PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
