@@ -100,6 +100,9 @@ class SnapshotRecord(msgspec.Struct, kw_only=True):
     #: only names live in records).
     env: dict[str, str] = {}
     ttl_seconds: float | None = None
+    #: The sandbox's network policy (a NIC is part of the saved device state).
+    network_preset: str = "none"
+    network_allow: list[str] = []
 
 
 class ForwardRecord(msgspec.Struct, kw_only=True):

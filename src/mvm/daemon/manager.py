@@ -643,6 +643,7 @@ class Manager:
         )
         digests = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256()}
         sizes = {"stdout": 0, "stderr": 0}
+        received = {"stdout": 0, "stderr": 0}  # raw bytes from the guest, per stream
         t0 = time.monotonic()
         finished = False
 
@@ -666,8 +667,12 @@ class Manager:
                 if frame.type == P.OUT:
                     stream = frame.header.get("stream")
                     if stream in ("stdout", "stderr"):
+                        # The guest's word on output_limit is not trusted: cap it here too.
+                        room = max(0, req.output_limit - received[str(stream)])
+                        received[str(stream)] += len(frame.payload)
+                        payload = frame.payload[:room]
                         # Redacted before it is hashed or leaves: audit sees what clients see.
-                        data = redactors[str(stream)].feed(frame.payload)
+                        data = redactors[str(stream)].feed(payload) if payload else b""
                         if data:
                             ev = M.ExecEvent(type=str(stream), data=data)
                             digests[ev.type].update(ev.data)
@@ -684,6 +689,7 @@ class Manager:
 
                     reply: ExecReply = _convert(frame, ExecReply, "exec")
                     finished = True
+                    cut = {k: v > req.output_limit for k, v in received.items()}
                     aid = audit_after(
                         "cmd.exec.finished",
                         live.name,
@@ -694,8 +700,8 @@ class Manager:
                         duration=(
                             round(reply.duration, 6) if math.isfinite(reply.duration) else None
                         ),
-                        truncated_stdout=reply.truncated.stdout,
-                        truncated_stderr=reply.truncated.stderr,
+                        truncated_stdout=reply.truncated.stdout or cut["stdout"],
+                        truncated_stderr=reply.truncated.stderr or cut["stderr"],
                         **outputs(),
                     )
                     yield M.ExecEvent(
@@ -704,8 +710,8 @@ class Manager:
                         timed_out=reply.timed_out,
                         signal=reply.signal,
                         duration=reply.duration,
-                        truncated_stdout=reply.truncated.stdout,
-                        truncated_stderr=reply.truncated.stderr,
+                        truncated_stdout=reply.truncated.stdout or cut["stdout"],
+                        truncated_stderr=reply.truncated.stderr or cut["stderr"],
                         audit_id=aid,
                     )
         finally:
@@ -764,6 +770,8 @@ class Manager:
                 disk_mb=r.disk_mb,
                 env=r.env,
                 ttl_seconds=r.ttl_seconds,
+                network_preset=r.network_preset,
+                network_allow=list(r.network_allow),
             )
             (d / "snapshot.json").write_bytes(msgspec.json.encode(snap_rec))
             self.db.add_snapshot(snap_rec)
@@ -831,6 +839,8 @@ class Manager:
             ttl_seconds=ttl,
             expires_at=now + ttl,
             run_dir=str(paths.run_dir() / vm_id),
+            network_preset=srec.network_preset,
+            network_allow=list(srec.network_allow),
         )
         async with self._create_lock:
             if srec.sandbox in self.live:
@@ -839,15 +849,23 @@ class Manager:
             live = Live(rec)
             self.live[rec.name] = live
         async with live.lock:
-            spec = VMSpec(
-                image, cpus=rec.cpus, memory_mb=rec.memory_mb, overlay_size=f"{rec.disk_mb}m"
-            )
-            cfg = replace(base_config(spec, self.store, Path(rec.run_dir)), incoming=True)
             try:
+                network = await self._start_egress(live, rec.network_preset, rec.network_allow)
+                spec = VMSpec(
+                    image,
+                    cpus=rec.cpus,
+                    memory_mb=rec.memory_mb,
+                    overlay_size=f"{rec.disk_mb}m",
+                    network=network,
+                )
+                cfg = replace(base_config(spec, self.store, Path(rec.run_dir)), incoming=True)
                 vm = await MicroVM._start(
                     vm_id, spec, cfg, 120.0, restore=Path(srec.path) / "state"
                 )
             except BaseException:
+                if live.egress is not None:
+                    await live.egress.close()
+                    live.egress = None
                 self.db.delete(rec.id)
                 self.live.pop(rec.name, None)
                 shutil.rmtree(rec.run_dir, ignore_errors=True)
