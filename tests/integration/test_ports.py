@@ -196,6 +196,15 @@ def test_ls_shows_forwards(
         c.unforward(NAME, extra.id)
 
 
+def test_snapshot_restore_keeps_the_forward(ctl: Ctl, sandbox: dict[str, object]) -> None:
+    port = int(str(sandbox["http_port"]))
+    ctl.ok("snapshot", "save", NAME, "pf-snap", timeout=300)
+    ctl.ok("snapshot", "restore", NAME, "pf-snap", timeout=300)
+    assert any(f["host_port"] == port for f in ctl.sandboxes()[NAME]["forwards"])
+    resp = get(port, "/big.bin")  # the restored guest's server, through the new agent
+    assert hashlib.sha256(resp.content).hexdigest() == sandbox["sha"]
+
+
 def test_forward_survives_a_mvmd_kill(ctl: Ctl, sandbox: dict[str, object]) -> None:
     port = int(str(sandbox["http_port"]))
     pid = ctl.daemon_pid()
