@@ -15,7 +15,6 @@ Attacks are chosen per request, so one VM serves many scenarios:
   until a ``ping`` with ``{"reset": true}`` arrives.
 """
 
-
 import json
 import os
 import struct
@@ -132,11 +131,13 @@ class Hostile(RealAgent):  # type: ignore[misc]
         self.ch.send({"t": P.OK, "id": rid, "exit_code": 0, "timed_out": False, "duration": 0.0})
 
     def endless(self, rid: int, args: list[str]) -> None:
-        """Output for an exec that never ends, as fast as the port takes it."""
+        """Output for an exec that never ends, as fast as the port takes it (for
+        ``args[0]`` seconds if given, so a later attack can still be sent)."""
         chunk = b"E" * P.CHUNK
         sent = 0
+        until = time.monotonic() + float(args[0]) if args else float("inf")
         self.ch.send({"t": P.STARTED, "id": rid, "pid": 4242})
-        while True:
+        while time.monotonic() < until:
             self.ch.send({"t": P.OUT, "id": rid, "stream": "stdout"}, chunk)
             sent += len(chunk)
             if sent % (64 * MIB) == 0:

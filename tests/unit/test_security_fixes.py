@@ -29,3 +29,48 @@ def test_agrees_with_what_a_linux_directory_can_hold(name: str) -> None:
     if legal:  # joining it to a directory cannot climb out of that directory
         assert os.path.basename(name) == name
         assert os.path.normpath(os.path.join("/d", name)).startswith("/d/")
+
+
+# ----------------------------------------------------------------------------- mvmd errors
+
+
+def _http_errors() -> dict[str, tuple[int, str, dict[str, object]]]:
+    """aiohttp's own refusals through mvmd's error middleware (a tiny app, no VM)."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from mvm.daemon.server import errors_middleware
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read())
+
+    async def run() -> dict[str, tuple[int, str, dict[str, object]]]:
+        app = web.Application(middlewares=[errors_middleware], client_max_size=100)
+        app.router.add_post("/v1/echo", echo)
+        out = {}
+        async with TestClient(TestServer(app)) as c:
+            for key, method, path, body in (
+                ("route", "GET", "/v1/no/such/route", b""),
+                ("method", "GET", "/v1/echo", b""),
+                ("size", "POST", "/v1/echo", b"x" * 1000),
+                ("fine", "POST", "/v1/echo", b"{}"),
+            ):
+                r = await c.request(method, path, data=body)
+                ctype = r.headers.get("content-type", "")
+                out[key] = (r.status, ctype, await r.json() if "json" in ctype else {})
+        return out
+
+    return asyncio.run(run())
+
+
+def test_unknown_routes_wrong_methods_and_big_bodies_get_json_errors() -> None:
+    got = _http_errors()
+    for key, status in (("route", 404), ("method", 405), ("size", 413)):
+        code, ctype, body = got[key]
+        assert code == status and ctype.startswith("application/json"), got[key]
+        assert body["error"] == "InvalidArgument" and str(status) in str(body["message"])
+        assert body["data"] == {"status": status}
+    assert "limited to" in str(got["size"][2]["hint"])
+    assert got["fine"][0] == 200

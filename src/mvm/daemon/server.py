@@ -79,14 +79,34 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     )
 
 
+def http_error_body(status: int, reason: str, request: web.Request) -> M.ErrorBody:
+    """aiohttp's own refusals (no such route, wrong method, body too large) as the same
+    JSON error body as every other error, so clients never have to parse text."""
+    hints = {
+        404: "see docs/cli.md for the API routes",
+        405: "see docs/cli.md for the API routes",
+        413: f"request bodies are limited to {M.MAX_BODY} bytes; send big files in parts",
+    }
+    method = request.method if request.method.isalpha() else "?"
+    path = request.path.replace("\x00", "\\x00")[:200]
+    return M.ErrorBody(
+        error="InvalidArgument",
+        message=f"HTTP {status} {reason}: {method} {path}",
+        hint=hints.get(status),
+        data={"status": status},
+    )
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except errors.MvmError as exc:
         return json_response(error_body(exc), status_for(exc))
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_response(http_error_body(exc.status, exc.reason, request), exc.status)
     except Exception as exc:  # a bug: report it, keep serving
         log.exception("unhandled error in %s %s", request.method, request.path)
         body = M.ErrorBody(

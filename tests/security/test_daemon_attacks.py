@@ -1,0 +1,382 @@
+"""mvmd under attack: malformed API requests (hypothesis), and hostile guests behind it.
+
+The module runs its own mvmd under a private, short MVM_HOME. Root filesystems and
+kernels are shared with the default store through symlinks; the initramfs directory is
+private and holds the *hostile* initramfs under the real one's name, so every sandbox of
+this daemon runs ``hostile_agent.py`` (honest until told to attack). Two sandboxes:
+
+- ``neighbour``: the fuzzer's target; must keep answering throughout.
+- ``victim``: floods mvmd with an endless stream, then breaks the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import string
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mvm.api import models as M
+from mvm.images import initramfs
+from mvm.images.store import ImageStore
+from mvm.vmm.qemu import qemu_binary
+from tests.integration.test_daemon import Ctl, daemon_pids, default_home, qemu_pids, wait_until
+from tests.security.hostile import build_hostile_initramfs, rss_bytes
+
+pytestmark = [pytest.mark.timeout(300)]
+
+MIB = 1024 * 1024
+RSS_BOUND = 64 * MIB
+V = f"/{M.API_VERSION}"
+#: aiohttp's request-line limit (``max_line_size``), minus the method and version.
+REQUEST_LINE_LIMIT = 8190 - len("OPTIONS  HTTP/1.1")
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    if shutil.which(qemu_binary()) is None:
+        pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
+    default = default_home()
+    store = ImageStore(default)
+    image = store.ensure("python")
+    (default / "build.lock").touch()
+    h = Path(tempfile.mkdtemp(prefix="mvmsec-", dir="/tmp"))
+    for n in ("rootfs", "kernels", "build.lock"):
+        (h / n).symlink_to(default / n)
+    (h / "images").mkdir()
+    for rec in (default / "images").glob("*.json"):
+        shutil.copy(rec, h / "images" / rec.name)
+    # The real initramfs name, hostile content: mvmd boots the attacker's agent.
+    real = store.initramfs_for(image)
+    hostile = build_hostile_initramfs(image, h / "hostile")
+    (h / "initramfs").mkdir()
+    shutil.copy(hostile, h / "initramfs" / real.name)
+    assert initramfs.agent_sources()  # the real agent is what the hostile one wraps
+    try:
+        yield h
+    finally:
+        ctl = Ctl(h)
+        for args, limit in ((("down", "--all"), 120), (("daemon", "stop"), 30)):
+            try:
+                ctl(*args, timeout=limit)
+            except Exception:
+                pass  # a hung daemon: killed below
+        wait_until(lambda: not daemon_pids(h), 10)
+        for pid in daemon_pids(h) + qemu_pids(h):  # started for this home only
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not qemu_pids(h), 10)
+        shutil.rmtree(h, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ctl(home: Path) -> Ctl:
+    c = Ctl(home)
+    for name in ("neighbour", "victim"):
+        c.ok("up", "--name", name, "--image", "python", "--ttl", "30m", timeout=240)
+    return c
+
+
+@pytest.fixture(scope="module")
+def http(home: Path, ctl: Ctl) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(home / "mvmd.sock")),
+        base_url="http://mvmd",
+        timeout=httpx.Timeout(120, connect=5),
+    ) as c:
+        yield c
+
+
+def daemon_pid(http: httpx.Client) -> int:
+    r = http.get(f"{V}/status")
+    assert r.status_code == 200, r.text
+    return int(r.json()["pid"])
+
+
+def neighbour_answers(ctl: Ctl) -> None:
+    r = ctl.ok("exec", "neighbour", "--", "echo", "neighbour", timeout=120)
+    assert r.out == "neighbour\n", str(r)
+
+
+def assert_json_error(r: httpx.Response) -> None:
+    assert r.headers.get("content-type", "").startswith("application/json"), (r.status_code, r.text)
+    body = r.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), str), body
+    assert isinstance(body.get("message"), str) and body["message"], body
+
+
+# ----------------------------------------------------------------------------- API fuzzing
+
+ABSURD = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            "\x00",
+            "a\x00b",
+            "../../../../etc/passwd",
+            "..",
+            "9" * 5000,
+            "-1",
+            "-9" * 40,
+            "nan",
+            "inf",
+            "-inf",
+            "1e309",
+            "0x",
+            "0b2",
+            "true",
+            "[]",
+            "{}",
+            "é" * 300,
+            "%00",
+        ]
+    ),
+    st.text(max_size=40),
+    st.integers().map(str),
+    st.floats().map(str),
+)
+KEYS = [
+    "path",
+    "dest",
+    "mode",
+    "recursive",
+    "parents",
+    "timeout",
+    "signal",
+    "eof",
+    "follow",
+    "since",
+    "stream",
+    "offset",
+    "x",
+]
+NAMES = st.one_of(
+    st.sampled_from(["nosuch", "..", "%2e%2e", "%00", "a%00b", "x" * 300, "NEIGHBOUR", "-"]),
+    st.text(alphabet=string.ascii_letters + string.digits + ".-_%", min_size=1, max_size=20),
+)
+MUTATING_ROUTES = [
+    "",
+    "/pause",
+    "/resume",
+    "/ttl",
+    "/wait",
+    "/exec",
+    "/files",
+    "/files/mkdir",
+    "/files/move",
+    "/procs",
+    "/procs/1/wait",
+    "/procs/x/signal",
+    "/procs/1/stdin",
+    "/snapshots",
+    "/snapshots/s1/restore",
+    "/snapshots/s1",
+]
+READ_ROUTES = [
+    "",
+    "/files",
+    "/files/list",
+    "/files/stat",
+    "/procs",
+    "/procs/1/output",
+    "/procs/abc/output",
+    "/logs",
+    "/snapshots",
+]
+JSON_VALUES = st.recursive(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+BODIES = st.one_of(
+    st.binary(max_size=200),
+    st.sampled_from(
+        [
+            b"",
+            b"{",
+            b"null",
+            b"[]",
+            b'{"argv": "sh"}',
+            b'{"argv": [1]}',
+            b'{"name": 5, "image": []}',
+            b'{"argv": ["true"], "nope": 1}',
+            b'{"ttl_seconds": "1h"}',
+            b'{"ttl_seconds": 1e999}',
+            b"\xff\xfe",
+            b'{"argv": ["true"], "timeout": -1}',
+            b'{"argv": []}',
+            b'{"name": "../../x"}',
+            b'{"name": "a\\u0000b", "image": "python"}',
+        ]
+    ),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+)
+
+
+@st.composite
+def bad_requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes, bool]:
+    """(method, path, query, body, may_succeed): requests a client could send by mistake or
+    malice. Mutating routes go to names that do not exist (or are not names at all); only
+    reads reach the live ``neighbour``, where a harmless success is allowed."""
+    query = draw(st.dictionaries(st.sampled_from(KEYS), ABSURD, max_size=4))
+    body = draw(BODIES)
+    kind = draw(st.sampled_from(["mutate", "read", "route", "top"]))
+    if kind == "mutate":
+        method = draw(st.sampled_from(["POST", "PUT", "DELETE", "GET", "PATCH"]))
+        return (
+            method,
+            f"{V}/sandboxes/{draw(NAMES)}{draw(st.sampled_from(MUTATING_ROUTES))}",
+            query,
+            body,
+            False,
+        )
+    if kind == "read":
+        return (
+            "GET",
+            f"{V}/sandboxes/neighbour{draw(st.sampled_from(READ_ROUTES))}",
+            query,
+            body,
+            True,
+        )
+    if kind == "route":
+        junk = (
+            draw(st.text(alphabet=string.printable, max_size=30)).replace("?", "").replace("#", "")
+        )
+        prefix = draw(st.sampled_from(["", V, f"{V}/sandboxes", "/v0", "/../v1", f"{V}/.."]))
+        return (
+            draw(st.sampled_from(["GET", "POST", "OPTIONS"])),
+            f"{prefix}/{junk}",
+            query,
+            body,
+            False,
+        )
+    # the top-level routes with bad bodies (never /shutdown)
+    return draw(st.sampled_from(["POST", "PUT", "DELETE"])), f"{V}/sandboxes", query, body, False
+
+
+def test_malformed_api_requests_get_json_4xx_and_mvmd_keeps_serving(
+    http: httpx.Client, ctl: Ctl
+) -> None:
+    pid = daemon_pid(http)
+    seen: dict[int, int] = {}
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(bad_requests())
+    def probe(req: tuple[str, str, dict[str, str], bytes, bool]) -> None:
+        method, path, query, body, may_succeed = req
+        try:
+            r = http.request(method, path, params=query, content=body, timeout=60)
+        except httpx.InvalidURL:
+            return  # the client library refused to send it: nothing reached mvmd
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        if len(r.request.url.raw_path) > REQUEST_LINE_LIMIT:
+            # Refused by aiohttp's HTTP parser before any route or middleware runs: a
+            # plain-text 400 (documented in docs/security.md), and nothing else happens.
+            assert r.status_code == 400, r.text[:300]
+            return
+        if may_succeed and r.status_code < 300:
+            return
+        assert 400 <= r.status_code < 500, (
+            method,
+            path,
+            query,
+            body[:80],
+            r.status_code,
+            r.text[:300],
+        )
+        assert_json_error(r)
+
+    probe()
+    print(f"statuses seen: {dict(sorted(seen.items()))}")
+    assert daemon_pid(http) == pid
+    neighbour_answers(ctl)
+
+
+def test_a_body_over_the_limit_is_refused_with_413(http: httpx.Client, ctl: Ctl) -> None:
+    pid = daemon_pid(http)
+    huge = b"x" * (M.MAX_BODY + 2 * MIB)
+    for path in (f"{V}/sandboxes", f"{V}/sandboxes/neighbour/files?path=/work/huge"):
+        r = http.request("POST" if path.endswith("sandboxes") else "PUT", path, content=huge)
+        assert r.status_code == 413, r.text[:300]
+        assert_json_error(r)
+    assert daemon_pid(http) == pid
+    neighbour_answers(ctl)
+
+
+# ----------------------------------------------------------------------------- hostile guest
+
+
+def test_an_endless_stream_through_mvmd_is_capped_and_its_memory_bounded(
+    http: httpx.Client, ctl: Ctl
+) -> None:
+    pid = daemon_pid(http)
+    before = rss_bytes(pid)
+    limit = MIB
+    got = {"stdout": 0, "events": 0}
+    end: dict[str, Any] = {}
+    started = time.monotonic()
+    # the guest streams for 30 s (then stops, so the next attack can get through)
+    body = {"argv": ["attack", "endless", "30"], "timeout": 15, "output_limit": limit}
+    with http.stream("POST", f"{V}/sandboxes/victim/exec", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            ev = json.loads(line)
+            got["events"] += 1
+            if ev["type"] == "stdout":
+                got["stdout"] += len(ev.get("data", ""))  # base64 text: an upper bound
+            else:
+                end = ev
+    waited = time.monotonic() - started
+    growth = rss_bytes(pid) - before
+    print(
+        f"endless via mvmd: {got}, end={end.get('type')}, {waited:.0f}s, RSS +{growth / MIB:.1f} MiB"
+    )
+    assert end.get("type") == "error" and end["error"]["error"] == "CommandTimeout", end
+    assert got["stdout"] <= 2 * limit  # base64 of at most output_limit bytes
+    assert growth < RSS_BOUND, f"mvmd's RSS grew by {growth / MIB:.1f} MiB"
+    assert daemon_pid(http) == pid
+    neighbour_answers(ctl)
+
+
+def test_a_guest_breaking_the_protocol_is_marked_failed_with_the_reason(
+    http: httpx.Client, ctl: Ctl
+) -> None:
+    pid = daemon_pid(http)
+    r = ctl("exec", "victim", "--", "attack", "oversize", timeout=120)
+    assert r.rc != 0
+    assert "protocol" in r.err, str(r)
+
+    def failed() -> bool:
+        return ctl.sandboxes()["victim"]["state"] == "failed"
+
+    assert wait_until(failed, 30), ctl.sandboxes()["victim"]
+    victim = ctl.sandboxes()["victim"]
+    assert "agent connection lost" in victim.get("reason", "") and "exceeds" in victim["reason"], (
+        victim
+    )
+    assert qemu_pids(ctl.home) and daemon_pid(http) == pid
+    r = ctl("exec", "victim", "--", "true")
+    assert r.rc != 0 and "failed" in r.err, str(r)
+    neighbour_answers(ctl)
