@@ -234,16 +234,9 @@ class LiveBackend(Backend):
         return self.client.logs(sb, follow=follow, since=since)
 
     def forward(self, sb: str, spec: M.PortSpec) -> M.ForwardInfo:
-        fwd = getattr(self.client, "forward", None)
-        if fwd is None:
-            raise errors.MvmError(
-                "this mvm has no port forwarding yet", hint="use a newer mvm (mvmctl forward)"
-            )
-        result: M.ForwardInfo = fwd(sb, spec)
-        return result
+        fwd = self.client.forward(sb, spec)
+        self.trace("ports.forward", guest_port=spec.guest_port)
+        return fwd
 
     def unforward(self, sb: str, forward_id: str) -> None:
-        unfwd = getattr(self.client, "unforward", None)
-        if unfwd is None:
-            raise errors.MvmError("this mvm has no port forwarding yet")
-        unfwd(sb, forward_id)
+        self.client.unforward(sb, forward_id)
