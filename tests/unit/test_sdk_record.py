@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 import mvm
-from mvm.errors import ImageNotFound, InvalidArgument
+from mvm.errors import ImageNotFound, InvalidArgument, MvmError
 from mvm.policy import admission
 from mvm.sdk import ir as IRm
 from mvm.sdk import plan as planmod
@@ -311,3 +311,55 @@ def test_compile_writes_ir_and_files_by_hash(project: Path) -> None:
 def test_run_mode_takes_exactly_one_target(project: Path) -> None:
     r = mvmctl("run", "--mode", "plan", "a.py", "b.py")
     assert r.returncode == 2 and "one SCRIPT" in r.stderr
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(IRm.OPS),
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "path",
+                        "data",
+                        "argv",
+                        "proc",
+                        "id",
+                        "ref",
+                        "name",
+                        "timeout",
+                        "stdin",
+                        "guest_port",
+                        "mode",
+                        "stream",
+                        "signal",
+                        "src",
+                        "dest",
+                        "snapshot",
+                    ]
+                ),
+                json_values,
+                max_size=5,
+            ),
+        ),
+        max_size=6,
+    )
+)
+def test_replay_of_hostile_operations_fails_only_cleanly(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Whatever an IR's operations say, replay raises an MvmError or nothing (here into a
+    Recorder, which validates like the live backend's inputs)."""
+    d = tmp_path_factory.mktemp("hostile")
+    rec = Recorder(d / "seed")
+    make(rec, d)
+    doc = msgspec.to_builtins(rec.ir)
+    doc["operations"] = [doc["operations"][0]] + [
+        {"seq": i + 1, "op": op, "sandbox": "sb0", "args": args} for i, (op, args) in enumerate(ops)
+    ]
+    try:
+        ir = IRm.decode(json.dumps(doc).encode())
+        Replayer(d, Recorder(d / "out"), io.BytesIO(), io.BytesIO()).run(ir)
+    except MvmError:
+        pass

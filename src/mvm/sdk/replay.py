@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
 
@@ -23,6 +23,16 @@ from mvm.sdk.commands import finish
 from mvm.sdk.files import MAX_WRITE
 from mvm.sdk.include import IncludeFile
 from mvm.sdk.live import LiveBackend
+
+T = TypeVar("T")
+
+
+def convert(obj: Any, typ: type[T], what: str) -> T:
+    """``msgspec.convert`` with InvalidArgument for input that does not fit."""
+    try:
+        return msgspec.convert(obj, typ)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(f"IR {what}: {exc}") from None
 
 
 class Replayer:
@@ -37,7 +47,7 @@ class Replayer:
 
     # -- checked access to untrusted input ------------------------------------------------
     def blob(self, ref: Any) -> bytes:
-        b = msgspec.convert(ref, IRm.Blob)
+        b = convert(ref, IRm.Blob, "blob")
         if not 0 <= b.size <= MAX_WRITE:
             raise InvalidArgument(f"IR blob {b.sha256[:12]} is too large ({b.size} bytes)")
         path = IRm.blob_path(self.dir, b.sha256)
@@ -140,7 +150,7 @@ class Replayer:
                 self.open.remove(sb)
         elif kind == "commands.run":
             fields = {k: v for k, v in a.items() if k not in ("check", "stdin")}
-            req = msgspec.convert(fields, M.ExecRequest)
+            req = convert(fields, M.ExecRequest, f"operation {op.seq}")
             if "stdin" in a:
                 req = msgspec.structs.replace(req, stdin=self.blob(a["stdin"]))
             check = bool(a.get("check", False))
@@ -152,7 +162,7 @@ class Replayer:
             finish(res, req.argv, req.timeout, check)
         elif kind == "commands.start":
             fields = {k: v for k, v in a.items() if k not in ("proc", "stdin")}
-            preq = msgspec.convert(fields, M.ProcStart)
+            preq = convert(fields, M.ProcStart, f"operation {op.seq}")
             if "stdin" in a:
                 preq = msgspec.structs.replace(preq, stdin=self.blob(a["stdin"]))
             self.procs[(ref, self.arg(a, "proc", int))] = be.start(sb, preq).proc
@@ -192,7 +202,7 @@ class Replayer:
                 pass
         elif kind == "ports.forward":
             fields = {k: v for k, v in a.items() if k != "id"}
-            spec = msgspec.convert(fields, M.PortSpec)
+            spec = convert(fields, M.PortSpec, f"operation {op.seq}")
             self.forwards[self.arg(a, "id", str)] = be.forward(sb, spec).id
         elif kind == "ports.close":
             fid = self.forwards.get(self.arg(a, "id", str))
