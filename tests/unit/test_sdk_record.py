@@ -363,3 +363,14 @@ def test_replay_of_hostile_operations_fails_only_cleanly(
         Replayer(d, Recorder(d / "out"), io.BytesIO(), io.BytesIO()).run(ir)
     except MvmError:
         pass
+
+
+def test_plan_json_is_one_document_even_when_the_script_prints(project: Path) -> None:
+    script = project / "noisy.py"
+    script.write_text((project / "python-3.11.py").read_text() + "\nprint('script output')\n")
+    r = mvmctl("run", "--mode", "plan", "--json", str(script))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["decisions"] == [{"sandbox": "sb0", "allowed": True, "denials": [], "notes": []}]
+    assert doc["ir"]["sandboxes"][0]["secret_env"] == {}
+    assert "script output" in r.stderr

@@ -45,8 +45,11 @@ def _script(path: str) -> Path:
     return p
 
 
-def run_script(script: Path, mode: str, record_dir: Path | None = None) -> int:
-    """Run ``script`` through the SDK runner in ``mode`` (live or record); its exit status."""
+def run_script(
+    script: Path, mode: str, record_dir: Path | None = None, quiet_stdout: bool = False
+) -> int:
+    """Run ``script`` through the SDK runner in ``mode`` (live or record); its exit status.
+    ``quiet_stdout`` sends the script's stdout to stderr (so --json output stays JSON)."""
     env = {**os.environ, MODE_ENV: mode}
     env.pop(RECORD_DIR_ENV, None)
     if record_dir is not None:
@@ -54,7 +57,11 @@ def run_script(script: Path, mode: str, record_dir: Path | None = None) -> int:
     cmd = [sys.executable, "-m", "mvm.sdk.runner", str(script)]
     try:
         proc = subprocess.run(
-            cmd, env=env, check=False, timeout=RECORD_TIMEOUT if mode == "record" else None
+            cmd,
+            env=env,
+            check=False,
+            timeout=RECORD_TIMEOUT if mode == "record" else None,
+            stdout=sys.stderr if quiet_stdout else None,
         )
     except subprocess.TimeoutExpired:
         raise InvalidArgument(
@@ -64,9 +71,9 @@ def run_script(script: Path, mode: str, record_dir: Path | None = None) -> int:
     return proc.returncode
 
 
-def record(script: Path, out: Path) -> tuple[int, IRm.IR | None]:
+def record(script: Path, out: Path, quiet_stdout: bool = False) -> tuple[int, IRm.IR | None]:
     """Record ``script`` into ``out`` (ir.json + files/)."""
-    code = run_script(script, "record", out)
+    code = run_script(script, "record", out, quiet_stdout)
     if not (out / "ir.json").is_file():
         return code, None
     return code, IRm.load(out)
@@ -146,7 +153,7 @@ def run_mode(mode: str, target: str, as_json: bool) -> int:
         return run_script(_script(target), "live")
     script = _script(target)
     with tempfile.TemporaryDirectory(prefix="mvm-plan-") as tmp:
-        code, ir = record(script, Path(tmp))
+        code, ir = record(script, Path(tmp), quiet_stdout=as_json)
     if code != 0 or ir is None:
         return code or 1
     views = planmod.decide(ir, admission.load_policy(), images.known_images())
