@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import string
@@ -33,6 +34,7 @@ from mvm.images.store import ImageStore
 from mvm.vmm.qemu import qemu_binary
 from tests.integration.test_daemon import Ctl, daemon_pids, default_home, qemu_pids, wait_until
 from tests.security.hostile import build_hostile_initramfs, rss_bytes
+from tests.security.probes import search_everywhere, split_marker
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -323,6 +325,46 @@ def test_a_body_over_the_limit_is_refused_with_413(http: httpx.Client, ctl: Ctl)
         assert_json_error(r)
     assert daemon_pid(http) == pid
     neighbour_answers(ctl)
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+def test_a_secret_given_to_one_command_is_nowhere_in_another_sandbox(ctl: Ctl, home: Path) -> None:
+    """While a process in ``neighbour`` holds a secret in its environment, root in
+    ``victim`` finds it in no file, disk or process; in ``neighbour`` it is in no file
+    either (only in the memory of the process that asked)."""
+    value = "mvmsecretprobe" + secrets.token_hex(16)
+    ctl.ok("secret", "put", "probe-token", input=value)
+    r = ctl.ok(
+        "exec",
+        "-e",
+        "TOKEN=secret:probe-token",
+        "neighbour",
+        "--",
+        "sh",
+        "-c",
+        'echo "got $TOKEN"; sleep 120 > /dev/null 2>&1 &',
+    )
+    assert value not in r.out and "[REDACTED:probe-token]" in r.out, str(r)
+    script = search_everywhere(split_marker(value))
+    r = ctl.ok("exec", "--user", "root", "victim", "--", "sh", "-c", script, timeout=240)
+    assert r.out.strip().endswith("found=0"), str(r)
+    files_only = script.replace('grep -lsaF "$m" /proc/[0-9]*/environ && found=1; ', "")
+    r = ctl.ok("exec", "--user", "root", "neighbour", "--", "sh", "-c", files_only, timeout=240)
+    assert r.out.strip().endswith("found=0"), str(r)
+    # ... and the process that asked does hold it (the probe is not blind)
+    r = ctl(
+        "exec",
+        "--user",
+        "root",
+        "neighbour",
+        "--",
+        "sh",
+        "-c",
+        split_marker(value) + '; grep -lsaF "$m" /proc/[0-9]*/environ >/dev/null && echo held',
+    )
+    assert "held" in r.out, str(r)
 
 
 # ----------------------------------------------------------------------------- hostile guest

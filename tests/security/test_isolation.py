@@ -20,6 +20,7 @@ from mvm.errors import AgentError
 from mvm.images.store import Image
 from mvm.vm import MicroVM
 from tests.integration.conftest import LoopThread
+from tests.security.probes import search_everywhere, split_marker
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("run_dir_env")]
 
@@ -30,24 +31,6 @@ MIB = 1024 * 1024
 def root_sh(call: Call, agent: AgentClient, script: str, timeout: float = 120) -> Any:
     return call(
         agent.exec(["sh", "-c", script], user="root", timeout=timeout), timeout=timeout + 30
-    )
-
-
-def split_marker(marker: str) -> str:
-    """Shell words that rebuild ``marker`` at run time, so the marker itself never sits in
-    an argv or a file the search could find."""
-    half = len(marker) // 2
-    return f"a={marker[:half]}; b={marker[half:]}; m=$a$b"
-
-
-def search_everywhere(m_setup: str) -> str:
-    """A root script: grep every file (but /proc, /sys, /dev) and every block device."""
-    return (
-        f"{m_setup}; found=0; "
-        'grep -rlsF --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev "$m" / && found=1; '
-        "for d in /sys/block/*; do dev=/dev/$(basename $d); "
-        'grep -qsaF "$m" "$dev" && { echo "in $dev"; found=1; }; done; '
-        "ls /sys/block; echo found=$found"
     )
 
 
