@@ -116,6 +116,10 @@ class SnapshotExists(MvmError):
     pass
 
 
+class ForwardNotFound(MvmError):
+    """No port forward with that id on that sandbox."""
+
+
 class PolicyDenied(MvmError):
     """Admission refused a launch (data: rules, denials)."""
 

@@ -79,6 +79,9 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     #: Network policy as asked (preset + allow patterns); the proxy is rebuilt from it.
     network_preset: str = "none"
     network_allow: list[str] = []
+    #: The caller's labels, returned as given (bounded by the daemon).
+    workload_id: str | None = None
+    tags: dict[str, str] = {}
 
     def ttl_left(self, now: float | None = None) -> float:
         return max(0.0, self.expires_at - (now if now is not None else time.time()))

@@ -157,6 +157,8 @@ def test_wildcard_needs_the_flag(ctl: Ctl, sandbox: dict[str, object]) -> None:
     assert fwd["host"] == "0.0.0.0" and fwd["audit_id"]
     assert get(port, "/").status_code == 200
     ctl.ok("forward", NAME, "--remove", fwd["id"])
+    again = ctl("forward", NAME, "--remove", fwd["id"], "--json")
+    assert again.rc == 125 and json.loads(again.out)["error"] == "ForwardNotFound", str(again)
 
 
 def test_port_in_use_is_refused(ctl: Ctl, sandbox: dict[str, object]) -> None:

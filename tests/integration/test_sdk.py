@@ -201,7 +201,8 @@ def shared(home: Path, secret: str) -> Iterator[mvm.Sandbox]:
 def test_create_info_list_connect(shared: mvm.Sandbox) -> None:
     info = shared.info()
     assert (info.name, info.state, info.image) == ("sdk-shared", "running", IMAGE)
-    assert info.network.preset == "none"  # workload_id/tags: mvmd does not keep them yet
+    assert info.network.preset == "none"
+    assert (info.workload_id, info.tags) == ("sdk-tests", {"team": "x"})
     assert 0 < info.ttl_left <= 20 * 60
     assert "sdk-shared" in [s.name for s in mvm.Sandbox.list()]
     again = mvm.Sandbox.connect("sdk-shared")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from mvm.agent import protocol as P
 from mvm.agent.client import AgentClient, TcpStream
 from mvm.api import models as M
-from mvm.errors import HostError, InvalidArgument, MvmError, PolicyDenied
+from mvm.errors import ForwardNotFound, HostError, InvalidArgument, MvmError, PolicyDenied
 from mvm.state import ForwardRecord, StateDB
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,10 @@ class Forwards:
     async def remove(self, sandbox_id: str, forward_id: str) -> M.ForwardInfo:
         fwd = self._by_sandbox.get(sandbox_id, {}).pop(forward_id, None)
         if fwd is None:
-            raise InvalidArgument(
-                f"no forward {forward_id!r}", hint="see `mvmctl forward NAME --list`"
+            raise ForwardNotFound(
+                f"no forward {forward_id!r}",
+                hint="see `mvmctl forward NAME --list`",
+                forward=forward_id,
             )
         await self._unbind(fwd)
         self.db.remove_forward(forward_id)

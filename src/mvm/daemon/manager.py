@@ -56,6 +56,9 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 #: How often the reaper checks TTLs and QEMU liveness (seconds).
 REAP_INTERVAL = 1.0
 MIN_DISK_MB = 16
+#: Bounds on the caller's labels (workload_id, tags).
+MAX_TAGS = 32
+MAX_LABEL = 256
 
 
 @dataclass
@@ -100,6 +103,8 @@ def info(live: Live) -> M.SandboxInfo:
         forwards=list(live.forwards),
         audit_id=live.audit_id,
         network=M.NetworkSpec(preset=r.network_preset, allow=list(r.network_allow)),
+        workload_id=r.workload_id,
+        tags=dict(r.tags),
     )
 
 
@@ -109,6 +114,19 @@ def check_name(name: str, what: str = "sandbox") -> None:
             f"invalid {what} name {name!r}",
             hint="use lower-case letters, digits, '.', '_' and '-' (max 63, starting with a letter or digit)",
         )
+
+
+def check_labels(workload_id: str | None, tags: dict[str, str]) -> None:
+    """Labels are the caller's, stored and returned as given: bound them."""
+    if workload_id is not None and not 0 < len(workload_id) <= MAX_LABEL:
+        raise InvalidArgument(f"workload_id must be 1 to {MAX_LABEL} characters")
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument(f"at most {MAX_TAGS} tags (got {len(tags)})")
+    for k, v in tags.items():
+        if not 0 < len(k) <= MAX_LABEL or len(v) > MAX_LABEL:
+            raise InvalidArgument(
+                f"tag {k[:40]!r}: keys must be 1 to {MAX_LABEL} characters, values at most {MAX_LABEL}"
+            )
 
 
 def check_ttl(ttl: float) -> None:
@@ -345,6 +363,7 @@ class Manager:
         check_name(name)
         self.admit(name, req)  # before anything boots
         check_ttl(req.ttl_seconds)
+        check_labels(req.workload_id, req.tags)
         self.resolve_secrets(None, req.secret_env)  # unknown names fail before booting
         ports = [check_spec(p) for p in req.ports]  # refuse bad forwards before booting
         netpolicy = await policy_for(req.network.preset, list(req.network.allow))
@@ -371,6 +390,8 @@ class Manager:
             run_dir=str(paths.run_dir() / vm_id),
             network_preset=req.network.preset,
             network_allow=list(req.network.allow),
+            workload_id=req.workload_id,
+            tags=dict(req.tags),
         )
         async with self._create_lock:  # name check + insert are one step
             if name in self.live:

@@ -28,6 +28,7 @@ STATUS: dict[type[errors.MvmError], int] = {
     errors.InvalidArgument: 400,
     errors.SandboxNotFound: 404,
     errors.SnapshotNotFound: 404,
+    errors.ForwardNotFound: 404,
     errors.ImageNotFound: 404,
     errors.UnknownPreset: 404,
     errors.SandboxExists: 409,
