@@ -74,3 +74,34 @@ def test_unknown_routes_wrong_methods_and_big_bodies_get_json_errors() -> None:
         assert body["data"] == {"status": status}
     assert "limited to" in str(got["size"][2]["hint"])
     assert got["fine"][0] == 200
+
+
+# ----------------------------------------------------------------------------- handshake
+
+
+def test_a_guest_answering_every_hello_wrongly_cannot_make_the_host_spin() -> None:
+    """Each wrong-nonce answer costs the host a pause before the next hello: a lying
+    guest gets a few hellos per second, not thousands, and the handshake still ends."""
+    from mvm.agent import protocol as P
+    from mvm.agent.client import HELLO_RETRY_PAUSE
+    from mvm.errors import CommandTimeout
+    from tests.unit.test_agent_client import Guest, run_scenario
+
+    window = 0.5
+
+    async def liar(g: Guest) -> None:
+        while True:
+            req = await g.recv()
+            await g.reply(req, version=P.PROTOCOL_VERSION, nonce="0" * 16)
+
+    async def handshake(agent: object) -> BaseException | None:
+        try:
+            await agent.hello(window)  # type: ignore[attr-defined]
+        except CommandTimeout as exc:
+            return exc
+        return None
+
+    err, _, guest = run_scenario(liar, handshake)
+    assert isinstance(err, CommandTimeout)
+    hellos = [f for f in guest.received if f.type == P.HELLO]
+    assert 1 <= len(hellos) <= window / HELLO_RETRY_PAUSE + 2, len(hellos)

@@ -38,6 +38,8 @@ QUEUE_FRAMES = 16
 DEFAULT_READ_LIMIT = 64 * 1024 * 1024
 #: Seconds the host waits beyond a command's own timeout before giving up on the guest.
 TIMEOUT_GRACE = 5.0
+#: Seconds between hellos after a reply with the wrong nonce.
+HELLO_RETRY_PAUSE = 0.05
 #: Default timeout for small requests (fs, ping).
 CALL_TIMEOUT = 30.0
 #: Bound on telling the guest to kill a command the host abandoned.
@@ -337,6 +339,9 @@ class AgentClient:
                     raise
                 continue
             if frame.header.get("nonce") != nonce:
+                # Stale (a previous host's) or forged: pause, so a guest that always
+                # answers wrongly gets a few hellos per second instead of a busy host.
+                await asyncio.sleep(min(HELLO_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
                 continue
             version = frame.header.get("version")
             if version != P.PROTOCOL_VERSION:
