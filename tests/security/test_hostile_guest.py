@@ -22,10 +22,16 @@ from typing import Any
 import pytest
 
 from mvm.agent.client import AgentClient
-from mvm.errors import AgentProtocolError, CommandTimeout
+from mvm.errors import AgentProtocolError, CommandTimeout, VMBootTimeout
 from mvm.images.store import Image
 from mvm.vm import MicroVM
-from tests.integration.conftest import BOOT_WAIT, LoopThread, _run_dir_env
+from tests.integration.conftest import (
+    BOOT_WAIT,
+    LoopThread,
+    _run_dir_env,
+    sandbox_dirs,
+    wait_no_qemu,
+)
 from tests.security.hostile import boot_hostile, build_hostile_initramfs, rss_bytes
 
 pytestmark = [pytest.mark.timeout(240)]
@@ -204,6 +210,22 @@ def test_fake_ready_and_wrong_nonce_never_complete_a_handshake(
     assert agent.failure is None
     call(agent.call("ping", {"reset": True}), timeout=10)
     call(agent.hello(30), timeout=40)  # honest again: the handshake completes
+
+
+def test_a_guest_that_never_answers_the_right_nonce_fails_its_boot(
+    image: Image, hostile_initrd: Path, loop_thread: LoopThread, run_root: Path
+) -> None:
+    """At boot (``mvm.hostile=nonce``: fake ``ready`` frames, every hello answered with a
+    wrong nonce) the VM is never taken for booted: VMBootTimeout, and nothing is left."""
+    before = set(sandbox_dirs(run_root))
+    with _run_dir_env(run_root), pytest.raises(VMBootTimeout) as ei:
+        loop_thread.call(
+            boot_hostile(image, hostile_initrd, mode="nonce", boot_timeout=30), timeout=BOOT_WAIT
+        )
+    assert "did not answer" in ei.value.message
+    left = set(sandbox_dirs(run_root)) - before
+    assert left == set(), f"the failed boot left {left}"
+    assert wait_no_qemu("mvm.hostile=nonce") == [], "its QEMU is still running"
 
 
 def test_a_frame_trickled_byte_by_byte_times_out(
