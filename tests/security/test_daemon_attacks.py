@@ -32,7 +32,7 @@ from mvm.api import models as M
 from mvm.images import initramfs
 from mvm.images.store import ImageStore
 from mvm.vmm.qemu import qemu_binary
-from tests.integration.test_daemon import Ctl, daemon_pids, default_home, qemu_pids, wait_until
+from tests.integration.mvmd_home import Ctl, daemon_pids, default_home, qemu_pids, wait_until
 from tests.security.hostile import build_hostile_initramfs, rss_bytes
 from tests.security.probes import search_everywhere, split_marker
 
@@ -324,6 +324,19 @@ def test_a_body_over_the_limit_is_refused_with_413(http: httpx.Client, ctl: Ctl)
         assert r.status_code == 413, r.text[:300]
         assert_json_error(r)
     assert daemon_pid(http) == pid
+    neighbour_answers(ctl)
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_guest_file_names_reach_the_terminal_escaped_or_not_at_all(ctl: Ctl) -> None:
+    """A terminal escape in a (legal) file name is printed as text by ``fs ls``; an
+    impossible name (``..``) is refused with a clear error."""
+    r = ctl.ok("fs", "ls", "neighbour", "/attack/escape")
+    assert "\x1b" not in r.out and "\\x1b]0;pwned\\x07" in r.out, str(r)
+    r = ctl("fs", "ls", "neighbour", "/attack/dotdot")
+    assert r.rc != 0 and "impossible entry name" in r.err, str(r)
     neighbour_answers(ctl)
 
 

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mvm.agent.client import NAME_MAX, bad_entry_name
+from mvm.cli.ui import safe_text
 
 
 def test_names_no_directory_can_hold_are_refused() -> None:
@@ -105,3 +106,22 @@ def test_a_guest_answering_every_hello_wrongly_cannot_make_the_host_spin() -> No
     assert isinstance(err, CommandTimeout)
     hellos = [f for f in guest.received if f.type == P.HELLO]
     assert 1 <= len(hellos) <= window / HELLO_RETRY_PAUSE + 2, len(hellos)
+
+
+# ----------------------------------------------------------------------------- CLI output
+
+
+def test_guest_names_cannot_drive_the_terminal() -> None:
+    assert safe_text("\x1b]0;pwned\x07\x1b[2J") == "\\x1b]0;pwned\\x07\\x1b[2J"
+    assert safe_text("a\nb\rc\x9bd\x7f") == "a\\x0ab\\x0dc\\x9bd\\x7f"
+    assert safe_text("résumé ✓ plain.txt") == "résumé ✓ plain.txt"
+
+
+@given(st.text(max_size=50))
+def test_safe_text_leaves_no_control_character(text: str) -> None:
+    import unicodedata
+
+    out = safe_text(text)
+    assert not any(unicodedata.category(c) == "Cc" for c in out)
+    if not any(unicodedata.category(c) == "Cc" for c in text):
+        assert out == text

@@ -19,7 +19,7 @@ from mvm.api import models as M
 from mvm.cli.common import fail_on_errors, split_env
 from mvm.cli.ports import describe as describe_forward
 from mvm.cli.ports import port_specs
-from mvm.cli.ui import RichReporter, err_console, out_console, stderr_is_tty
+from mvm.cli.ui import RichReporter, err_console, out_console, safe_text, stderr_is_tty
 from mvm.durations import parse_duration
 from mvm.errors import InvalidArgument, MvmError
 from mvm.images import manifest as manifests
@@ -337,9 +337,8 @@ def fs_ls(name: str, path: str, as_json: bool) -> None:
         emit_json(entries)
         return
     for e in entries:
-        click.echo(
-            f"{e.type:<8} {e.mode:04o} {e.size:>10}  {click.style(e.name, bold=e.type == 'dir')}"
-        )
+        shown = click.style(safe_text(e.name), bold=e.type == "dir")
+        click.echo(f"{safe_text(e.type):<8} {e.mode:04o} {e.size:>10}  {shown}")
 
 
 @fs.command(name="stat")

@@ -15,6 +15,14 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 PIPE_WIDTH = 250
 
 
+def safe_text(text: str) -> str:
+    """``text`` with control characters shown as ``\\xNN``: names that come from a guest
+    (file names are allowed to hold escapes) must not drive the host's terminal."""
+    return "".join(
+        f"\\x{ord(c):02x}" if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 else c for c in text
+    )
+
+
 def out_console() -> Console:
     """A console for tables on stdout; never truncates cells when stdout is a pipe."""
     return Console(highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
