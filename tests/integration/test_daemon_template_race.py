@@ -1,10 +1,10 @@
 """mvmd must keep serving while two sandboxes of a new shape boot at once.
 
 The first VM of a shape makes the shape's boot template, under a file lock per template
-(``TemplateStore.lock``, a blocking ``fcntl.flock``). In mvmd every create runs on one
-event loop, so this module gets its own MVM_HOME with a *private, empty* templates
-directory (root filesystems, kernels and initramfs are shared with the default store): both
-``up`` calls below then need the same template that does not exist yet.
+(``TemplateStore.lock``). In mvmd every create runs on one event loop, so waiting for that
+lock must never block the loop. This module gets its own MVM_HOME with *no* boot templates
+(root filesystems, kernels and initramfs are shared with the default store): both ``up``
+calls below then need the same template that does not exist yet.
 
 Bounded: the test polls the daemon while the two ``up`` run and stops as soon as the
 daemon has not answered for a while; everything it started is killed at the end.
@@ -14,92 +14,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from mvm import paths
-from mvm.images.store import ImageStore
-from mvm.vmm.qemu import qemu_binary
+from tests.integration.mvmd_home import MVMCTL, private_home
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
-
-MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
-#: Not templates (see above); image records are copied (they hold absolute paths).
-SHARED = ("rootfs", "kernels", "initramfs", "build.lock")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def started_for(home: Path) -> list[int]:
-    """Live mvmd and QEMU processes of this home (found by environment or command line)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes()
-            env = (p / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        argv0 = os.path.basename(cmd.split(b"\0", 1)[0])
-        if (b"qemu" in argv0 and str(home).encode() in cmd) or (
-            b"mvm.daemon" in cmd and f"MVM_HOME={home}".encode() in env
-        ):
-            pids.append(int(p.name))
-    return [pid for pid in pids if pid_alive(pid)]
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict[str, str]]:
-    if shutil.which(qemu_binary()) is None:
-        pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MVM_HOME", raising=False)
-        default = paths.home()
-    ImageStore(default).ensure("python")
-    (default / "build.lock").touch()
-    home = Path(tempfile.mkdtemp(prefix="mvmd-", dir="/tmp"))
-    for n in SHARED:
-        (home / n).symlink_to(default / n)
-    (home / "images").mkdir()
-    for rec in (default / "images").glob("*.json"):
-        shutil.copy(rec, home / "images" / rec.name)
-    e = {**os.environ, "MVM_HOME": str(home)}
-    e.pop("MVM_RUN_DIR", None)
-    try:
+    with private_home("mvmtr-", share_templates=False) as home:
+        e = {**os.environ, "MVM_HOME": str(home)}
+        e.pop("MVM_RUN_DIR", None)
         yield e
-    finally:
-        if daemon_answers(e):  # a hung daemon is killed below
-            for args in (["down", "--all"], ["daemon", "stop"]):
-                try:
-                    subprocess.run(
-                        [*MVMCTL, *args], env=e, capture_output=True, timeout=60, check=False
-                    )
-                except subprocess.TimeoutExpired:
-                    pass
-        for pid in started_for(home):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while started_for(home) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def daemon_answers(env: dict[str, str]) -> bool:

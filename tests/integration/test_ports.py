@@ -24,10 +24,16 @@ import pytest
 
 from mvm.api import models as M
 from mvm.client import Client
-from tests.integration.test_daemon import Ctl, home, pid_alive, wait_until
+from tests.integration.mvmd_home import Ctl, pid_alive, private_home, wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
-__all__ = ["home"]  # the module-scoped private MVM_HOME fixture, shared with test_daemon
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    with private_home("mvmpf-") as h:
+        yield h
+
 
 NAME = "pf"
 BIG = 4 * 1024 * 1024

@@ -16,21 +16,16 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import mvm
-from mvm import paths
 from mvm.errors import (
     CommandFailed,
     CommandTimeout,
@@ -39,102 +34,35 @@ from mvm.errors import (
     PolicyDenied,
     SandboxNotFound,
 )
-from mvm.images.store import ImageStore
 from mvm.sdk import mode
-from mvm.vmm.qemu import qemu_binary
+from tests.integration.mvmd_home import private_home
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ("rootfs", "kernels", "initramfs", "templates", "build.lock")
 SECRET_VALUE = "s3cr3t-" + os.urandom(6).hex()
 IMAGE = "python-3.11"
 SCRIPT_TIMEOUT = 240
 
 
-def procs_for(home: Path, argv0: str | None) -> list[int]:
-    """Live QEMU (argv0 "qemu") or mvmd processes started for ``home``."""
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes()
-            envb = (p / "environ").read_bytes()
-            stat = (p / "stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            continue
-        if argv0 is not None:
-            hit = argv0.encode() in os.path.basename(cmd.split(b"\0", 1)[0]) and (
-                str(home).encode() in cmd
-            )
-        else:
-            hit = b"mvm.daemon" in cmd and f"MVM_HOME={home}".encode() in envb.split(b"\0")
-        if hit:
-            out.append(int(p.name))
-    return out
-
-
-def wait_until(pred: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return bool(pred())
-
-
 @pytest.fixture(scope="module")
 def home() -> Iterator[Path]:
-    if shutil.which(qemu_binary()) is None:
-        pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MVM_HOME", raising=False)
-        default = paths.home()
-    ImageStore(default).ensure("python")
-    (default / "build.lock").touch()
-    h = Path(tempfile.mkdtemp(prefix="mvsdk-", dir="/tmp"))
-    for n in SHARED:
-        (h / n).symlink_to(default / n)
-    (h / "images").mkdir()
-    for rec in (default / "images").glob("*.json"):
-        shutil.copy(rec, h / "images" / rec.name)
-    old = {k: os.environ.get(k) for k in ("MVM_HOME", "MVM_RUN_DIR", "MVM_SDK_MODE")}
-    os.environ["MVM_HOME"] = str(h)
-    for k in ("MVM_RUN_DIR", "MVM_SDK_MODE"):
-        os.environ.pop(k, None)
-    mode._backend = None  # the process-wide backend is made for this home
-    try:
-        yield h
-    finally:
-        mode._backend = None
-        env = {**os.environ, "MVM_HOME": str(h)}
-        for args, limit in ((("down", "--all"), 120), (("daemon", "stop"), 30)):
-            try:
-                subprocess.run(
-                    [sys.executable, "-m", "mvm.cli.main", *args],
-                    env=env,
-                    timeout=limit,
-                    capture_output=True,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                pass
-        wait_until(lambda: not procs_for(h, None), 10)
-        for pid in procs_for(h, None) + procs_for(h, "qemu"):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_until(lambda: not procs_for(h, "qemu"), 10)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(h, ignore_errors=True)
+    """A private mvmd home, made the process's MVM_HOME (the SDK finds its daemon there)."""
+    with private_home("mvsdk-") as h:
+        old = {k: os.environ.get(k) for k in ("MVM_HOME", "MVM_RUN_DIR", "MVM_SDK_MODE")}
+        os.environ["MVM_HOME"] = str(h)
+        for k in ("MVM_RUN_DIR", "MVM_SDK_MODE"):
+            os.environ.pop(k, None)
+        mode._backend = None  # the process-wide backend is made for this home
+        try:
+            yield h
+        finally:
+            mode._backend = None
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def mvmctl(

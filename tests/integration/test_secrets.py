@@ -11,25 +11,15 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
-import signal
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mvm.images.store import ImageStore
-from mvm.vmm.qemu import qemu_binary
-from tests.integration.test_daemon import (
-    SHARED,
+from tests.integration.mvmd_home import (
     Ctl,
     Res,
-    daemon_pids,
-    default_home,
-    qemu_pids,
-    wait_until,
+    private_home,
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
@@ -51,34 +41,8 @@ class RecordingCtl(Ctl):
 
 @pytest.fixture(scope="module")
 def home() -> Iterator[Path]:
-    if shutil.which(qemu_binary()) is None:
-        pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
-    default = default_home()
-    ImageStore(default).ensure("python")
-    (default / "build.lock").touch()
-    h = Path(tempfile.mkdtemp(prefix="mvmsec-", dir="/tmp"))
-    for n in SHARED:
-        (h / n).symlink_to(default / n)
-    (h / "images").mkdir()
-    for rec in (default / "images").glob("*.json"):
-        shutil.copy(rec, h / "images" / rec.name)
-    try:
+    with private_home("mvmsec-") as h:
         yield h
-    finally:
-        ctl = Ctl(h)
-        for args, limit in ((("down", "--all"), 120), (("daemon", "stop"), 30)):
-            try:
-                ctl(*args, timeout=limit)
-            except subprocess.TimeoutExpired:
-                pass
-        wait_until(lambda: not daemon_pids(h), 10)
-        for pid in daemon_pids(h) + qemu_pids(h):  # started for this home only
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_until(lambda: not qemu_pids(h), 10)
-        shutil.rmtree(h, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,3 @@
-# ruff: noqa: F811
 """Network egress from real sandboxes: the only way out is mvmd's egress proxy, and it
 allows by name and port, refuses everything else, and audits every decision.
 
@@ -32,9 +31,16 @@ from typing import Any
 import pytest
 
 # The private-mvmd fixture `home` is shared with test_daemon; tests take it as a parameter.
-from tests.integration.test_daemon import Ctl, home, wait_until  # noqa: F401
+from tests.integration.mvmd_home import Ctl, private_home, wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    with private_home("mvmnet-") as h:
+        yield h
+
 
 NS_ADDR = "198.51.100.2"
 HOST_ADDR = "198.51.100.1"

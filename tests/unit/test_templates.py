@@ -54,9 +54,8 @@ def test_a_template_lock_held_too_long_is_a_clear_error(tmp_path: Path) -> None:
     store = templates.TemplateStore(tmp_path)
 
     async def main() -> None:
-        async with store.lock("k"):
-            async with store.lock("k", timeout=0.2):
-                pass
+        async with store.lock("k"), store.lock("k", timeout=0.2):
+            pass
 
     with pytest.raises(VMError, match="stayed locked"):
         asyncio.run(main())
