@@ -207,13 +207,7 @@ class Manager:
         try:
             image = self._image_for(rec)
             network = await self._start_egress(live, rec.network_preset, rec.network_allow)
-            spec = VMSpec(
-                image,
-                cpus=rec.cpus,
-                memory_mb=rec.memory_mb,
-                overlay_size=f"{rec.disk_mb}m",
-                network=network,
-            )
+            spec = spec_for(rec, image, network)
             cfg = base_config(spec, self.store, Path(rec.run_dir))
             if rec.state == state.PAUSED:
                 async with Qmp(cfg.qmp_socket) as qmp:
@@ -410,13 +404,7 @@ class Manager:
             self.resolve_secrets(live, req.secret_env)
             self.live[name] = live
         async with live.lock:
-            spec = VMSpec(
-                image,
-                cpus=req.cpus,
-                memory_mb=req.memory_mb,
-                overlay_size=f"{disk_mb}m",
-                network=netpolicy.enabled,
-            )
+            spec = spec_for(rec, image, netpolicy.enabled)
             try:
                 # The proxy listens before QEMU starts: the guest's first connection finds it.
                 await self._start_egress(live, rec.network_preset, rec.network_allow, netpolicy)
@@ -872,13 +860,7 @@ class Manager:
         async with live.lock:
             try:
                 network = await self._start_egress(live, rec.network_preset, rec.network_allow)
-                spec = VMSpec(
-                    image,
-                    cpus=rec.cpus,
-                    memory_mb=rec.memory_mb,
-                    overlay_size=f"{rec.disk_mb}m",
-                    network=network,
-                )
+                spec = spec_for(rec, image, network)
                 cfg = replace(base_config(spec, self.store, Path(rec.run_dir)), incoming=True)
                 vm = await MicroVM._start(
                     vm_id, spec, cfg, 120.0, restore=Path(srec.path) / "state"
@@ -905,6 +887,17 @@ class Manager:
         raise SnapshotNotFound(
             f"the image {srec.image} that snapshot {srec.name} was taken from is gone"
         )
+
+
+def spec_for(rec: SandboxRecord, image: Image, network: bool) -> VMSpec:
+    """The VM shape a sandbox record asks for (the same on create, reattach and restore)."""
+    return VMSpec(
+        image,
+        cpus=rec.cpus,
+        memory_mb=rec.memory_mb,
+        overlay_size=f"{rec.disk_mb}m",
+        network=network,
+    )
 
 
 def replace_rec(rec: SandboxRecord, **changes: object) -> SandboxRecord:
