@@ -18,75 +18,49 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import json
 import os
-import platform
-import shutil
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+from common import (
+    Row,
+    add_sample_row,
+    default_store,
+    err,
+    finish_facts,
+    host_facts,
+    host_table,
+    json_report,
+    private_home,
+    raise_on_sigterm,
+    ratios_table,
+    report_console,
+    samples_table,
+    timer,
+)
 from mvm import client as mvmclient
-from mvm import paths, templates
+from mvm import templates
 from mvm.api import models as M
 from mvm.errors import AgentError, MvmError
-from mvm.images.store import Image, ImageStore
+from mvm.images.store import ImageStore
 from mvm.vm import MicroVM, VMSpec, base_config
-from mvm.vmm import accel
 from mvm.vmm.qemu import find_qemu
 
 IMAGE = "python"
 #: The default `up` shape: 1 vCPU, 512 MiB, writable layer half the memory (256 MiB).
 #: In-process VMs use the same shape, so they and `up` restore the same boot template.
 CPUS, MEMORY_MB, DISK_MB = 1, 512, 256
-#: Store directories shared with the default MVM_HOME (symlinked, never written here
-#: except that a missing boot template is made, as any mvm command would).
-LINKED = ("images", "rootfs", "kernels", "initramfs", "templates")
 #: Seconds allowed for one in-process boot (a missing template is made first: a cold boot).
 BOOT_WAIT = 180.0
 #: Seconds allowed for one agent request / one `true` exec.
 OP_TIMEOUT = 60.0
 #: HTTP timeout of the mvmd client for small calls (create/snapshots have their own).
 HTTP_TIMEOUT = 60.0
-#: Seconds allowed for mvmd to exit after Client.shutdown().
-DAEMON_STOP_WAIT = 10.0
-
-err = Console(stderr=True, soft_wrap=True)
-
-
-@dataclass
-class Row:
-    key: str
-    group: str
-    label: str
-    unit: str  # "s", "ms" or "MiB"
-    samples: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples) if self.samples else float("nan")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "label": self.label,
-            "unit": self.unit,
-            "samples": self.samples,
-            "median": self.median if self.samples else None,
-            "min": min(self.samples) if self.samples else None,
-            "max": max(self.samples) if self.samples else None,
-        }
-
 
 GROUPS = {
     "start": "start -> first exec `true` answered",
@@ -122,149 +96,10 @@ def make_rows() -> dict[str, Row]:
         ("exec_agent", "exec", "exec `true` in-process (AgentClient.exec)", "ms"),
         ("ping", "exec", "agent ping in-process (AgentClient.ping)", "ms"),
     ]
-    return {k: Row(k, g, label, unit) for k, g, label, unit in spec}
-
-
-# ------------------------------------------------------------------------ host and cleanup
-
-
-def qemu_version(binary: str) -> str:
-    try:
-        out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.splitlines()[0].strip() if out else "unknown"
-
-
-def host_facts(img: Image, qemu: str, default_home: Path) -> dict[str, Any]:
-    choice = accel.detect()
-    return {
-        "accel": choice.accel,
-        "accel_reason": choice.reason,
-        "cpus": os.cpu_count(),
-        "loadavg_start": list(os.getloadavg()),
-        "qemu": qemu_version(qemu),
-        "qemu_path": qemu,
-        "python": platform.python_version(),
-        "host_kernel": platform.release(),
-        "image": f"{img.name} ({img.id[:12]})",
-        "guest_kernel": img.kernel_release,
-        "shape": f"{CPUS} vCPU, {MEMORY_MB} MiB, writable layer {DISK_MB} MiB",
-        "store": str(default_home),
-    }
-
-
-def qemu_pids(marker: str) -> list[int]:
-    """QEMU processes whose command line mentions ``marker`` (our temporary home)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if "qemu" not in os.path.basename(argv[0].decode(errors="replace")):
-            continue
-        if any(marker.encode() in a for a in argv):
-            found.append(int(d.name))
-    return found
-
-
-def kill_strays(marker: str) -> int:
-    killed = 0
-    for pid in qemu_pids(marker):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-    return killed
-
-
-def daemon_pid(home: Path) -> int | None:
-    """The pid of the mvmd serving ``home`` (from its lock file), if that process is it."""
-    try:
-        pid = int((home / "mvmd.lock").read_text().strip())
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    if f"MVM_HOME={home}".encode() in environ and b"mvm.daemon" in cmdline:
-        return pid
-    return None
-
-
-def exited(pid: int) -> bool:
-    """Whether ``pid`` is gone. mvmd, auto-started by our Client, is our child: once it
-    exits it stays a zombie until reaped, so reap it here."""
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not exited(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def cleanup(home: Path) -> None:
-    """Down every sandbox, stop mvmd, kill leftover QEMUs, remove the home. Best effort,
-    every step bounded."""
-    pid = daemon_pid(home)
-    if pid is not None:
-        try:
-            with mvmclient.Client(autostart=False, timeout=15.0) as c:
-                for s in c.list_sandboxes():
-                    try:
-                        c.down(s.name)
-                    except (MvmError, OSError) as exc:
-                        err.print(f"[yellow]down {s.name} failed: {exc}[/]")
-                c.shutdown()
-        except (MvmError, OSError) as exc:
-            err.print(f"[yellow]could not stop mvmd cleanly: {exc}[/]")
-        if not wait_gone(pid, DAEMON_STOP_WAIT):
-            err.print(f"[yellow]mvmd (pid {pid}) did not exit; killing it[/]")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            wait_gone(pid, 5.0)
-    strays = kill_strays(str(home))
-    if strays:
-        err.print(f"[yellow]killed {strays} leftover QEMU process(es)[/]")
-    for name in LINKED:  # unlink the shared store first: rmtree must never go through it
-        link = home / name
-        if link.is_symlink():
-            link.unlink()
-    shutil.rmtree(home, ignore_errors=True)
-
-
-def make_home(default_home: Path) -> Path:
-    home = Path(tempfile.mkdtemp(prefix="mvb-", dir="/tmp"))
-    (default_home / "templates").mkdir(parents=True, exist_ok=True)
-    for name in LINKED:
-        target = default_home / name
-        if target.is_dir():
-            (home / name).symlink_to(target)
-    return home
+    return {k: Row(k, label, unit, group=g) for k, g, label, unit in spec}
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-@contextlib.contextmanager
-def timer() -> Iterator[Callable[[], float]]:
-    """``with timer() as t: ...; t()`` -> seconds since the block started."""
-    t0 = time.perf_counter()
-    yield lambda: time.perf_counter() - t0
 
 
 def template_inode(key: str) -> int | None:
@@ -331,7 +166,10 @@ class Bench:
         self.key = shape_key(self.spec, self.store)
         self.c = mvmclient.Client(timeout=HTTP_TIMEOUT)
         self.facts = host_facts(
-            self.img, find_qemu(base_config(self.spec, self.store, home).qemu), args.default_home
+            self.img,
+            find_qemu(base_config(self.spec, self.store, home).qemu),
+            shape=f"{CPUS} vCPU, {MEMORY_MB} MiB, writable layer {DISK_MB} MiB",
+            store=str(args.default_home),
         )
 
     def add(self, samples: Samples) -> None:
@@ -565,27 +403,6 @@ class Bench:
 # ------------------------------------------------------------------------ report
 
 
-def fmt(v: float, unit: str) -> str:
-    if unit == "s":
-        return f"{v:.3f} s"
-    if unit == "ms":
-        return f"{v:.1f} ms"
-    return f"{v:.1f} MiB"
-
-
-def ratio(rows: dict[str, Row], a: str, b: str) -> dict[str, Any] | None:
-    """median(a) / median(b), and the same ratio per round where both were measured."""
-    ra, rb = rows[a], rows[b]
-    if not ra.samples or not rb.samples or rb.median == 0:
-        return None
-    paired = [x / y for x, y in zip(ra.samples, rb.samples, strict=False) if y > 0]
-    return {
-        "of_medians": ra.median / rb.median,
-        "per_round_min": min(paired) if paired else None,
-        "per_round_max": max(paired) if paired else None,
-    }
-
-
 RATIOS: list[tuple[str, str, str, str]] = [
     # (name, numerator, denominator, how to read it)
     ("`up` vs cold boot (to first exec)", "cold_exec", "up_exec", "× faster"),
@@ -619,70 +436,32 @@ def compute_ratios(rows: dict[str, Row]) -> dict[str, Any]:
     # resume_exec is in ms; compare it with the start-ups (s) on the same scale.
     scaled = dict(rows)
     scaled["resume_exec_s"] = Row(
-        "resume_exec_s", "pause", "", "s", [v / 1000 for v in rows["resume_exec"].samples]
+        "resume_exec_s", "", "s", [v / 1000 for v in rows["resume_exec"].samples], group="pause"
     )
-    out: dict[str, Any] = {}
-    for name, a, b, how in RATIOS:
-        r = ratio(scaled, a, b)
-        if r is not None:
-            out[name] = {**r, "numerator": a, "denominator": b, "reads_as": how}
-    return out
+    return common.compute_ratios(scaled, RATIOS)
 
 
 def print_report(
     facts: dict[str, Any], rows: dict[str, Row], ratios: dict[str, Any], args: argparse.Namespace
 ) -> None:
-    con = Console(width=None if sys.stdout.isatty() else 120)
-    hosts = Table(title="host", show_header=False, title_justify="left")
-    hosts.add_column(style="bold")
-    hosts.add_column()
-    for k in ("accel", "cpus", "qemu", "python", "host_kernel", "image", "guest_kernel", "shape"):
-        v = facts[k]
-        if k == "accel":
-            v = f"{v} ({facts['accel_reason']})"
-        hosts.add_row(k, str(v))
-    la0, la1 = facts["loadavg_start"], facts["loadavg_end"]
-    hosts.add_row("loadavg", f"{la0[0]:.2f} at start, {la1[0]:.2f} at end (1 min)")
-    hosts.add_row("wall time", f"{facts['wall_seconds']:.1f} s")
-    con.print(hosts)
-
+    con = report_console()
+    con.print(
+        host_table(
+            facts,
+            ("accel", "cpus", "qemu", "python", "host_kernel", "image", "guest_kernel", "shape"),
+        )
+    )
     n = 0
     for group, title in GROUPS.items():
         extra = f" ({args.rounds} interleaved rounds)" if group != "exec" else ""
-        t = Table(title=title + extra, title_justify="left")
-        t.add_column("#", justify="right")
-        t.add_column("measurement")
-        t.add_column("n", justify="right")
-        for col in ("median", "min", "max"):
-            t.add_column(col, justify="right")
+        t = samples_table(title + extra)
         for row in rows.values():
             if row.group != group:
                 continue
             n += 1
-            s = row.samples
-            if not s:
-                t.add_row(str(n), row.label, "0", "-", "-", "-")
-                continue
-            t.add_row(
-                str(n),
-                row.label,
-                str(len(s)),
-                fmt(row.median, row.unit),
-                fmt(min(s), row.unit),
-                fmt(max(s), row.unit),
-            )
+            add_sample_row(t, str(n), row, ms_digits=1)
         con.print(t)
-
-    rt = Table(title="ratios (of medians; per-round range in brackets)", title_justify="left")
-    rt.add_column("comparison")
-    rt.add_column("ratio", justify="right")
-    rt.add_column("per round", justify="right")
-    for name, r in ratios.items():
-        per = "-"
-        if r["per_round_min"] is not None:
-            per = f"[{r['per_round_min']:.2f}-{r['per_round_max']:.2f}]"
-        rt.add_row(name, f"{r['of_medians']:.2f}{r['reads_as']}", per)
-    con.print(rt)
+    con.print(ratios_table(ratios))
     for f in facts["notes"]:
         con.print(f"[yellow]note:[/] {f}")
 
@@ -701,57 +480,28 @@ def main() -> None:
     if args.rounds < 1 or args.execs < 1:
         ap.error("--rounds and --execs must be at least 1")
 
-    # The default store: paths.home() as it is without MVM_HOME (~/.local/share/mvm).
-    saved = os.environ.pop("MVM_HOME", None)
-    args.default_home = paths.home()
-    if saved is not None:
-        os.environ["MVM_HOME"] = saved
+    args.default_home = default_store()
     if ImageStore(args.default_home).find(IMAGE) is None:
         ap.error(f"no {IMAGE!r} image in {args.default_home}: run `mvmctl build` first")
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds through every finally: cleanup() runs
-
-    signal.signal(signal.SIGTERM, on_term)
-    home = make_home(args.default_home)
-    # Before any client exists: mvmd (started by the client) inherits this environment.
-    os.environ["MVM_HOME"] = str(home)
-    for var in ("MVM_RUN_DIR", "MVM_TEMPLATES"):  # run dirs under `home`; templates on
-        if os.environ.pop(var, None) is not None:
-            err.print(f"[yellow]note: ignoring {var} from the environment[/]")
-    t0 = time.monotonic()
-    try:
+    raise_on_sigterm()  # unwinds through every finally: cleanup() runs
+    with private_home(args.default_home) as home:
+        for var in ("MVM_RUN_DIR", "MVM_TEMPLATES"):  # run dirs under `home`; templates on
+            if os.environ.pop(var, None) is not None:
+                err.print(f"[yellow]note: ignoring {var} from the environment[/]")
+        t0 = time.monotonic()
         with asyncio.Runner() as runner:
             bench = Bench(args, runner, home)
             try:
                 bench.main()
             finally:
                 bench.c.close()
-    except KeyboardInterrupt:
-        err.print("[red]interrupted; cleaning up[/]")
-        cleanup(home)
-        sys.exit(130)
-    finally:
-        if home.exists():
-            cleanup(home)
     facts, rows = bench.facts, bench.rows
     facts["notes"] = bench.failures
-    facts["loadavg_end"] = list(os.getloadavg())
-    facts["wall_seconds"] = time.monotonic() - t0
+    finish_facts(facts, t0)
     ratios = compute_ratios(rows)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "host": facts,
-                    "rounds": args.rounds,
-                    "execs": args.execs,
-                    "rows": {k: r.to_json() for k, r in rows.items()},
-                    "ratios": ratios,
-                },
-                indent=2,
-            )
-        )
+        print(json_report(facts, rows, ratios, rounds=args.rounds, execs=args.execs))
     else:
         print_report(facts, rows, ratios, args)
 

@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -27,9 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lifecycle import cleanup, make_home
+from common import default_store, private_home, raise_on_sigterm, timer
 from mvm import client as mvmclient
-from mvm import paths
 from mvm.api import models as M
 
 NAME = "bench-ports"
@@ -44,22 +42,12 @@ def main() -> None:
     if not 1 <= args.mib <= 60 or args.rounds < 1:
         ap.error("--mib must be in 1-60 and --rounds at least 1")
 
-    saved = os.environ.pop("MVM_HOME", None)
-    default_home = paths.home()
-    if saved is not None:
-        os.environ["MVM_HOME"] = saved
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    home = make_home(default_home)
-    os.environ["MVM_HOME"] = str(home)
-    os.environ.pop("MVM_RUN_DIR", None)
-    data = os.urandom(args.mib << 20)
-    want = hashlib.sha256(data).hexdigest()
-    times: dict[str, list[float]] = {"forward": [], "fs read": []}
-    try:
+    raise_on_sigterm()
+    with private_home(default_store()):
+        os.environ.pop("MVM_RUN_DIR", None)
+        data = os.urandom(args.mib << 20)
+        want = hashlib.sha256(data).hexdigest()
+        times: dict[str, list[float]] = {"forward": [], "fs read": []}
         with mvmclient.Client() as c:
             c.create(M.CreateSandbox(name=NAME, image="python", ttl_seconds=1800))
             c.write_file(NAME, "/work/blob.bin", data)
@@ -89,18 +77,12 @@ def main() -> None:
             ways = [("forward", via_forward), ("fs read", via_fs)]
             for rnd in range(args.rounds):
                 for label, fn in ways if rnd % 2 == 0 else ways[::-1]:
-                    t0 = time.perf_counter()
-                    got = fn()
-                    dt = time.perf_counter() - t0
+                    with timer() as t:
+                        got = fn()
+                        dt = t()
                     if hashlib.sha256(got).hexdigest() != want:
                         raise SystemExit(f"{label}: wrong bytes in round {rnd}")
                     times[label].append(dt)
-    except KeyboardInterrupt:
-        cleanup(home)
-        sys.exit(130)
-    finally:
-        if home.exists():
-            cleanup(home)
 
     mb = len(data) / 1e6
     rates = {k: [mb / t for t in v] for k, v in times.items()}

@@ -19,25 +19,20 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_store, private_home, raise_on_sigterm, timer
+
 IMAGE = "python"
-LINKED = ("images", "rootfs", "kernels", "initramfs", "templates")
 OP_TIMEOUT = 60.0
 BOOT_WAIT = 180.0
-err = Console(stderr=True, soft_wrap=True)
 
 ROWS = [
     ("sdk_run", "SDK sandbox.commands.run(['true'])"),
@@ -46,64 +41,6 @@ ROWS = [
     ("agent_exec", "agent exec `true`, in-process VM (no mvmd)"),
     ("agent_ping", "raw agent ping, in-process VM"),
 ]
-
-
-def make_home(default_home: Path) -> Path:
-    home = Path(tempfile.mkdtemp(prefix="mvsb-", dir="/tmp"))
-    for name in LINKED:
-        target = default_home / name
-        if target.is_dir():
-            (home / name).symlink_to(target)
-    return home
-
-
-def procs_for(home: Path, qemu: bool) -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes()
-            env = (d / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        argv0 = os.path.basename(cmd.split(b"\0", 1)[0].decode(errors="replace"))
-        if (qemu and "qemu" in argv0 and str(home).encode() in cmd) or (
-            not qemu and b"mvm.daemon" in cmd and f"MVM_HOME={home}".encode() in env
-        ):
-            found.append(int(d.name))
-    return found
-
-
-def cleanup(home: Path) -> None:
-    from mvm.client import Client
-    from mvm.errors import MvmError
-
-    with contextlib.suppress(MvmError, OSError), Client(autostart=False, timeout=15.0) as c:
-        if c.ping() is not None:
-            for s in c.list_sandboxes():
-                with contextlib.suppress(MvmError):
-                    c.down(s.name)
-            c.shutdown()
-    deadline = time.monotonic() + 10
-    while procs_for(home, False) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(-1, os.WNOHANG)
-        time.sleep(0.1)
-    for pid in procs_for(home, False) + procs_for(home, True):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for name in LINKED:
-        link = home / name
-        if link.is_symlink():
-            link.unlink()
-    shutil.rmtree(home, ignore_errors=True)
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1000
 
 
 def run(args: argparse.Namespace, home: Path) -> dict[str, list[float]]:
@@ -161,7 +98,9 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, list[float]]:
         for rnd in range(args.rounds):
             order = list(fns)[rnd % len(fns) :] + list(fns)[: rnd % len(fns)]
             for key in order:
-                samples[key].append(timed(fns[key]))
+                with timer() as t:
+                    fns[key]()
+                    samples[key].append(t() * 1000)
     finally:
         loop.run_until_complete(vm.destroy())
         loop.close()
@@ -176,17 +115,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from mvm import paths
 
-    default_home = paths.home()
-    home = make_home(default_home)
-    os.environ["MVM_HOME"] = str(home)
-    os.environ.pop("MVM_RUN_DIR", None)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
+    raise_on_sigterm()
+    with private_home(default_store(), prefix="mvsb-") as home:
+        os.environ.pop("MVM_RUN_DIR", None)
         samples = run(args, home)
-    finally:
-        cleanup(home)
     base = statistics.median(samples["agent_ping"])
     result = {
         k: {

@@ -14,29 +14,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    Row,
+    add_sample_row,
+    compute_ratios,
+    err,
+    finish_facts,
+    host_facts,
+    host_table,
+    json_report,
+    kill_strays,
+    raise_on_sigterm,
+    ratios_table,
+    report_console,
+    samples_table,
+)
 from mvm import templates
 from mvm.agent.client import AgentClient
-from mvm.images.store import Image, ImageStore
+from mvm.images.store import ImageStore
 from mvm.vm import BOOT_TIMEOUT, MicroVM, VMSpec, base_config
-from mvm.vmm import accel
 from mvm.vmm.argv import build_argv
 from mvm.vmm.qemu import find_qemu
 
@@ -50,78 +58,6 @@ CLI_TIMEOUT = 180.0
 #: Seconds allowed for one agent request in the ops phase.
 OP_TIMEOUT = 60.0
 BLOB_SIZE = 16 * 1024 * 1024
-
-err = Console(stderr=True)
-
-
-@dataclass
-class Row:
-    key: str
-    label: str
-    unit: str  # "s", "ms" or "MB/s"
-    samples: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples) if self.samples else float("nan")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "unit": self.unit,
-            "samples": self.samples,
-            "median": self.median if self.samples else None,
-            "min": min(self.samples) if self.samples else None,
-            "max": max(self.samples) if self.samples else None,
-        }
-
-
-# ------------------------------------------------------------------------ host and cleanup
-
-
-def qemu_version(binary: str) -> str:
-    try:
-        out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.splitlines()[0].strip() if out else "unknown"
-
-
-def host_facts(img: Image, qemu: str) -> dict[str, Any]:
-    choice = accel.detect()
-    return {
-        "accel": choice.accel,
-        "accel_reason": choice.reason,
-        "cpus": os.cpu_count(),
-        "loadavg_start": list(os.getloadavg()),
-        "qemu": qemu_version(qemu),
-        "qemu_path": qemu,
-        "python": platform.python_version(),
-        "host_kernel": platform.release(),
-        "image": f"{img.name} ({img.id[:12]})",
-        "guest_kernel": img.kernel_release,
-    }
-
-
-def kill_strays(marker: str) -> int:
-    """SIGKILL QEMU processes whose command line mentions ``marker`` (our temp dir)."""
-    killed = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if "qemu" not in os.path.basename(argv[0].decode(errors="replace")):
-            continue
-        if any(marker.encode() in a for a in argv):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(d.name), signal.SIGKILL)
-                killed += 1
-    return killed
 
 
 # ------------------------------------------------------------------------ boot variants
@@ -317,27 +253,6 @@ async def agent_ops(
 # ------------------------------------------------------------------------ report
 
 
-def fmt(v: float, unit: str) -> str:
-    if unit == "s":
-        return f"{v:.3f} s"
-    if unit == "ms":
-        return f"{v:.2f} ms"
-    return f"{v:.1f} MB/s"
-
-
-def ratio(rows: dict[str, Row], a: str, b: str) -> dict[str, Any] | None:
-    """median(a) / median(b), and the same ratio per round where both were measured."""
-    ra, rb = rows[a], rows[b]
-    if not ra.samples or not rb.samples or rb.median == 0:
-        return None
-    paired = [x / y for x, y in zip(ra.samples, rb.samples, strict=False) if y > 0]
-    return {
-        "of_medians": ra.median / rb.median,
-        "per_round_min": min(paired) if paired else None,
-        "per_round_max": max(paired) if paired else None,
-    }
-
-
 RATIOS: list[tuple[str, str, str, str]] = [
     # (name, numerator, denominator, how to read it)
     ("template restore vs bare cold boot", "bare", "restore", "× faster"),
@@ -350,41 +265,16 @@ RATIOS: list[tuple[str, str, str, str]] = [
 ]
 
 
-def compute_ratios(rows: dict[str, Row]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, a, b, how in RATIOS:
-        r = ratio(rows, a, b)
-        if r is not None:
-            out[name] = {**r, "numerator": a, "denominator": b, "reads_as": how}
-    return out
-
-
 def print_report(
     facts: dict[str, Any], rows: dict[str, Row], ratios: dict[str, Any], args: argparse.Namespace
 ) -> None:
-    con = Console(width=None if sys.stdout.isatty() else 120)
-    hosts = Table(title="host", show_header=False, title_justify="left")
-    hosts.add_column(style="bold")
-    hosts.add_column()
-    for k in ("accel", "cpus", "qemu", "python", "host_kernel", "image", "guest_kernel"):
-        v = facts[k]
-        if k == "accel":
-            v = f"{v} ({facts['accel_reason']})"
-        hosts.add_row(k, str(v))
-    la0, la1 = facts["loadavg_start"], facts["loadavg_end"]
-    hosts.add_row("loadavg", f"{la0[0]:.2f} at start, {la1[0]:.2f} at end (1 min)")
-    hosts.add_row("wall time", f"{facts['wall_seconds']:.1f} s")
-    con.print(hosts)
-
-    t = Table(
-        title=f"start-up ({args.rounds} interleaved rounds) and agent round trips",
-        title_justify="left",
+    con = report_console()
+    con.print(
+        host_table(
+            facts, ("accel", "cpus", "qemu", "python", "host_kernel", "image", "guest_kernel")
+        )
     )
-    t.add_column("#", justify="right")
-    t.add_column("measurement")
-    t.add_column("n", justify="right")
-    for c in ("median", "min", "max"):
-        t.add_column(c, justify="right")
+    t = samples_table(f"start-up ({args.rounds} interleaved rounds) and agent round trips")
     numbers = {
         "bare": "1",
         "cold": "2",
@@ -397,30 +287,10 @@ def print_report(
         "read": "7",
     }
     for key, row in rows.items():
-        s = row.samples
-        if not s:
-            t.add_row(numbers[key], row.label, "0", "-", "-", "-")
-            continue
-        t.add_row(
-            numbers[key],
-            row.label,
-            str(len(s)),
-            fmt(row.median, row.unit),
-            fmt(min(s), row.unit),
-            fmt(max(s), row.unit),
-        )
+        add_sample_row(t, numbers[key], row, ms_digits=2)
     con.print(t)
-
-    rt = Table(title="ratios (of medians; per-round range in brackets)", title_justify="left")
-    rt.add_column("comparison")
-    rt.add_column("ratio", justify="right")
-    rt.add_column("per round", justify="right")
-    for name, r in ratios.items():
-        per = "-"
-        if r["denominator"] not in ("ping",) and r["per_round_min"] is not None:
-            per = f"[{r['per_round_min']:.2f}-{r['per_round_max']:.2f}]"
-        rt.add_row(name, f"{r['of_medians']:.2f}{r['reads_as']}", per)
-    con.print(rt)
+    # pings and execs are not taken in pairs (50 vs 20 by default): no per-round range
+    con.print(ratios_table(ratios, unpaired=("ping",)))
 
 
 # ------------------------------------------------------------------------ main
@@ -493,10 +363,7 @@ def main() -> None:
     if not MVMCTL.is_file():
         ap.error(f"{MVMCTL} not found (create the venv: pip install -e .)")
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds through every finally: QEMUs killed, temp dir removed
-
-    signal.signal(signal.SIGTERM, on_term)
+    raise_on_sigterm()  # unwinds through every finally: QEMUs killed, temp dir removed
     root = Path(tempfile.mkdtemp(prefix="mvb-", dir="/tmp"))
     # MicroVM.boot puts run dirs under MVM_RUN_DIR: every QEMU we start then has `root` in its argv.
     os.environ["MVM_RUN_DIR"] = str(root / "vm")
@@ -511,21 +378,10 @@ def main() -> None:
         if strays:
             err.print(f"[yellow]killed {strays} leftover QEMU process(es)[/]")
         shutil.rmtree(root, ignore_errors=True)
-    facts["loadavg_end"] = list(os.getloadavg())
-    facts["wall_seconds"] = time.monotonic() - t0
-    ratios = compute_ratios(rows)
+    finish_facts(facts, t0)
+    ratios = compute_ratios(rows, RATIOS)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "host": facts,
-                    "rounds": args.rounds,
-                    "rows": {k: r.to_json() for k, r in rows.items()},
-                    "ratios": ratios,
-                },
-                indent=2,
-            )
-        )
+        print(json_report(facts, rows, ratios, rounds=args.rounds))
     else:
         print_report(facts, rows, ratios, args)
 
