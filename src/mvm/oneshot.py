@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mvm import audit, redact
+from mvm import audit, paths, redact
 from mvm.agent import protocol as P
 from mvm.agent.client import OutputCallback
+from mvm.api.models import NetworkSpec
 from mvm.audit import runs as audit_runs
+from mvm.daemon.egress import EgressProxy, policy_for, proxy_env
 from mvm.errors import CommandTimeout
-from mvm.images.store import ImageStore
+from mvm.images.store import Image, ImageStore
 from mvm.policy import admission
 from mvm.progress import Reporter
 from mvm.secrets import SecretStore
-from mvm.vm import MicroVM, VMSpec
+from mvm.vm import MicroVM, VMSpec, new_id
 
 #: Default command timeout for ``run`` (seconds). A timeout always applies.
 DEFAULT_TIMEOUT = 300.0
@@ -69,15 +72,22 @@ async def run_once(
     store: ImageStore | None = None,
     reporter: Reporter | None = None,
     secret_env: Mapping[str, str] | None = None,
+    network: NetworkSpec | None = None,
 ) -> RunResult:
     """``secret_env`` maps ENV -> secret name: resolved from the store before boot, injected
-    into this one command, and every value is redacted from its output."""
+    into this one command, and every value is redacted from its output. ``network`` other
+    than preset ``none`` gives the VM a NIC whose only way out is an egress proxy that this
+    process serves for the run (the same proxy mvmd runs per sandbox)."""
     refs = dict(secret_env or {})
+    net = network or NetworkSpec()
+    netpolicy = await policy_for(net.preset, list(net.allow))  # bad presets/patterns fail here
     plan = admission.SandboxPlan(
         image=image,
         cpus=cpus,
         memory_mb=memory_mb,
         ttl_seconds=timeout,
+        network_preset=net.preset,
+        network_allow=tuple(net.allow),
         secrets=tuple(sorted(set(refs.values()))),
     )
     decision = admission.admit(plan, admission.load_policy())
@@ -102,97 +112,151 @@ async def run_once(
     store = store or ImageStore()
     img = store.ensure(image, reporter)
     started_at = time.time()
-    async with await MicroVM.boot(VMSpec(img, cpus=cpus, memory_mb=memory_mb), store=store) as vm:
-        agent = vm.require_agent()
-        full_env = {**img.env, **(env or {}), **secret_values}
-        audit_runs.started(
-            vm.id,
+    vm_id = new_id()
+    async with contextlib.AsyncExitStack() as stack:
+        if netpolicy.enabled:
+            proxy = EgressProxy(vm_id, netpolicy, paths.run_dir() / vm_id / "egress.sock")
+            await proxy.start()
+            stack.push_async_callback(proxy.close)
+        spec = VMSpec(img, cpus=cpus, memory_mb=memory_mb, network=netpolicy.enabled)
+        vm = await stack.enter_async_context(await MicroVM.boot(spec, store=store, vm_id=vm_id))
+        return await _run_in(
+            vm,
+            img,
             argv,
-            image=img.name,
-            image_id=img.id,
-            env_keys=list(full_env),
+            env={**img.env, **(proxy_env() if netpolicy.enabled else {}), **(env or {})},
+            secret_values=secret_values,
+            network=net,
             cpus=cpus,
             memory_mb=memory_mb,
             timeout=timeout,
-            user=user,
             cwd=cwd,
+            user=user,
             stdin=stdin,
-            boot_seconds=vm.boot_seconds,
+            output_limit=output_limit,
+            on_output=on_output,
+            user_output=user_output,
+            redactor=redactor,
+            streams=streams,
+            started_at=started_at,
         )
-        try:
-            r = await agent.exec(
-                argv,
-                env=full_env,
-                cwd=cwd,
-                user=user,
-                stdin=stdin,
-                timeout=timeout,
-                output_limit=output_limit,
-                on_output=on_output,
-            )
-        except CommandTimeout:
-            # The guest did not even report its own timeout: the VM is destroyed on exit.
-            aid = audit_runs.finished(
-                vm.id,
-                exit_code=TIMEOUT_EXIT,
-                timed_out=True,
-                signal=None,
-                duration=timeout,
-                stdout=b"",
-                stderr=b"",
-                truncated_stdout=False,
-                truncated_stderr=False,
-            )
-            return RunResult(
-                vm.id,
-                img.name,
-                TIMEOUT_EXIT,
-                b"",
-                b"",
-                timeout,
-                vm.boot_seconds,
-                True,
-                False,
-                False,
-                audit_id=aid,
-                image_id=img.id,
-                started_at=started_at,
-                finished_at=time.time(),
-            )
-        if redactor:
-            if user_output is not None:
-                for name, sr in streams.items():
-                    tail = sr.flush()
-                    if tail:
-                        user_output(name, tail)
-            r.stdout = redactor.redact_bytes(r.stdout)
-            r.stderr = redactor.redact_bytes(r.stderr)
-        code = TIMEOUT_EXIT if r.timed_out else r.exit_code
+    raise AssertionError("unreachable")  # the exit stack does not swallow exceptions
+
+
+async def _run_in(
+    vm: MicroVM,
+    img: Image,
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    secret_values: dict[str, str],
+    network: NetworkSpec,
+    cpus: int,
+    memory_mb: int,
+    timeout: float,
+    cwd: str | None,
+    user: str | None,
+    stdin: bytes,
+    output_limit: int,
+    on_output: OutputCallback | None,
+    user_output: OutputCallback | None,
+    redactor: redact.Redactor,
+    streams: dict[str, redact.StreamRedactor],
+    started_at: float,
+) -> RunResult:
+    """The command itself, in a booted VM: audit, exec, redact, result."""
+    agent = vm.require_agent()
+    full_env = {**env, **secret_values}
+    audit_runs.started(
+        vm.id,
+        argv,
+        image=img.name,
+        image_id=img.id,
+        env_keys=list(full_env),
+        cpus=cpus,
+        memory_mb=memory_mb,
+        timeout=timeout,
+        user=user,
+        cwd=cwd,
+        stdin=stdin,
+        boot_seconds=vm.boot_seconds,
+        network=network.preset,
+        network_allow=list(network.allow),
+    )
+    try:
+        r = await agent.exec(
+            argv,
+            env=full_env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            timeout=timeout,
+            output_limit=output_limit,
+            on_output=on_output,
+        )
+    except CommandTimeout:
+        # The guest did not even report its own timeout: the VM is destroyed on exit.
         aid = audit_runs.finished(
             vm.id,
-            exit_code=code,
-            timed_out=r.timed_out,
-            signal=r.signal,
-            duration=r.duration,
-            stdout=r.stdout,
-            stderr=r.stderr,
-            truncated_stdout=r.truncated_stdout,
-            truncated_stderr=r.truncated_stderr,
+            exit_code=TIMEOUT_EXIT,
+            timed_out=True,
+            signal=None,
+            duration=timeout,
+            stdout=b"",
+            stderr=b"",
+            truncated_stdout=False,
+            truncated_stderr=False,
         )
         return RunResult(
-            sandbox_id=vm.id,
-            image=img.name,
-            exit_code=code,
-            stdout=r.stdout,
-            stderr=r.stderr,
-            duration=r.duration,
-            boot_seconds=vm.boot_seconds,
-            timed_out=r.timed_out,
-            truncated_stdout=r.truncated_stdout,
-            truncated_stderr=r.truncated_stderr,
-            signal=r.signal,
+            vm.id,
+            img.name,
+            TIMEOUT_EXIT,
+            b"",
+            b"",
+            timeout,
+            vm.boot_seconds,
+            True,
+            False,
+            False,
             audit_id=aid,
             image_id=img.id,
             started_at=started_at,
             finished_at=time.time(),
         )
+    if redactor:
+        if user_output is not None:
+            for name, sr in streams.items():
+                tail = sr.flush()
+                if tail:
+                    user_output(name, tail)
+        r.stdout = redactor.redact_bytes(r.stdout)
+        r.stderr = redactor.redact_bytes(r.stderr)
+    code = TIMEOUT_EXIT if r.timed_out else r.exit_code
+    aid = audit_runs.finished(
+        vm.id,
+        exit_code=code,
+        timed_out=r.timed_out,
+        signal=r.signal,
+        duration=r.duration,
+        stdout=r.stdout,
+        stderr=r.stderr,
+        truncated_stdout=r.truncated_stdout,
+        truncated_stderr=r.truncated_stderr,
+    )
+    return RunResult(
+        sandbox_id=vm.id,
+        image=img.name,
+        exit_code=code,
+        stdout=r.stdout,
+        stderr=r.stderr,
+        duration=r.duration,
+        boot_seconds=vm.boot_seconds,
+        timed_out=r.timed_out,
+        truncated_stdout=r.truncated_stdout,
+        truncated_stderr=r.truncated_stderr,
+        signal=r.signal,
+        audit_id=aid,
+        image_id=img.id,
+        started_at=started_at,
+        finished_at=time.time(),
+    )

@@ -259,6 +259,31 @@ def test_denied_name_is_refused_and_audited(ctl: Ctl, home: Path) -> None:
     assert rc == 3 and "HTTP 403" in out, out
 
 
+def test_one_shot_run_gets_the_same_egress_policy(ctl: Ctl, home: Path, tmp_path: Path) -> None:
+    """`mvmctl run` serves the same proxy in-process: allowed name fetched, denied refused,
+    the receipt and the audit name the network."""
+    code = (
+        "import urllib.request, urllib.error\n"
+        f"print(urllib.request.urlopen('http://allowed.test:{PORT}/', timeout=20).read().decode())\n"
+        "try:\n"
+        f"    urllib.request.urlopen('http://denied.test:{PORT}/', timeout=20)\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print('denied', e.code)\n"
+    )
+    receipt = tmp_path / "r.json"
+    args = ["run", "--network-allow", f"allowed.test:{PORT}", "--receipt", str(receipt)]
+    r = ctl(*args, "--", "python3", "-c", code, timeout=120)
+    assert r.rc == 0 and TOKEN in r.out and "denied 403" in r.out, str(r)
+    assert json.loads(receipt.read_text())["policy"]["network_allow"] == [f"allowed.test:{PORT}"]
+    launched = [r for r in audit_records(home, "sandbox.launched") if r["data"].get("oneshot")]
+    assert launched and launched[-1]["data"]["network_allow"] == [f"allowed.test:{PORT}"]
+    denied = [r["data"]["host"] for r in audit_records(home, "egress.denied")]
+    assert "denied.test" in denied
+    # and without a network the same run has no way out at all
+    r = ctl("run", "--", "python3", "-c", code, timeout=120)
+    assert r.rc != 0 and TOKEN not in r.out, str(r)
+
+
 def test_raw_ip_through_the_proxy_is_refused(ctl: Ctl, home: Path) -> None:
     for sb in ("net-allow", "net-open"):
         rc, out = fetch(ctl, sb, f"http://{NS_ADDR}:{PORT}/")

@@ -29,6 +29,8 @@ def started(
     cwd: str | None,
     stdin: bytes,
     boot_seconds: float,
+    network: str = "none",
+    network_allow: list[str] | None = None,
 ) -> str:
     """Record launch + exec start *before* the command runs (fails closed)."""
     log = default_log()
@@ -41,7 +43,8 @@ def started(
         image_id=image_id,
         cpus=cpus,
         memory_mb=memory_mb,
-        network="none",
+        network=network,
+        network_allow=list(network_allow or []),
         oneshot=True,
         boot_seconds=round(boot_seconds, 3),
     )

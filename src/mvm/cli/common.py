@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from mvm.cli.ui import err_console
 from mvm.errors import InvalidArgument, MvmError
+from mvm.policy.network import PRESETS as NETWORK_PRESETS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,3 +72,23 @@ def split_env(pairs: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
             check_name(ref)
             secret_env[key] = ref
     return env, secret_env
+
+
+def network_options(f: F) -> F:
+    """``--network-preset`` and ``--network-allow``, for ``up`` and ``run`` alike."""
+    f = click.option(
+        "--network-allow",
+        "network_allow",
+        multiple=True,
+        metavar="HOST[:PORT]",
+        help="Also allow this name (*.example.org wildcards; port default 80 and 443; repeatable).",
+    )(f)
+    f = click.option(
+        "--network-preset",
+        type=click.Choice(NETWORK_PRESETS),
+        default="none",
+        show_default=True,
+        help="none: no network device; registries: the host's apt/pip hosts; dev: registries plus "
+        "$MVM_HOME/network.toml; unrestricted: any name (never loopback, metadata, the host).",
+    )(f)
+    return f

@@ -22,9 +22,10 @@ from rich.table import Table
 
 from mvm import doctor as doctor_mod
 from mvm.agent import protocol as P
+from mvm.api.models import NetworkSpec
 from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.audit import write_run_receipt
-from mvm.cli.common import fail_on_errors, parse_env, split_env
+from mvm.cli.common import fail_on_errors, network_options, parse_env, split_env
 from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
@@ -165,6 +166,7 @@ def images(as_json: bool) -> None:
     help="Run an SDK script (plan: record it, print the plan and admission; live: perform "
     "it) or replay a compiled IR dir (live). Takes SCRIPT or DIR instead of COMMAND.",
 )
+@network_options
 @click.argument("command", nargs=-1, required=True)
 @fail_on_errors
 def run(
@@ -179,6 +181,8 @@ def run(
     as_json: bool,
     receipt_file: Path | None,
     sdk_mode: str | None,
+    network_preset: str,
+    network_allow: tuple[str, ...],
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a fresh microVM, then destroy it (one-shot; nothing persists).
@@ -203,6 +207,7 @@ def run(
         out.flush()
 
     plain_env, secret_env = split_env(env)
+    network = NetworkSpec(preset=network_preset, allow=list(network_allow))
     with RichReporter(enabled=stderr_is_tty() and not as_json) as rep:
         result: RunResult = asyncio.run(
             run_once(
@@ -218,10 +223,17 @@ def run(
                 stdin=stdin,
                 on_output=None if as_json else on_output,
                 reporter=rep,
+                network=network,
             )
         )
     if receipt_file is not None:
-        policy = {"network": "none", "cpus": cpus, "memory_mb": memory, "timeout": timeout}
+        policy: dict[str, object] = {
+            "network": network.preset,
+            "network_allow": list(network.allow),
+            "cpus": cpus,
+            "memory_mb": memory,
+            "timeout": timeout,
+        }
         policy |= {"user": user, "cwd": cwd}
         keys = sorted(parse_env(env))
         write_run_receipt(receipt_file, list(command), keys, result, policy)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from mvm import client as mvmclient
 from mvm.api import models as M
-from mvm.cli.common import fail_on_errors, split_env
+from mvm.cli.common import fail_on_errors, network_options, split_env
 from mvm.cli.ports import describe as describe_forward
 from mvm.cli.ports import port_specs
 from mvm.cli.ui import RichReporter, err_console, out_console, safe_text, stderr_is_tty
@@ -24,7 +24,6 @@ from mvm.durations import parse_duration
 from mvm.errors import InvalidArgument, MvmError
 from mvm.images import manifest as manifests
 from mvm.images.store import ImageStore
-from mvm.policy.network import PRESETS as NETWORK_PRESETS
 from mvm.project import PRESETS, init_project, uploads
 
 EXEC_TIMEOUT_EXIT = 124
@@ -90,21 +89,7 @@ def init(directory: Path, preset: str) -> None:
     metavar="HOST_PORT:GUEST_PORT",
     help="Forward 127.0.0.1:HOST_PORT to GUEST_PORT (repeatable; GUEST_PORT alone: any free port).",
 )
-@click.option(
-    "--network-preset",
-    type=click.Choice(NETWORK_PRESETS),
-    default="none",
-    show_default=True,
-    help="none: no network device; registries: the host's apt/pip hosts; dev: registries plus "
-    "$MVM_HOME/network.toml; unrestricted: any name (never loopback, metadata, the host).",
-)
-@click.option(
-    "--network-allow",
-    "network_allow",
-    multiple=True,
-    metavar="HOST[:PORT]",
-    help="Also allow this name (*.example.org wildcards; port default 80 and 443; repeatable).",
-)
+@network_options
 @click.option(
     "-d", "--detach", is_flag=True, default=True, help="Return once it runs (the default)."
 )
