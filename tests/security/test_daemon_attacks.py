@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from mvm.api import models as M
@@ -247,6 +247,44 @@ BODIES = st.one_of(
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),
 )
 
+BAD_CREATE = st.one_of(
+    st.binary(max_size=200).filter(lambda b: not b.lstrip().startswith(b"{")),
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20)).map(
+        lambda v: json.dumps(v).encode()
+    ),
+    st.lists(JSON_VALUES, max_size=3).map(lambda v: json.dumps(v).encode()),
+    st.sampled_from(
+        [
+            b'{"name": 5}',
+            b'{"name": "../../x"}',
+            b'{"name": "a\\u0000b"}',
+            b'{"name": "UPPER"}',
+            b'{"name": "' + b"x" * 300 + b'"}',
+            b'{"image": ["python"]}',
+            b'{"image": "../../etc"}',
+            b'{"cpus": "2"}',
+            b'{"cpus": 0}',
+            b'{"cpus": 100000}',
+            b'{"memory_mb": -1}',
+            b'{"memory_mb": 1e100}',
+            b'{"disk_mb": 1}',
+            b'{"ttl_seconds": -5}',
+            b'{"ttl_seconds": 1e999}',
+            b'{"env": ["A=1"]}',
+            b'{"env": {"A": 1}}',
+            b'{"secret_env": {"A": "no-such-secret"}}',
+            b'{"network": {"preset": "everything"}}',
+            b'{"network": {"allow": "x"}}',
+            b'{"ports": [{"guest_port": 0}]}',
+            b'{"ports": [{"guest_port": 80, "host": "0.0.0.0"}]}',
+            b'{"mounts": ["/etc"]}',
+            b'{"unknown": 1}',
+            b'{"name": "ok", "extra": null}',
+            b'{"tags": {"a": 1}}',
+        ]
+    ),
+)
+
 
 @st.composite
 def bad_requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes, bool]:
@@ -285,8 +323,9 @@ def bad_requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes, bool
             body,
             False,
         )
-    # the top-level routes with bad bodies (never /shutdown)
-    return draw(st.sampled_from(["POST", "PUT", "DELETE"])), f"{V}/sandboxes", query, body, False
+    # Creation with bodies that are never a valid request: every field of CreateSandbox
+    # has a default, so any valid object (even ``{}``) would boot a VM.
+    return "POST", f"{V}/sandboxes", query, draw(BAD_CREATE), False
 
 
 def test_malformed_api_requests_get_json_4xx_and_mvmd_keeps_serving(
@@ -300,14 +339,19 @@ def test_malformed_api_requests_get_json_4xx_and_mvmd_keeps_serving(
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        phases=[Phase.generate],  # a shrinking run against a live daemon takes too long
     )
     @given(bad_requests())
     def probe(req: tuple[str, str, dict[str, str], bytes, bool]) -> None:
         method, path, query, body, may_succeed = req
         try:
-            r = http.request(method, path, params=query, content=body, timeout=60)
+            r = http.request(method, path, params=query, content=body, timeout=30)
         except httpx.InvalidURL:
             return  # the client library refused to send it: nothing reached mvmd
+        except httpx.TimeoutException:
+            raise AssertionError(
+                f"mvmd did not answer {(method, path, query, body[:80])}"
+            ) from None
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         if len(r.request.url.raw_path) > REQUEST_LINE_LIMIT:
             # Refused by aiohttp's HTTP parser before any route or middleware runs: a
@@ -450,4 +494,30 @@ def test_a_guest_breaking_the_protocol_is_marked_failed_with_the_reason(
     assert qemu_pids(ctl.home) and daemon_pid(http) == pid
     r = ctl("exec", "victim", "--", "true")
     assert r.rc != 0 and "failed" in r.err, str(r)
+    neighbour_answers(ctl)
+
+
+def test_a_guest_forging_the_handshake_is_failed_when_mvmd_restarts(
+    http: httpx.Client, ctl: Ctl
+) -> None:
+    """mvmd restarts and re-handshakes every sandbox; one whose guest answers every hello
+    with a wrong nonce is marked failed with the reason, the others are reattached."""
+    ctl.ok("up", "--name", "liar", "--image", "python", "--ttl", "30m", timeout=240)
+    ctl.ok("exec", "liar", "--", "attack", "nonce")
+    old = daemon_pid(http)
+    ctl.ok("daemon", "stop", timeout=60)
+    assert wait_until(lambda: not daemon_pids(ctl.home), 30)
+
+    first = ctl("ls", "--json", timeout=120)  # starts mvmd, which reattaches first
+    print(f"first call after the restart: {first}")
+
+    def serving() -> bool:
+        return ctl("daemon", "status", "--json", timeout=120).rc == 0
+
+    assert wait_until(serving, 120, interval=1.0)
+    assert daemon_pid(http) != old
+    boxes = ctl.sandboxes()
+    assert boxes["liar"]["state"] == "failed", boxes["liar"]
+    assert "lost while mvmd was down" in boxes["liar"]["reason"], boxes["liar"]
+    assert boxes["neighbour"]["state"] == "running", boxes["neighbour"]
     neighbour_answers(ctl)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -125,3 +127,43 @@ def test_safe_text_leaves_no_control_character(text: str) -> None:
     assert not any(unicodedata.category(c) == "Cc" for c in out)
     if not any(unicodedata.category(c) == "Cc" for c in text):
         assert out == text
+
+
+# ----------------------------------------------------------------------------- mvmd restart
+
+
+def test_mvmd_reattaches_all_sandboxes_at_once(tmp_path: Path, monkeypatch: Any) -> None:
+    """One stalled handshake must not hold up the others: every reattach is in flight
+    before any of them finishes."""
+    import asyncio
+
+    from mvm.daemon.manager import Manager
+
+    monkeypatch.setenv("MVM_HOME", str(tmp_path))
+    records = [f"rec-{i}" for i in range(5)]
+    active = {"now": 0, "max": 0}
+
+    class Records:
+        def all(self) -> list[str]:
+            return records
+
+    async def reattach(self: Manager, rec: str) -> None:
+        active["now"] += 1
+        active["max"] = max(active["max"], active["now"])
+        for _ in range(3):
+            await asyncio.sleep(0)
+        active["now"] -= 1
+
+    async def run() -> None:
+        m = Manager.__new__(Manager)
+        m.db = Records()  # type: ignore[assignment]
+        m.live = {}
+        m._reaper = None
+        monkeypatch.setattr(Manager, "_reattach", reattach)
+        monkeypatch.setattr(Manager, "_reap_forever", lambda self: asyncio.sleep(0))
+        await m.start()
+        assert m._reaper is not None
+        await m._reaper
+
+    asyncio.run(run())
+    assert active["max"] == len(records)

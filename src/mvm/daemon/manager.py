@@ -170,8 +170,9 @@ class Manager:
 
     # -- startup / shutdown -----------------------------------------------------------
     async def start(self) -> None:
-        for rec in self.db.all():
-            await self._reattach(rec)
+        # All at once: a guest that stalls its handshake (up to attach's timeout) must
+        # not delay the other sandboxes, nor the daemon's socket, once per sandbox.
+        await asyncio.gather(*(self._reattach(rec) for rec in self.db.all()))
         for live in list(self.live.values()):
             await self._restore_forwards(live)
         self._reaper = asyncio.create_task(self._reap_forever())
