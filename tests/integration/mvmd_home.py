@@ -168,11 +168,12 @@ def default_home() -> Path:
 
 
 @contextlib.contextmanager
-def private_home(prefix: str = "mvmd-", *, share_templates: bool = True) -> Iterator[Path]:
+def private_home(prefix: str = "mvmd-", *, share: tuple[str, ...] = SHARED) -> Iterator[Path]:
     """A fresh MVM_HOME under /tmp (short: Unix socket paths) for one test module.
 
     Skips when QEMU is missing; builds the default image into the default store if needed.
-    Without ``share_templates`` the home starts with no boot templates at all.
+    ``share`` names what is linked to the default store (e.g. leave out "templates" for a
+    home with no boot templates, or "initramfs" to plant a different one).
     """
     if shutil.which(qemu_binary()) is None:
         pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
@@ -180,9 +181,8 @@ def private_home(prefix: str = "mvmd-", *, share_templates: bool = True) -> Iter
     ImageStore(default).ensure("python")
     (default / "build.lock").touch()
     h = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    for n in SHARED:
-        if share_templates or n != "templates":
-            (h / n).symlink_to(default / n)
+    for n in share:
+        (h / n).symlink_to(default / n)
     (h / "images").mkdir()
     for rec in (default / "images").glob("*.json"):
         shutil.copy(rec, h / "images" / rec.name)

@@ -20,14 +20,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.mvmd_home import MVMCTL, private_home
+from tests.integration.mvmd_home import MVMCTL, SHARED, private_home
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict[str, str]]:
-    with private_home("mvmtr-", share_templates=False) as home:
+    no_templates = tuple(n for n in SHARED if n != "templates")
+    with private_home("mvmtr-", share=no_templates) as home:
         e = {**os.environ, "MVM_HOME": str(home)}
         e.pop("MVM_RUN_DIR", None)
         yield e

@@ -12,12 +12,9 @@ this daemon runs ``hostile_agent.py`` (honest until told to attack). Two sandbox
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
 import string
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,24 +28,14 @@ from hypothesis import strategies as st
 from mvm.api import models as M
 from mvm.images import initramfs
 from mvm.images.store import ImageStore
-from mvm.vmm.qemu import qemu_binary
-
-try:  # the daemon-test helpers are moving from test_daemon.py into mvmd_home.py
-    from tests.integration.mvmd_home import (
-        Ctl,
-        daemon_pids,
-        default_home,
-        qemu_pids,
-        wait_until,
-    )
-except ImportError:  # pragma: no cover - older tree
-    from tests.integration.test_daemon import (  # type: ignore[attr-defined,no-redef]
-        Ctl,
-        daemon_pids,
-        default_home,
-        qemu_pids,
-        wait_until,
-    )
+from tests.integration.mvmd_home import (
+    Ctl,
+    daemon_pids,
+    default_home,
+    private_home,
+    qemu_pids,
+    wait_until,
+)
 from tests.security.hostile import build_hostile_initramfs, rss_bytes
 from tests.security.probes import search_everywhere, split_marker
 
@@ -63,41 +50,17 @@ REQUEST_LINE_LIMIT = 8190 - len("OPTIONS  HTTP/1.1")
 
 @pytest.fixture(scope="module")
 def home() -> Iterator[Path]:
-    if shutil.which(qemu_binary()) is None:
-        pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
-    default = default_home()
-    store = ImageStore(default)
-    image = store.ensure("python")
-    (default / "build.lock").touch()
-    h = Path(tempfile.mkdtemp(prefix="mvmsec-", dir="/tmp"))
-    for n in ("rootfs", "kernels", "build.lock"):
-        (h / n).symlink_to(default / n)
-    (h / "images").mkdir()
-    for rec in (default / "images").glob("*.json"):
-        shutil.copy(rec, h / "images" / rec.name)
-    # The real initramfs name, hostile content: mvmd boots the attacker's agent.
-    real = store.initramfs_for(image)
-    hostile = build_hostile_initramfs(image, h / "hostile")
-    (h / "initramfs").mkdir()
-    shutil.copy(hostile, h / "initramfs" / real.name)
-    assert initramfs.agent_sources()  # the real agent is what the hostile one wraps
-    try:
+    """A private mvmd whose initramfs is the hostile one, planted under the real file's
+    name (and no shared boot templates): every sandbox it starts runs the attacker."""
+    with private_home("mvmsec-", share=("rootfs", "kernels", "build.lock")) as h:
+        store = ImageStore(default_home())
+        image = store.ensure("python")
+        real = store.initramfs_for(image)
+        hostile = build_hostile_initramfs(image, h / "hostile")
+        (h / "initramfs").mkdir()
+        shutil.copy(hostile, h / "initramfs" / real.name)
+        assert initramfs.agent_sources()  # the real agent is what the hostile one wraps
         yield h
-    finally:
-        ctl = Ctl(h)
-        for args, limit in ((("down", "--all"), 120), (("daemon", "stop"), 30)):
-            try:
-                ctl(*args, timeout=limit)
-            except Exception:
-                pass  # a hung daemon: killed below
-        wait_until(lambda: not daemon_pids(h), 10)
-        for pid in daemon_pids(h) + qemu_pids(h):  # started for this home only
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_until(lambda: not qemu_pids(h), 10)
-        shutil.rmtree(h, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
