@@ -35,6 +35,7 @@ from mvm.errors import (
     SandboxNotFound,
 )
 from mvm.sdk import mode
+from tests.cookbook import COOKBOOK
 from tests.integration.mvmd_home import private_home
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -343,22 +344,6 @@ def test_snapshot_pause_resume_stop_destroy(shared: mvm.Sandbox) -> None:
 
 
 # ------------------------------------------------------------------- modes and the IR
-
-COOKBOOK = """import mvm
-with mvm.Sandbox.create(
-"IMAGE",
-workload_id="agent-tool",
-ttl="30m",
-include=["src"],
-resources=mvm.resources(cpu_cores=1, memory_mb=512, rootfs_size_mb=1024),
-network=mvm.network(mode="deny"),
-) as sandbox:
-    sandbox.files.write("/app/main.py", "print('hello from mvm')")
-    sandbox.commands.start(
-        ["python", "/app/main.py"],
-        env={"MODE": "dev", "API_KEY": mvm.secret("api-key")},
-    )
-"""
 
 
 @pytest.fixture(scope="module")

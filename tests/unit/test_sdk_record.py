@@ -24,6 +24,7 @@ from mvm.sdk import plan as planmod
 from mvm.sdk.record import Recorder
 from mvm.sdk.replay import Replayer
 from mvm.sdk.sandbox import Sandbox, build_spec
+from tests.cookbook import COOKBOOK
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "schemas" / "ir-v1.json").read_text())
@@ -221,22 +222,6 @@ def test_plan_admission_denies_what_the_policy_forbids(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- the CLI
-
-COOKBOOK = """import mvm
-with mvm.Sandbox.create(
-"IMAGE",
-workload_id="agent-tool",
-ttl="30m",
-include=["src"],
-resources=mvm.resources(cpu_cores=1, memory_mb=512, rootfs_size_mb=1024),
-network=mvm.network(mode="deny"),
-) as sandbox:
-    sandbox.files.write("/app/main.py", "print('hello from mvm')")
-    sandbox.commands.start(
-        ["python", "/app/main.py"],
-        env={"MODE": "dev", "API_KEY": mvm.secret("api-key")},
-    )
-"""
 
 
 def mvmctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
