@@ -37,7 +37,6 @@ async def serve() -> None:
     api = Api(manager, str(sock), stop.set)
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    await manager.start()
     sock.unlink(missing_ok=True)
     old_umask = os.umask(0o177)  # the socket is created 0600: only its owner may talk to mvmd
     try:
@@ -45,8 +44,9 @@ async def serve() -> None:
         await site.start()
     finally:
         os.umask(old_umask)
-    logging.info("mvmd %d serving on %s (%d sandboxes)", os.getpid(), sock, len(manager.live))
     try:
+        await manager.start()  # reattach; until done, requests other than status wait
+        logging.info("mvmd %d serving on %s (%d sandboxes)", os.getpid(), sock, len(manager.live))
         await stop.wait()
     finally:
         sock.unlink(missing_ok=True)

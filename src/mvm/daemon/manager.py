@@ -165,17 +165,22 @@ class Manager:
         self.live: dict[str, Live] = {}
         self._create_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        #: Set once every recorded sandbox is reattached (or failed): until then the API
+        #: answers only ``status``.
+        self.ready = asyncio.Event()
         self.forwards = Forwards(db, lambda sandbox_id: self.running(sandbox_id)[1])
         self.secrets = SecretStore()
 
     # -- startup / shutdown -----------------------------------------------------------
     async def start(self) -> None:
         # All at once: a guest that stalls its handshake (up to attach's timeout) must
-        # not delay the other sandboxes, nor the daemon's socket, once per sandbox.
+        # not delay the other sandboxes once per sandbox. The socket is already served
+        # (status only) while this runs: see server.Api.ready_middleware.
         await asyncio.gather(*(self._reattach(rec) for rec in self.db.all()))
         for live in list(self.live.values()):
             await self._restore_forwards(live)
         self._reaper = asyncio.create_task(self._reap_forever())
+        self.ready.set()
 
     async def close(self) -> None:
         """Stop serving (sandboxes keep running; a new mvmd reattaches)."""

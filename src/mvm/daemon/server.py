@@ -6,6 +6,7 @@ status code; nothing a client sends can take the daemon down.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -21,6 +22,8 @@ from mvm.daemon.manager import Manager, audit_after, info
 from mvm.state import SnapshotRecord
 
 log = logging.getLogger(__name__)
+#: Longest a request waits for mvmd to finish reattaching after a restart (seconds).
+READY_TIMEOUT = 90.0
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -177,8 +180,26 @@ class Api:
         self.started = time.time()
         self.on_shutdown = on_shutdown
 
+    @web.middleware
+    async def ready_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """mvmd serves its socket while it reattaches to running sandboxes (a stalling guest
+        can take that long): ``status`` answers at once, everything else waits, bounded."""
+        if not self.m.ready.is_set() and request.path != f"/{M.API_VERSION}/status":
+            try:
+                async with asyncio.timeout(READY_TIMEOUT):
+                    await self.m.ready.wait()
+            except TimeoutError:
+                raise errors.MvmError(
+                    f"mvmd is still reattaching to its sandboxes after {READY_TIMEOUT:.0f}s",
+                    hint="retry in a moment; see $MVM_HOME/mvmd.log",
+                ) from None
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[errors_middleware], client_max_size=M.MAX_BODY + 1024)
+        app = web.Application(
+            middlewares=[errors_middleware, self.ready_middleware],
+            client_max_size=M.MAX_BODY + 1024,
+        )
         r = app.router
         v = f"/{M.API_VERSION}"
         r.add_get(f"{v}/status", self.status)
