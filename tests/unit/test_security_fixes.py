@@ -159,9 +159,11 @@ def test_mvmd_reattaches_all_sandboxes_at_once(tmp_path: Path, monkeypatch: Any)
         m.db = Records()  # type: ignore[assignment]
         m.live = {}
         m._reaper = None
+        m.ready = asyncio.Event()
         monkeypatch.setattr(Manager, "_reattach", reattach)
         monkeypatch.setattr(Manager, "_reap_forever", lambda self: asyncio.sleep(0))
         await m.start()
+        assert m.ready.is_set()  # the API stops holding requests only now
         assert m._reaper is not None
         await m._reaper
 
