@@ -48,7 +48,7 @@ from mvm import templates
 from mvm.api import models as M
 from mvm.errors import AgentError, MvmError
 from mvm.images.store import ImageStore
-from mvm.vm import MicroVM, VMSpec, base_config
+from mvm.vm import MicroVM, VMSpec, base_config, template_key_for
 from mvm.vmm.qemu import find_qemu
 
 IMAGE = "python"
@@ -111,16 +111,7 @@ def template_inode(key: str) -> int | None:
 
 def shape_key(spec: VMSpec, store: ImageStore) -> str:
     """The boot-template key MicroVM.boot (in-process or inside mvmd) uses for ``spec``."""
-    base = base_config(spec, store, Path("/nonexistent"))
-    return templates.template_key(
-        image_id=spec.image.id,
-        initramfs=base.initrd.name,
-        cpus=spec.cpus,
-        memory_mb=spec.memory_mb,
-        overlay_size=spec.overlay_size,
-        accel=base.accel,
-        qemu=templates.qemu_identity(find_qemu(base.qemu)),
-    )
+    return template_key_for(spec, base_config(spec, store, Path("/nonexistent")))
 
 
 def started_incoming(pid: int | None) -> bool:

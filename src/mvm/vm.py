@@ -63,6 +63,20 @@ def egress_relay_argv() -> tuple[str, ...]:
     return (sys.executable, "-I", str(Path(egress_relay.__file__).resolve()))
 
 
+def template_key_for(spec: VMSpec, base: VMConfig) -> str:
+    """The boot-template key of a VM shape: everything a template and its clones share."""
+    return templates.template_key(
+        image_id=spec.image.id,
+        initramfs=base.initrd.name,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        overlay_size=spec.overlay_size,
+        accel=base.accel,
+        qemu=templates.qemu_identity(find_qemu(base.qemu)),
+        network=spec.network,
+    )
+
+
 def base_config(spec: VMSpec, store: ImageStore, run_dir: Path) -> VMConfig:
     """The VM config for a spec on this host (accelerator, TSC rate, current initramfs)."""
     return VMConfig(
@@ -158,16 +172,7 @@ class MicroVM:
         base = base_config(spec, store, paths.run_dir() / vm_id)
         if fast if fast is not None else templates.enabled():
             tstore = templates.TemplateStore()
-            key = templates.template_key(
-                image_id=spec.image.id,
-                initramfs=base.initrd.name,
-                cpus=spec.cpus,
-                memory_mb=spec.memory_mb,
-                overlay_size=spec.overlay_size,
-                accel=base.accel,
-                qemu=templates.qemu_identity(find_qemu(base.qemu)),
-                network=spec.network,
-            )
+            key = template_key_for(spec, base)
             tpl = tstore.get(key) or await make_template(tstore, key, spec, store, boot_timeout)
             cfg = replace(base, memory_file=tpl.ram, memory_shared=False, incoming=True)
             try:
