@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from mvm import paths
+from mvm.fsutil import remove_tree
 from mvm.images.store import ImageStore
 from mvm.vmm.qemu import qemu_binary
 
@@ -202,4 +203,4 @@ def private_home(prefix: str = "mvmd-", *, share: tuple[str, ...] = SHARED) -> I
             except ProcessLookupError:
                 pass
         wait_until(lambda: not qemu_pids(h), 10)
-        shutil.rmtree(h, ignore_errors=True)
+        remove_tree(h)  # never through a mount an interrupted build left inside
