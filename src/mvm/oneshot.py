@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,8 +15,9 @@ from mvm.api.models import NetworkSpec
 from mvm.audit import runs as audit_runs
 from mvm.daemon.egress import EgressProxy, policy_for, proxy_env
 from mvm.errors import CommandTimeout
-from mvm.images.store import Image, ImageStore
+from mvm.images.store import ImageStore
 from mvm.policy import admission
+from mvm.policy.network import Policy as NetPolicy
 from mvm.progress import Reporter
 from mvm.secrets import SecretStore
 from mvm.vm import MicroVM, VMSpec, new_id
@@ -113,150 +114,122 @@ async def run_once(
     img = store.ensure(image, reporter)
     started_at = time.time()
     vm_id = new_id()
-    async with contextlib.AsyncExitStack() as stack:
-        if netpolicy.enabled:
-            proxy = EgressProxy(vm_id, netpolicy, paths.run_dir() / vm_id / "egress.sock")
-            await proxy.start()
-            stack.push_async_callback(proxy.close)
-        spec = VMSpec(img, cpus=cpus, memory_mb=memory_mb, network=netpolicy.enabled)
-        vm = await stack.enter_async_context(await MicroVM.boot(spec, store=store, vm_id=vm_id))
-        return await _run_in(
-            vm,
-            img,
+    spec = VMSpec(img, cpus=cpus, memory_mb=memory_mb, network=netpolicy.enabled)
+    async with (
+        serve_egress(vm_id, netpolicy),
+        await MicroVM.boot(spec, store=store, vm_id=vm_id) as vm,
+    ):
+        agent = vm.require_agent()
+        full_env = {
+            **img.env,
+            **(proxy_env() if netpolicy.enabled else {}),
+            **(env or {}),
+            **secret_values,
+        }
+        audit_runs.started(
+            vm.id,
             argv,
-            env={**img.env, **(proxy_env() if netpolicy.enabled else {}), **(env or {})},
-            secret_values=secret_values,
-            network=net,
+            image=img.name,
+            image_id=img.id,
+            env_keys=list(full_env),
             cpus=cpus,
             memory_mb=memory_mb,
             timeout=timeout,
-            cwd=cwd,
             user=user,
-            stdin=stdin,
-            output_limit=output_limit,
-            on_output=on_output,
-            user_output=user_output,
-            redactor=redactor,
-            streams=streams,
-            started_at=started_at,
-        )
-    raise AssertionError("unreachable")  # the exit stack does not swallow exceptions
-
-
-async def _run_in(
-    vm: MicroVM,
-    img: Image,
-    argv: list[str],
-    *,
-    env: dict[str, str],
-    secret_values: dict[str, str],
-    network: NetworkSpec,
-    cpus: int,
-    memory_mb: int,
-    timeout: float,
-    cwd: str | None,
-    user: str | None,
-    stdin: bytes,
-    output_limit: int,
-    on_output: OutputCallback | None,
-    user_output: OutputCallback | None,
-    redactor: redact.Redactor,
-    streams: dict[str, redact.StreamRedactor],
-    started_at: float,
-) -> RunResult:
-    """The command itself, in a booted VM: audit, exec, redact, result."""
-    agent = vm.require_agent()
-    full_env = {**env, **secret_values}
-    audit_runs.started(
-        vm.id,
-        argv,
-        image=img.name,
-        image_id=img.id,
-        env_keys=list(full_env),
-        cpus=cpus,
-        memory_mb=memory_mb,
-        timeout=timeout,
-        user=user,
-        cwd=cwd,
-        stdin=stdin,
-        boot_seconds=vm.boot_seconds,
-        network=network.preset,
-        network_allow=list(network.allow),
-    )
-    try:
-        r = await agent.exec(
-            argv,
-            env=full_env,
             cwd=cwd,
-            user=user,
             stdin=stdin,
-            timeout=timeout,
-            output_limit=output_limit,
-            on_output=on_output,
+            boot_seconds=vm.boot_seconds,
+            network=net.preset,
+            network_allow=list(net.allow),
         )
-    except CommandTimeout:
-        # The guest did not even report its own timeout: the VM is destroyed on exit.
+        try:
+            r = await agent.exec(
+                argv,
+                env=full_env,
+                cwd=cwd,
+                user=user,
+                stdin=stdin,
+                timeout=timeout,
+                output_limit=output_limit,
+                on_output=on_output,
+            )
+        except CommandTimeout:
+            # The guest did not even report its own timeout: the VM is destroyed on exit.
+            aid = audit_runs.finished(
+                vm.id,
+                exit_code=TIMEOUT_EXIT,
+                timed_out=True,
+                signal=None,
+                duration=timeout,
+                stdout=b"",
+                stderr=b"",
+                truncated_stdout=False,
+                truncated_stderr=False,
+            )
+            return RunResult(
+                vm.id,
+                img.name,
+                TIMEOUT_EXIT,
+                b"",
+                b"",
+                timeout,
+                vm.boot_seconds,
+                True,
+                False,
+                False,
+                audit_id=aid,
+                image_id=img.id,
+                started_at=started_at,
+                finished_at=time.time(),
+            )
+        if redactor:
+            if user_output is not None:
+                for name, sr in streams.items():
+                    tail = sr.flush()
+                    if tail:
+                        user_output(name, tail)
+            r.stdout = redactor.redact_bytes(r.stdout)
+            r.stderr = redactor.redact_bytes(r.stderr)
+        code = TIMEOUT_EXIT if r.timed_out else r.exit_code
         aid = audit_runs.finished(
             vm.id,
-            exit_code=TIMEOUT_EXIT,
-            timed_out=True,
-            signal=None,
-            duration=timeout,
-            stdout=b"",
-            stderr=b"",
-            truncated_stdout=False,
-            truncated_stderr=False,
+            exit_code=code,
+            timed_out=r.timed_out,
+            signal=r.signal,
+            duration=r.duration,
+            stdout=r.stdout,
+            stderr=r.stderr,
+            truncated_stdout=r.truncated_stdout,
+            truncated_stderr=r.truncated_stderr,
         )
         return RunResult(
-            vm.id,
-            img.name,
-            TIMEOUT_EXIT,
-            b"",
-            b"",
-            timeout,
-            vm.boot_seconds,
-            True,
-            False,
-            False,
+            sandbox_id=vm.id,
+            image=img.name,
+            exit_code=code,
+            stdout=r.stdout,
+            stderr=r.stderr,
+            duration=r.duration,
+            boot_seconds=vm.boot_seconds,
+            timed_out=r.timed_out,
+            truncated_stdout=r.truncated_stdout,
+            truncated_stderr=r.truncated_stderr,
+            signal=r.signal,
             audit_id=aid,
             image_id=img.id,
             started_at=started_at,
             finished_at=time.time(),
         )
-    if redactor:
-        if user_output is not None:
-            for name, sr in streams.items():
-                tail = sr.flush()
-                if tail:
-                    user_output(name, tail)
-        r.stdout = redactor.redact_bytes(r.stdout)
-        r.stderr = redactor.redact_bytes(r.stderr)
-    code = TIMEOUT_EXIT if r.timed_out else r.exit_code
-    aid = audit_runs.finished(
-        vm.id,
-        exit_code=code,
-        timed_out=r.timed_out,
-        signal=r.signal,
-        duration=r.duration,
-        stdout=r.stdout,
-        stderr=r.stderr,
-        truncated_stdout=r.truncated_stdout,
-        truncated_stderr=r.truncated_stderr,
-    )
-    return RunResult(
-        sandbox_id=vm.id,
-        image=img.name,
-        exit_code=code,
-        stdout=r.stdout,
-        stderr=r.stderr,
-        duration=r.duration,
-        boot_seconds=vm.boot_seconds,
-        timed_out=r.timed_out,
-        truncated_stdout=r.truncated_stdout,
-        truncated_stderr=r.truncated_stderr,
-        signal=r.signal,
-        audit_id=aid,
-        image_id=img.id,
-        started_at=started_at,
-        finished_at=time.time(),
-    )
+
+
+@contextlib.asynccontextmanager
+async def serve_egress(vm_id: str, policy: NetPolicy) -> AsyncIterator[None]:
+    """For a VM with a network: its egress proxy, served by this process for the run."""
+    if not policy.enabled:
+        yield
+        return
+    proxy = EgressProxy(vm_id, policy, paths.run_dir() / vm_id / "egress.sock")
+    await proxy.start()
+    try:
+        yield
+    finally:
+        await proxy.close()
