@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mvm.agent import protocol as P
 from mvm.api import models as M
 from mvm.durations import parse_duration
 from mvm.errors import CommandFailed, CommandTimeout, InvalidArgument
-from mvm.sdk.backend import CommandResult
+from mvm.sdk.backend import Backend, CommandResult
 from mvm.sdk.options import EnvValue, split_env
-
-if TYPE_CHECKING:
-    from mvm.sdk.sandbox import Sandbox
 
 #: Default and largest ``timeout_seconds`` of ``run`` and ``handle.wait``.
 DEFAULT_TIMEOUT = 300.0
@@ -78,8 +75,9 @@ def finish(result: CommandResult, argv: list[str], timeout: float, check: bool) 
 
 
 class Commands:
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
+    def __init__(self, backend: Backend, key: str) -> None:
+        self._be = backend
+        self._key = key
 
     def run(
         self,
@@ -110,7 +108,7 @@ class Commands:
             timeout=timeout,
             output_limit=output_limit,
         )
-        return finish(self._sb._be.run(self._sb._key, req, check), args, timeout, check)
+        return finish(self._be.run(self._key, req, check), args, timeout, check)
 
     def start(
         self,
@@ -135,16 +133,17 @@ class Commands:
             stdin=check_stdin(stdin),
             stdin_open=bool(stdin_open),
         )
-        view = self._sb._be.start(self._sb._key, req)
-        return CommandHandle(self._sb, view, stdin_open=bool(stdin_open))
+        view = self._be.start(self._key, req)
+        return CommandHandle(self._be, self._key, view, stdin_open=bool(stdin_open))
 
 
 class CommandHandle:
     """A background process in the guest: ``pid``, ``wait()``, ``kill()``, ``send_stdin()``,
     and ``stdout``/``stderr`` iterators of byte chunks (from the guest's 1 MiB rings)."""
 
-    def __init__(self, sandbox: Sandbox, view: M.ProcView, *, stdin_open: bool) -> None:
-        self._sb = sandbox
+    def __init__(self, backend: Backend, key: str, view: M.ProcView, *, stdin_open: bool) -> None:
+        self._be = backend
+        self._key = key
         self.proc = view.proc
         self.pid = view.pid
         self.argv = list(view.argv)
@@ -156,12 +155,12 @@ class CommandHandle:
 
     def status(self) -> M.ProcView:
         """The process's current view (running, exit_code, ...), without waiting."""
-        return self._sb._be.proc_wait(self._sb._key, self.proc, 0.0)
+        return self._be.proc_wait(self._key, self.proc, 0.0)
 
     def wait(self, timeout_seconds: str | float = DEFAULT_TIMEOUT) -> CommandResult:
         """Wait for the end; CommandTimeout (the process keeps running) past the bound."""
         timeout = check_timeout(timeout_seconds)
-        be, key = self._sb._be, self._sb._key
+        be, key = self._be, self._key
         view = be.proc_wait(key, self.proc, timeout)
         if view.running:
             raise CommandTimeout(
@@ -186,7 +185,7 @@ class CommandHandle:
         """Send ``signal`` (default SIGKILL) to the process."""
         if isinstance(signal, bool) or not isinstance(signal, int) or not 1 <= signal <= 64:
             raise InvalidArgument(f"signal must be 1..64, not {signal!r}")
-        self._sb._be.proc_signal(self._sb._key, self.proc, signal)
+        self._be.proc_signal(self._key, self.proc, signal)
 
     def send_stdin(self, data: str | bytes, eof: bool = False) -> None:
         """Write to the process's stdin (needs ``start(..., stdin_open=True)``)."""
@@ -197,7 +196,7 @@ class CommandHandle:
         body = data.encode() if isinstance(data, str) else bytes(data)
         if len(body) > M.MAX_BODY:
             raise InvalidArgument(f"send_stdin takes at most {M.MAX_BODY >> 20} MiB at once")
-        self._sb._be.proc_stdin(self._sb._key, self.proc, body, eof)
+        self._be.proc_stdin(self._key, self.proc, body, eof)
         if eof:
             self._stdin_open = False
 
@@ -214,7 +213,7 @@ class CommandHandle:
 
     def _stream(self, stream: str) -> Iterator[bytes]:
         """Chunks as they come, until the process has ended and its output is read."""
-        be, key = self._sb._be, self._sb._key
+        be, key = self._be, self._key
         if be.recording:
             be.proc_output(key, self.proc, stream)
             return

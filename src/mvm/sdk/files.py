@@ -4,13 +4,10 @@ comes from the guest and is untrusted."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from mvm.api import models as M
 from mvm.errors import AgentError, InvalidArgument
-
-if TYPE_CHECKING:
-    from mvm.sdk.sandbox import Sandbox
+from mvm.sdk.backend import Backend
 
 #: Largest ``files.write`` (mvmd's request bound) and ``files.read`` (mvmd's answer bound).
 MAX_WRITE = M.MAX_FILE_WRITE
@@ -35,8 +32,9 @@ def as_bytes(data: str | bytes, what: str = "data") -> bytes:
 
 
 class Files:
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
+    def __init__(self, backend: Backend, key: str) -> None:
+        self._be = backend
+        self._key = key
 
     def write(self, path: str, data: str | bytes, mode: int = 0o644) -> None:
         """Write a whole file (str is UTF-8); missing parent directories are made."""
@@ -47,18 +45,18 @@ class Files:
             )
         if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
             raise InvalidArgument(f"invalid file mode {mode!r}")
-        self._sb._be.write(self._sb._key, check_path(path), body, mode)
+        self._be.write(self._key, check_path(path), body, mode)
 
     def read(self, path: str) -> bytes:
         """The file's bytes (at most ``MAX_READ``)."""
-        return self._sb._be.read(self._sb._key, check_path(path))
+        return self._be.read(self._key, check_path(path))
 
     def list(self, path: str = "/work") -> list[M.FileEntry]:
         """Entries (name, type, size, mode, mtime) of a directory."""
-        return self._sb._be.list_dir(self._sb._key, check_path(path))
+        return self._be.list_dir(self._key, check_path(path))
 
     def stat(self, path: str) -> M.FileStat:
-        return self._sb._be.stat(self._sb._key, check_path(path))
+        return self._be.stat(self._key, check_path(path))
 
     def exists(self, path: str) -> bool:
         """True if ``path`` exists (always True in record mode: nothing is known there)."""
@@ -71,13 +69,13 @@ class Files:
         return True
 
     def mkdir(self, path: str, parents: bool = True) -> None:
-        self._sb._be.mkdir(self._sb._key, check_path(path), parents)
+        self._be.mkdir(self._key, check_path(path), parents)
 
     def remove(self, path: str, recursive: bool = False) -> None:
-        self._sb._be.remove(self._sb._key, check_path(path), recursive)
+        self._be.remove(self._key, check_path(path), recursive)
 
     def rename(self, src: str, dest: str) -> None:
-        self._sb._be.rename(self._sb._key, check_path(src, "src"), check_path(dest, "dest"))
+        self._be.rename(self._key, check_path(src, "src"), check_path(dest, "dest"))
 
 
 class AsyncFiles:

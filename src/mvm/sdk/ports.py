@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import TYPE_CHECKING
 
 from mvm.api import models as M
 from mvm.errors import InvalidArgument, PolicyDenied
-
-if TYPE_CHECKING:
-    from mvm.sdk.sandbox import Sandbox
+from mvm.sdk.backend import Backend
 
 
 def is_wildcard(host: str) -> bool:
@@ -43,8 +40,9 @@ def check_spec(guest_port: int, host_port: int, host: str, allow_wildcard: bool)
 class Forward:
     """One live forward; ``close()`` removes it."""
 
-    def __init__(self, sandbox: Sandbox, info: M.ForwardInfo) -> None:
-        self._sb = sandbox
+    def __init__(self, backend: Backend, key: str, info: M.ForwardInfo) -> None:
+        self._be = backend
+        self._key = key
         self.id = info.id
         self.host = info.host
         self.host_port = info.host_port
@@ -55,7 +53,7 @@ class Forward:
         return f"Forward({self.host}:{self.host_port} -> guest:{self.guest_port})"
 
     def close(self) -> None:
-        self._sb._be.unforward(self._sb._key, self.id)
+        self._be.unforward(self._key, self.id)
 
     def __enter__(self) -> Forward:
         return self
@@ -65,8 +63,9 @@ class Forward:
 
 
 class Ports:
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
+    def __init__(self, backend: Backend, key: str) -> None:
+        self._be = backend
+        self._key = key
 
     def forward(
         self,
@@ -77,7 +76,7 @@ class Ports:
     ) -> Forward:
         """Forward ``host:host_port`` (0: any free port) to the guest's ``guest_port``."""
         spec = check_spec(guest_port, host_port, host, allow_wildcard)
-        return Forward(self._sb, self._sb._be.forward(self._sb._key, spec))
+        return Forward(self._be, self._key, self._be.forward(self._key, spec))
 
 
 class AsyncPorts:

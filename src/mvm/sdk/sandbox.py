@@ -137,9 +137,9 @@ class Sandbox:
         self.id = info.id
         self.image = info.image
         self.audit_id = info.audit_id
-        self.files = Files(self)
-        self.commands = Commands(self)
-        self.ports = Ports(self)
+        self.files = Files(backend, self._key)
+        self.commands = Commands(backend, self._key)
+        self.ports = Ports(backend, self._key)
 
     def __repr__(self) -> str:
         return f"Sandbox(name={self.name!r}, image={self.image!r})"
