@@ -149,7 +149,12 @@ _KEEP: list[socket.socket] = []
 Body = Callable[[F.Forwards, AgentClient, int, A.Agent], Awaitable[T]]
 
 
-def run_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: Body[T]) -> T:
+def run_relay(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    body: Body[T],
+    idle_timeout: float | None = F.IDLE_TIMEOUT,
+) -> T:
     """A guest agent on a socketpair, a host AgentClient, Forwards on a temp StateDB and a
     local echo server; ``body(forwards, client, echo_port, agent)``, bounded."""
     monkeypatch.setenv("MVM_HOME", str(tmp_path / "home"))
@@ -162,7 +167,7 @@ def run_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: Body[T]) ->
         client = AgentClient(reader, writer)
         server, echo_port = await echo_server()
         db = StateDB(tmp_path / "state.db")
-        fwds = F.Forwards(db, lambda sid: client)
+        fwds = F.Forwards(db, lambda sid: client, idle_timeout=idle_timeout)
         try:
             async with asyncio.timeout(BOUND):
                 return await body(fwds, client, echo_port, agent)
@@ -280,6 +285,79 @@ def test_connection_cap_per_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             w.close()
 
     run_relay(tmp_path, monkeypatch, body)
+
+
+def test_idle_connection_is_closed_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relayed connection that moves nothing for the idle timeout is closed, both sides:
+    the host client sees EOF and the guest-side relay ends; the forward itself stays."""
+
+    async def body(fwds: F.Forwards, c: AgentClient, echo: int, ag: A.Agent) -> None:
+        info = await fwds.add("sb-1", "web", M.PortSpec(guest_port=echo))
+        r, w = await asyncio.open_connection("127.0.0.1", info.host_port)
+        w.write(b"ping")
+        assert await r.readexactly(4) == b"ping"
+        assert await r.read() == b""  # then silence: mvmd closes it
+        assert fwds.idle_closed == 1
+        deadline = time.monotonic() + BOUND
+        while ag.tcp and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not ag.tcp
+        w.close()
+        assert await fetch(info.host_port, b"next one") == b"next one"
+        assert fwds.idle_closed == 1
+
+    run_relay(tmp_path, monkeypatch, body, idle_timeout=0.3)
+
+
+def test_half_open_idle_connection_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle timeout also ends a connection whose guest side is done but whose host
+    client never closes (the half-open wait had no end before)."""
+
+    async def body(fwds: F.Forwards, c: AgentClient, echo: int, ag: A.Agent) -> None:
+        server = await asyncio.start_server(_close_at_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        info = await fwds.add("sb-1", "web", M.PortSpec(guest_port=port))
+        r, w = await asyncio.open_connection("127.0.0.1", info.host_port)
+        assert await r.read() == b""  # guest EOF passed on; the client keeps its side open
+        deadline = time.monotonic() + BOUND
+        while fwds.idle_closed == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert fwds.idle_closed == 1
+        w.close()
+        server.close()
+
+    run_relay(tmp_path, monkeypatch, body, idle_timeout=0.3)
+
+
+async def _close_at_once(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.close()
+
+
+def test_busy_connection_outlives_a_short_idle_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = os.urandom(2 * 1024 * 1024)
+
+    async def body(fwds: F.Forwards, c: AgentClient, echo: int, ag: A.Agent) -> None:
+        info = await fwds.add("sb-1", "web", M.PortSpec(guest_port=echo))
+        assert await fetch(info.host_port, payload) == payload
+        assert fwds.idle_closed == 0
+
+    run_relay(tmp_path, monkeypatch, body, idle_timeout=5.0)
+
+
+def test_idle_timeout_must_not_be_negative(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "state.db")
+    try:
+        with pytest.raises(InvalidArgument):
+            F.Forwards(db, lambda sid: None, idle_timeout=-1)  # type: ignore[arg-type,return-value]
+        assert F.Forwards(db, lambda sid: None, idle_timeout=0).idle_timeout is None  # type: ignore[arg-type,return-value]
+    finally:
+        db.close()
 
 
 def test_new_host_session_aborts_old_relays(

@@ -8,9 +8,10 @@ accepted). Policy (``check_spec``) is pure; listeners and relays are the side ef
 
 Bounds: at most ``MAX_CONNS_PER_FORWARD`` relayed connections per forward and
 ``MAX_CONNS_PER_SANDBOX`` per sandbox (extra connections are closed at once), at most
-``MAX_FORWARDS`` forwards per sandbox. Guest->host bytes are windowed by the
-protocol (``TCP_WINDOW``), so a guest cannot make mvmd buffer more than that per
-connection. Forwards are stored in SQLite with their sandbox and bound again by a
+``MAX_FORWARDS`` forwards per sandbox; a connection that moves no byte either way for
+``idle_timeout`` seconds (``IDLE_TIMEOUT`` by default) is closed and counted
+(``idle_closed``). Guest->host bytes are windowed by the protocol (``TCP_WINDOW``), so a
+guest cannot make mvmd buffer more than that per connection. Forwards are stored in SQLite with their sandbox and bound again by a
 restarted mvmd; ``down`` (or failure) closes and forgets them.
 """
 
@@ -39,6 +40,9 @@ MAX_CONNS_PER_SANDBOX = 96
 MAX_FORWARDS = 32
 #: Seconds to wait for the guest to connect to its port.
 OPEN_TIMEOUT = 10.0
+#: Seconds a relayed connection may move no byte either way before it is closed (the
+#: default of ``Forwards(idle_timeout=...)``; None or 0 disables it).
+IDLE_TIMEOUT = 600.0
 #: Host strings that mean "every address".
 WILDCARDS = frozenset({"", "*", "0.0.0.0", "::", "[::]"})
 
@@ -131,21 +135,32 @@ def _audit(event: str, rec: ForwardRecord, reason: str | None = None) -> str | N
 
 
 async def relay(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: TcpStream
-) -> None:
-    """Copy bytes both ways until both sides are done; half-closes are passed on."""
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    stream: TcpStream,
+    idle_timeout: float | None = None,
+) -> bool:
+    """Copy bytes both ways until both sides are done; half-closes are passed on.
+
+    With ``idle_timeout``, a connection that moves no byte either way for that many
+    seconds is ended; returns True when that is why it ended."""
+    last = time.monotonic()
 
     async def up() -> None:  # host client -> guest
+        nonlocal last
         while True:
             data = await reader.read(P.CHUNK)
+            last = time.monotonic()
             if not data:
                 await stream.write_eof()
                 return
             await stream.write(data)
 
     async def down() -> None:  # guest -> host client
+        nonlocal last
         while True:
             data = await stream.read()
+            last = time.monotonic()
             if not data:
                 if writer.can_write_eof():
                     with contextlib.suppress(OSError):
@@ -154,16 +169,26 @@ async def relay(
             writer.write(data)
             await writer.drain()
 
-    t_up = asyncio.create_task(up())
-    t_down = asyncio.create_task(down())
-    try:
+    async def both() -> None:
         await asyncio.wait({t_down}, return_when=asyncio.FIRST_EXCEPTION)
         if t_down.exception() is None and not stream.finished:
             await asyncio.wait({t_up}, return_when=asyncio.FIRST_EXCEPTION)  # half-open
+
+    async def idle(limit: float) -> None:  # returns once nothing moved for ``limit`` s
+        while (left := last + limit - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+
+    t_up = asyncio.create_task(up())
+    t_down = asyncio.create_task(down())
+    t_both = asyncio.create_task(both())
+    watch = [asyncio.create_task(idle(idle_timeout))] if idle_timeout else []
+    try:
+        done, _ = await asyncio.wait({t_both, *watch}, return_when=asyncio.FIRST_COMPLETED)
+        return t_both not in done
     finally:
-        for t in (t_up, t_down):
+        for t in (t_up, t_down, t_both, *watch):
             t.cancel()
-        await asyncio.gather(t_up, t_down, return_exceptions=True)
+        await asyncio.gather(t_up, t_down, t_both, *watch, return_exceptions=True)
 
 
 # ----------------------------------------------------------------------------- listeners
@@ -179,12 +204,18 @@ class Forward:
 class Forwards:
     """Every forward mvmd serves, by sandbox id."""
 
-    def __init__(self, db: StateDB, agent_for: AgentFor) -> None:
+    def __init__(
+        self, db: StateDB, agent_for: AgentFor, *, idle_timeout: float | None = IDLE_TIMEOUT
+    ) -> None:
+        if idle_timeout is not None and idle_timeout < 0:
+            raise InvalidArgument(f"forward idle timeout must be >= 0, not {idle_timeout!r}")
         self.db = db
         self.agent_for = agent_for
+        self.idle_timeout = idle_timeout or None
         self._by_sandbox: dict[str, dict[str, Forward]] = {}
         self._active: dict[str, int] = {}
         self.refused = 0  # connections closed at once because a cap was reached
+        self.idle_closed = 0  # connections closed because nothing moved for idle_timeout
 
     def infos(self, sandbox_id: str) -> list[M.ForwardInfo]:
         return [forward_info(f.rec) for f in self._by_sandbox.get(sandbox_id, {}).values()]
@@ -341,7 +372,13 @@ class Forwards:
                 log.info("forward %s: %s", fwd.rec.id, exc)
                 return
             try:
-                await relay(reader, writer, stream)
+                if await relay(reader, writer, stream, self.idle_timeout):
+                    self.idle_closed += 1
+                    log.info(
+                        "forward %s: connection idle for %gs; closed",
+                        fwd.rec.id,
+                        self.idle_timeout,
+                    )
             except (MvmError, OSError) as exc:
                 log.info("forward %s: connection ended: %s", fwd.rec.id, exc)
             finally:
