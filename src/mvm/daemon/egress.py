@@ -11,10 +11,13 @@ absolute-form ``http://`` request), decide by name and port (``policy.network.de
 resolve the name once, refuse if any resolved address is never reachable (loopback,
 link-local/metadata, the slirp net, the host's own addresses...), connect to the
 checked address itself (never re-resolving: no DNS rebinding), then copy bytes both
-ways with an idle timeout. Every decision is written to the audit log.
+ways. Every decision is written to the audit log.
 
 Bounds: head size, concurrent connections and new connections per second per
-sandbox, resolution/connect/idle timeouts, addresses per name.
+sandbox, resolution/connect timeouts, addresses per name; and per relayed connection
+(``Limits``) an idle timeout, a byte cap (both directions together) and a total-time
+cap. Hitting the byte or time cap ends the connection, is logged and is audited as
+``egress.limit`` naming the limit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvm import paths
+from mvm.daemon.egress_splice import Limits, SpliceEnd, audit_limit, splice
 from mvm.errors import InvalidArgument
 from mvm.policy import network as N
 from mvm.vmm.argv import EGRESS_ADDR, EGRESS_PORT
@@ -40,7 +44,6 @@ MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 15.0
 RESOLVE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
-IDLE_TIMEOUT = 300.0
 MAX_CONNECTIONS = 64
 #: New connections per second a sandbox may open (a burst of ``RATE_BURST``).
 RATE_PER_SECOND = 20.0
@@ -241,6 +244,7 @@ class EgressProxy:
         resolver: Resolver | None = None,
         on_decision: DecisionHook | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        limits: Limits | None = None,
     ) -> None:
         self.sandbox = sandbox
         self.policy = policy
@@ -249,7 +253,10 @@ class EgressProxy:
         self.on_decision = on_decision
         self.max_connections = max_connections
         self.active = 0
+        self.limits = limits or Limits()
         self.refused_busy = 0
+        #: Connections ended by a cap, by limit ("bytes", "time", "idle").
+        self.limited: dict[str, int] = {"bytes": 0, "time": 0, "idle": 0}
         self._tokens = RATE_BURST
         self._tokens_at = time.monotonic()
         self._server: asyncio.Server | None = None
@@ -380,9 +387,30 @@ class EgressProxy:
             else:
                 up_w.write(req.upstream_head)
                 await up_w.drain()
-            await _splice(reader, writer, up_r, up_w)
+            end = await splice(reader, writer, up_r, up_w, self.limits)
         finally:
             up_w.close()
+        if end.limit is not None:
+            self._limit_hit(t, end)
+
+    def _limit_hit(self, t: N.Target, end: SpliceEnd) -> None:
+        """Count, log and (for the byte and time caps) audit a connection cut by a limit."""
+        self.limited[end.limit or ""] = self.limited.get(end.limit or "", 0) + 1
+        if end.limit == "idle":
+            log.info("egress %s -> %s:%d: idle, closed", self.sandbox, t.host, t.port)
+            return
+        cap = self.limits.max_bytes if end.limit == "bytes" else self.limits.max_seconds
+        log.warning(
+            "egress %s -> %s:%d: %s limit (%s) reached after %d bytes, %.1fs; closed",
+            self.sandbox,
+            t.host,
+            t.port,
+            end.limit,
+            cap,
+            end.bytes,
+            end.seconds,
+        )
+        audit_limit(self.sandbox, t, end, cap)
 
 
 async def _reply(writer: asyncio.StreamWriter, status: int, reason: str, message: str) -> None:
@@ -400,50 +428,10 @@ async def _deny(writer: asyncio.StreamWriter, t: N.Target, rule: str, reason: st
     )
 
 
-async def _splice(
-    a_r: asyncio.StreamReader,
-    a_w: asyncio.StreamWriter,
-    b_r: asyncio.StreamReader,
-    b_w: asyncio.StreamWriter,
-) -> None:
-    """Copy both ways until both sides are done or nothing moves for IDLE_TIMEOUT."""
-    last = [time.monotonic()]
-
-    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                data = await r.read(CHUNK)
-                if not data:
-                    break
-                last[0] = time.monotonic()
-                w.write(data)
-                await w.drain()
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                if w.can_write_eof():
-                    w.write_eof()
-
-    tasks = [asyncio.ensure_future(pump(a_r, b_w)), asyncio.ensure_future(pump(b_r, a_w))]
-    try:
-        while True:
-            done, _ = await asyncio.wait(tasks, timeout=IDLE_TIMEOUT / 10)
-            if len(done) == len(tasks):
-                break
-            if time.monotonic() - last[0] > IDLE_TIMEOUT:
-                break
-            if tasks[1] in done:  # upstream finished: the guest side has had everything
-                break
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 __all__ = [
     "PROXY_URL",
     "EgressProxy",
+    "Limits",
     "ProxyRequest",
     "Resolver",
     "Verdict",
