@@ -175,6 +175,15 @@ class AuditLog:
         finally:
             f.close()
 
+    def locked_lines(self) -> list[bytes]:
+        """Every line, read under the append lock (no half-written last line)."""
+        if not self.path.exists():
+            return []
+        with self._locked() as f:
+            f.seek(0)
+            data: bytes = f.read()
+        return data.splitlines(keepends=True)
+
     def lines(self) -> Iterator[tuple[int, bytes]]:
         """(line number from 1, raw line) for every line, including damaged ones."""
         try:

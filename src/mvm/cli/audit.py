@@ -1,4 +1,5 @@
-"""``mvmctl audit tail|show|verify`` and ``mvmctl receipt verify``: read the audit trail.
+"""``mvmctl audit tail|show|verify|checkpoint`` and ``mvmctl receipt verify``: read the
+audit trail, and anchor its head.
 
 These read files under ``$MVM_HOME/audit`` directly (no daemon needed), so they
 work while mvmd is down and cannot be fooled by it.
@@ -15,6 +16,7 @@ import click
 from rich.markup import escape
 
 from mvm import audit as audit_mod
+from mvm.audit import checkpoint as cpmod
 from mvm.audit import keys, receipt
 from mvm.audit.encoding import AuditError
 from mvm.cli.common import fail_on_errors
@@ -108,20 +110,32 @@ def show(ident: str, as_json: bool) -> None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Public key file (default: host.pub in the audit dir).",
 )
+@click.option(
+    "--checkpoint",
+    "cp_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file from `mvmctl audit checkpoint`: also detect dropped newest records.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @fail_on_errors
-def verify(path: Path | None, pubkey: Path | None, as_json: bool) -> None:
+def verify(path: Path | None, pubkey: Path | None, cp_path: Path | None, as_json: bool) -> None:
     """Check every signature, the hash chain and the sequence; name the first bad record.
 
+    With --checkpoint, also check the log still reaches the checkpoint's head with the
+    same record there (a log cut short at the end verifies on its own).
     Exit 0 when intact, 1 when a record was edited, removed, reordered or truncated.
     """
     path = path or audit_mod.default_path()
     pub = _pubkey(pubkey) if pubkey else keys.load_public(path.parent)
-    rep = audit_mod.verify_file(path, pub)
+    if cp_path is not None:
+        rep = cpmod.verify_file(path, cpmod.load(cp_path), pub)
+    else:
+        rep = audit_mod.verify_file(path, pub)
     if as_json:
         click.echo(json.dumps(rep.to_json()))
     elif rep.ok:
-        click.echo(f"ok: {rep.records} records, head seq {rep.head_seq} {rep.head_hash}")
+        anchored = " (reaches the checkpoint)" if cp_path is not None else ""
+        click.echo(f"ok: {rep.records} records, head seq {rep.head_seq} {rep.head_hash}{anchored}")
     else:
         bad = rep.first_bad
         assert bad is not None
@@ -132,6 +146,34 @@ def verify(path: Path | None, pubkey: Path | None, as_json: bool) -> None:
         if len(rep.problems) > 1:
             err_console.print(f"{len(rep.problems) - 1} more problem(s); see --json")
     sys.exit(0 if rep.ok else 1)
+
+
+@audit.command("checkpoint")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the checkpoint to this file (default: print it).",
+)
+@fail_on_errors
+def checkpoint(out: Path | None) -> None:
+    """Sign the log's current head (seq, hash, time, key) with the host key.
+
+    Keep the file away from this host (it is what a rewritten log cannot match); later
+    `mvmctl audit verify --checkpoint FILE` detects records dropped after it.
+    """
+    cp = cpmod.make(_log())
+    if out is None:
+        click.echo(json.dumps(cp, indent=2, sort_keys=True))
+        return
+    try:
+        cpmod.write(out, cp)
+    except OSError as e:
+        raise AuditError(
+            f"cannot write the checkpoint {out}: {e.strerror}", hint="check the path"
+        ) from e
+    click.echo(f"checkpoint: seq {cp['seq']} {cp['hash']} at {cp['time']} -> {out}")
 
 
 @click.group("receipt")
