@@ -20,6 +20,7 @@ import pytest
 
 from mvm import audit
 from mvm.daemon import egress as E
+from mvm.daemon import egress_splice as S
 from mvm.daemon.egress_splice import Limits
 from mvm.errors import InvalidArgument
 from mvm.policy import network as N
@@ -166,3 +167,12 @@ def test_defaults_are_generous_and_limits_must_be_positive() -> None:
     for bad in ({"max_bytes": 0}, {"max_seconds": 0}, {"idle_seconds": -1}):
         with pytest.raises(InvalidArgument):
             Limits(**bad)  # type: ignore[arg-type]
+
+
+def test_limits_from_the_environment() -> None:
+    assert Limits.from_env({}) == Limits()
+    got = Limits.from_env({S.ENV_MAX_BYTES: "1048576", S.ENV_MAX_TIME: "10m", S.ENV_IDLE: "45"})
+    assert got == Limits(max_bytes=1 << 20, max_seconds=600.0, idle_seconds=45.0)
+    for env in ({S.ENV_MAX_BYTES: "0"}, {S.ENV_MAX_BYTES: "1G"}, {S.ENV_MAX_TIME: "-1"}):
+        with pytest.raises(InvalidArgument):
+            Limits.from_env(env)

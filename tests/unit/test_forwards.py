@@ -350,6 +350,16 @@ def test_busy_connection_outlives_a_short_idle_timeout(
     run_relay(tmp_path, monkeypatch, body, idle_timeout=5.0)
 
 
+def test_idle_timeout_from_the_environment() -> None:
+    assert F.idle_timeout_from_env({}) == F.IDLE_TIMEOUT == 600.0
+    assert F.idle_timeout_from_env({F.IDLE_ENV: "90s"}) == 90.0
+    assert F.idle_timeout_from_env({F.IDLE_ENV: "1h"}) == 3600.0
+    assert F.idle_timeout_from_env({F.IDLE_ENV: "0"}) == 0.0
+    for bad in ("-5", "soon", "nan"):
+        with pytest.raises(InvalidArgument):
+            F.idle_timeout_from_env({F.IDLE_ENV: bad})
+
+
 def test_idle_timeout_must_not_be_negative(tmp_path: Path) -> None:
     db = StateDB(tmp_path / "state.db")
     try:

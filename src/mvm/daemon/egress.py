@@ -253,7 +253,7 @@ class EgressProxy:
         self.on_decision = on_decision
         self.max_connections = max_connections
         self.active = 0
-        self.limits = limits or Limits()
+        self.limits = limits or Limits.from_env()
         self.refused_busy = 0
         #: Connections ended by a cap, by limit ("bytes", "time", "idle").
         self.limited: dict[str, int] = {"bytes": 0, "time": 0, "idle": 0}

@@ -1,7 +1,8 @@
 """One relayed egress connection: copy bytes both ways under per-connection limits.
 
 The proxy (``egress.py``) decides whether a connection may exist; this decides how long
-and how much it may carry. ``Limits`` is mvmd's configuration (``EgressProxy(limits=)``):
+and how much it may carry. ``Limits`` is mvmd's configuration (``EgressProxy(limits=)``, by default
+``Limits.from_env()``):
 an idle timeout, a byte cap (both directions together) and a total-time cap. The proxy
 audits the byte and time caps as ``egress.limit`` (``audit_limit``).
 """
@@ -11,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mvm.durations import parse_duration
 from mvm.errors import InvalidArgument
 from mvm.policy import network as N
 
@@ -25,6 +29,10 @@ IDLE_TIMEOUT = 300.0
 #: Per relayed connection: bytes both ways together, and seconds from the upstream connect.
 MAX_CONN_BYTES = 1 << 30
 MAX_CONN_SECONDS = 3600.0
+#: Environment overrides read by ``Limits.from_env`` (mvmd's environment).
+ENV_MAX_BYTES = "MVM_EGRESS_MAX_BYTES"
+ENV_MAX_TIME = "MVM_EGRESS_MAX_TIME"
+ENV_IDLE = "MVM_EGRESS_IDLE_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,24 @@ class Limits:
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_seconds <= 0 or self.idle_seconds <= 0:
             raise InvalidArgument(f"egress limits must be positive: {self}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        """The defaults, overridden by ``MVM_EGRESS_MAX_BYTES`` (bytes),
+        ``MVM_EGRESS_MAX_TIME`` and ``MVM_EGRESS_IDLE_TIMEOUT`` (seconds or 30m, 1h...)."""
+        env = os.environ if environ is None else environ
+        max_bytes = MAX_CONN_BYTES
+        if raw := env.get(ENV_MAX_BYTES, "").strip():
+            if not raw.isdigit() or int(raw) < 1:
+                raise InvalidArgument(
+                    f"invalid {ENV_MAX_BYTES}={raw!r}", hint="a positive number of bytes"
+                )
+            max_bytes = int(raw)
+        times = {}
+        for name, default in ((ENV_MAX_TIME, MAX_CONN_SECONDS), (ENV_IDLE, IDLE_TIMEOUT)):
+            raw = env.get(name, "").strip()
+            times[name] = parse_duration(raw, name) if raw else default
+        return cls(max_bytes, times[ENV_MAX_TIME], times[ENV_IDLE])
 
 
 @dataclass(frozen=True)

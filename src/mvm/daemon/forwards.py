@@ -9,10 +9,11 @@ accepted). Policy (``check_spec``) is pure; listeners and relays are the side ef
 Bounds: at most ``MAX_CONNS_PER_FORWARD`` relayed connections per forward and
 ``MAX_CONNS_PER_SANDBOX`` per sandbox (extra connections are closed at once), at most
 ``MAX_FORWARDS`` forwards per sandbox; a connection that moves no byte either way for
-``idle_timeout`` seconds (``IDLE_TIMEOUT`` by default) is closed and counted
-(``idle_closed``). Guest->host bytes are windowed by the protocol (``TCP_WINDOW``), so a
-guest cannot make mvmd buffer more than that per connection. Forwards are stored in SQLite with their sandbox and bound again by a
-restarted mvmd; ``down`` (or failure) closes and forgets them.
+``idle_timeout`` seconds (``IDLE_TIMEOUT``, or ``MVM_FORWARD_IDLE_TIMEOUT``) is closed
+and counted (``idle_closed``). Guest->host bytes are windowed by the protocol
+(``TCP_WINDOW``), so a guest cannot make mvmd buffer more than that per connection.
+Forwards are stored in SQLite with their sandbox and bound again by a restarted mvmd;
+``down`` (or failure) closes and forgets them.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from mvm.agent import protocol as P
 from mvm.agent.client import AgentClient, TcpStream
 from mvm.api import models as M
+from mvm.durations import parse_duration
 from mvm.errors import ForwardNotFound, HostError, InvalidArgument, MvmError, PolicyDenied
 from mvm.state import ForwardRecord, StateDB
 
@@ -41,8 +44,9 @@ MAX_FORWARDS = 32
 #: Seconds to wait for the guest to connect to its port.
 OPEN_TIMEOUT = 10.0
 #: Seconds a relayed connection may move no byte either way before it is closed (the
-#: default of ``Forwards(idle_timeout=...)``; None or 0 disables it).
+#: default of ``Forwards(idle_timeout=...)``, overridden by ``MVM_FORWARD_IDLE_TIMEOUT``).
 IDLE_TIMEOUT = 600.0
+IDLE_ENV = "MVM_FORWARD_IDLE_TIMEOUT"
 #: Host strings that mean "every address".
 WILDCARDS = frozenset({"", "*", "0.0.0.0", "::", "[::]"})
 
@@ -100,6 +104,16 @@ def check_spec(spec: M.PortSpec) -> M.PortSpec:
         host=host,
         allow_wildcard=spec.allow_wildcard,
     )
+
+
+def idle_timeout_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """``MVM_FORWARD_IDLE_TIMEOUT`` (seconds or 10m, 1h...; 0 turns it off), else the default."""
+    raw = (os.environ if environ is None else environ).get(IDLE_ENV, "").strip()
+    if not raw:
+        return IDLE_TIMEOUT
+    if raw in ("0", "0s", "off"):
+        return 0.0
+    return parse_duration(raw, IDLE_ENV)
 
 
 def forward_info(rec: ForwardRecord) -> M.ForwardInfo:
@@ -205,13 +219,17 @@ class Forwards:
     """Every forward mvmd serves, by sandbox id."""
 
     def __init__(
-        self, db: StateDB, agent_for: AgentFor, *, idle_timeout: float | None = IDLE_TIMEOUT
+        self, db: StateDB, agent_for: AgentFor, *, idle_timeout: float | None = None
     ) -> None:
-        if idle_timeout is not None and idle_timeout < 0:
+        """``idle_timeout``: seconds (0 turns it off); None: ``idle_timeout_from_env()``."""
+        if idle_timeout is None:
+            idle_timeout = idle_timeout_from_env()
+        if not idle_timeout >= 0:
             raise InvalidArgument(f"forward idle timeout must be >= 0, not {idle_timeout!r}")
         self.db = db
         self.agent_for = agent_for
-        self.idle_timeout = idle_timeout or None
+        #: None when turned off.
+        self.idle_timeout: float | None = idle_timeout or None
         self._by_sandbox: dict[str, dict[str, Forward]] = {}
         self._active: dict[str, int] = {}
         self.refused = 0  # connections closed at once because a cap was reached
