@@ -395,11 +395,12 @@ class EgressProxy:
 
     def _limit_hit(self, t: N.Target, end: SpliceEnd) -> None:
         """Count, log and (for the byte and time caps) audit a connection cut by a limit."""
-        self.limited[end.limit or ""] = self.limited.get(end.limit or "", 0) + 1
-        if end.limit == "idle":
+        limit = end.limit or "?"
+        self.limited[limit] = self.limited.get(limit, 0) + 1
+        if limit == "idle":
             log.info("egress %s -> %s:%d: idle, closed", self.sandbox, t.host, t.port)
             return
-        cap = self.limits.max_bytes if end.limit == "bytes" else self.limits.max_seconds
+        cap = self.limits.max_bytes if limit == "bytes" else self.limits.max_seconds
         log.warning(
             "egress %s -> %s:%d: %s limit (%s) reached after %d bytes, %.1fs; closed",
             self.sandbox,
