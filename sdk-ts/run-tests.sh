@@ -41,6 +41,7 @@ cp "$base"/images/*.json "$home/images/"
 cleanup() {
     MVM_HOME="$home" timeout 180 "$MVMCTL" down --all >/dev/null 2>&1
     MVM_HOME="$home" timeout 60 "$MVMCTL" daemon stop >/dev/null 2>&1
+    [ -n "${MVM_TS_KEEP_LOG:-}" ] && cp "$home/mvmd.log" "$MVM_TS_KEEP_LOG" 2>/dev/null
     for p in /proc/[0-9]*; do
         if tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q -- "$home"; then
             kill -9 "${p#/proc/}" 2>/dev/null

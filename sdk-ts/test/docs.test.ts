@@ -8,12 +8,7 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { test } from "node:test";
-import { ROOT, SECRET_VALUE, mvmctl, sandboxNames } from "./helpers.js";
-
-export function docBlocks(): string[] {
-  const text = fs.readFileSync(path.join(ROOT, "docs", "sdk-ts.md"), "utf8");
-  return [...text.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]!);
-}
+import { SECRET_VALUE, docBlocks, mvmctl, sandboxNames } from "./helpers.js";
 
 test("the docs' examples run live, leave no sandbox behind, and never show the secret", () => {
   const blocks = docBlocks();

@@ -3,6 +3,7 @@
  * its own mvmd, `MVM_MVMCTL`, the repo's Python), bounded subprocesses, bounded polling.
  */
 import { spawn, spawnSync, type SpawnSyncReturns } from "node:child_process";
+import * as fs from "node:fs";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -84,4 +85,10 @@ export function sandboxNames(): string[] {
   const r = mvmctl(["ls", "--json"], { timeout: 60 });
   if (r.code !== 0) throw new Error(`mvmctl ls failed: ${r.stderr}`);
   return (JSON.parse(r.stdout) as { name: string }[]).map((s) => s.name);
+}
+
+/** The ```ts blocks of docs/sdk-ts.md (the first is the cookbook's example). */
+export function docBlocks(): string[] {
+  const text = fs.readFileSync(path.join(ROOT, "docs", "sdk-ts.md"), "utf8");
+  return [...text.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]!);
 }

@@ -9,8 +9,7 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { after, before, test } from "node:test";
-import { docBlocks } from "./docs.test.js";
-import { PYTHON, ROOT, SDK_DIR, SECRET_VALUE, mvmctl, runScript, sandboxNames } from "./helpers.js";
+import { PYTHON, ROOT, SDK_DIR, SECRET_VALUE, docBlocks, mvmctl, runScript, sandboxNames } from "./helpers.js";
 
 const FIXTURES = path.join(SDK_DIR, "test", "fixtures");
 let dir = "";
