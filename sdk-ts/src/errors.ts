@@ -60,6 +60,12 @@ export class InvalidArgument extends MvmError {
 export class SandboxNotFound extends MvmError {}
 export class SandboxExists extends MvmError {}
 export class SandboxStateError extends MvmError {}
+/** A state change the sandbox state machine does not allow. */
+export class InvalidTransition extends SandboxStateError {}
+/** mvmd could not load a sandbox's saved state. */
+export class StateLoadError extends VMError {}
+/** The audit log could not be written or verified. */
+export class AuditError extends MvmError {}
 export class SnapshotNotFound extends MvmError {}
 export class SnapshotExists extends MvmError {}
 export class ForwardNotFound extends MvmError {}
@@ -91,6 +97,9 @@ export const ERRORS: Readonly<Record<string, typeof MvmError>> = Object.freeze({
   SandboxNotFound,
   SandboxExists,
   SandboxStateError,
+  InvalidTransition,
+  StateLoadError,
+  AuditError,
   SnapshotNotFound,
   SnapshotExists,
   ForwardNotFound,

@@ -72,7 +72,7 @@ test("error bodies become the typed class; unknown names stay MvmError", () => {
   assert.equal(new PolicyDenied("p").exitCode, 125);
 });
 
-test("every error class of mvm.errors exists here with the same parent", () => {
+test("every error class of mvm.errors has a twin here with the same parent", () => {
   const code = [
     "import json, mvm.errors as e",
     "out = {n: c.__mro__[1].__name__ for n, c in vars(e).items()",
@@ -85,7 +85,9 @@ test("every error class of mvm.errors exists here with the same parent", () => {
   const ts: Record<string, string> = {};
   for (const [name, cls] of Object.entries(ERRORS)) ts[name] = Object.getPrototypeOf(cls).name;
   py.MvmError = "Error";
-  assert.deepEqual(ts, py);
+  // every Python error has its twin; the TS side may already know names mvmd will send
+  const missing = Object.keys(py).filter((n) => ts[n] !== py[n]);
+  assert.deepEqual(missing, [], `add these to sdk-ts/src/errors.ts (same parent as in mvm.errors)`);
 });
 
 test("record mode: placeholders, blobs by hash, secret names only, the IR written on save", async () => {
