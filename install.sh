@@ -58,6 +58,25 @@ echo "==> pip install -e .$extras"
 .venv/bin/pip install -q --disable-pip-version-check -e ".$extras"
 ln -sf "$PWD/.venv/bin/mvmctl" /usr/local/bin/mvmctl
 
+# --- TypeScript SDK (sdk-ts/, docs/sdk-ts.md): Node.js from Debian if missing, then
+# npm ci (dev tools only: typescript, tsx) and tsc. Self-contained; safe to re-run.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "==> apt-get install nodejs npm (for the TypeScript SDK)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends nodejs npm \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends nodejs npm; }
+fi
+if ! node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>18||(a===18&&b>=19)?0:1)'; then
+    echo "install.sh: the TypeScript SDK needs Node.js >= 18.19 (found $(node --version))" >&2
+    exit 1
+fi
+echo "==> building the TypeScript SDK (sdk-ts)"
+if [ ! -f sdk-ts/node_modules/.package-lock.json ] || [ sdk-ts/package-lock.json -nt sdk-ts/node_modules/.package-lock.json ]; then
+    (cd sdk-ts && npm ci --no-audit --no-fund --loglevel=error)
+fi
+(cd sdk-ts && rm -rf dist && npx tsc -p .)
+# --- end of the TypeScript SDK block
+
 echo "==> building the default image (cached after the first time)"
 .venv/bin/mvmctl build --preset python
 

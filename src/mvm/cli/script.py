@@ -4,12 +4,18 @@
 Record mode runs the script in a subprocess of the same interpreter
 (``python -m mvm.sdk.runner``) with ``MVM_SDK_MODE=record`` and a private recording
 directory: the script runs on the host as in live mode, but no VM starts.
+
+TypeScript and JavaScript scripts (``.ts``/``.mts``/``.js``/``.mjs``...) run the same way
+under Node through the TypeScript SDK's runner (``sdk-ts``, which brings tsx for
+TypeScript); their recording is the same IR, so plan mode's admission and replay are
+the ones Python scripts get.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +27,7 @@ from rich.markup import escape
 
 from mvm.cli.common import fail_on_errors
 from mvm.cli.ui import err_console
-from mvm.errors import InvalidArgument
+from mvm.errors import HostError, InvalidArgument
 from mvm.policy import admission
 from mvm.sdk import images
 from mvm.sdk import ir as IRm
@@ -45,6 +51,35 @@ def _script(path: str) -> Path:
     return p
 
 
+#: Script suffixes run with Node through the TypeScript SDK's runner.
+NODE_SUFFIXES = (".ts", ".mts", ".cts", ".js", ".mjs", ".cjs")
+#: The image names record mode accepts, handed to a Node script (Python checks its own).
+KNOWN_IMAGES_ENV = "MVM_SDK_KNOWN_IMAGES"
+
+
+def is_node_script(script: Path) -> bool:
+    return script.suffix.lower() in NODE_SUFFIXES
+
+
+def node_command(script: Path) -> list[str]:
+    """``node RUNNER SCRIPT``: Node from ``MVM_NODE`` or PATH, the runner of the built
+    TypeScript SDK (``MVM_SDK_TS``, else ``sdk-ts/`` of the source tree)."""
+    node = os.environ.get("MVM_NODE") or shutil.which("node")
+    if not node:
+        raise HostError(
+            f"{script} is a TypeScript/JavaScript script and Node.js is not installed",
+            hint="install it (./install.sh does: apt-get install nodejs npm), or set MVM_NODE",
+        )
+    sdk = Path(os.environ.get("MVM_SDK_TS") or Path(__file__).resolve().parents[3] / "sdk-ts")
+    runner = sdk / "dist" / "src" / "runner.js"
+    if not runner.is_file():
+        raise HostError(
+            f"the TypeScript SDK is not built ({runner} is missing)",
+            hint=f"run ./install.sh, or: cd {sdk} && npm ci && npx tsc -p .",
+        )
+    return [node, str(runner), str(script)]
+
+
 def run_script(
     script: Path, mode: str, record_dir: Path | None = None, quiet_stdout: bool = False
 ) -> int:
@@ -54,7 +89,16 @@ def run_script(
     env.pop(RECORD_DIR_ENV, None)
     if record_dir is not None:
         env[RECORD_DIR_ENV] = str(record_dir)
-    cmd = [sys.executable, "-m", "mvm.sdk.runner", str(script)]
+    env.pop(KNOWN_IMAGES_ENV, None)
+    if is_node_script(script):
+        cmd = node_command(script)
+        mvmctl = Path(sys.executable).parent / "mvmctl"
+        if not env.get("MVM_MVMCTL") and mvmctl.is_file():
+            env["MVM_MVMCTL"] = str(mvmctl)  # how the SDK starts mvmd if it is not running
+        if mode == "record":
+            env[KNOWN_IMAGES_ENV] = json.dumps(images.known_images())
+    else:
+        cmd = [sys.executable, "-m", "mvm.sdk.runner", str(script)]
     try:
         proc = subprocess.run(
             cmd,

@@ -1,0 +1,311 @@
+/**
+ * Every method of the TypeScript SDK on one real sandbox (shared, in file order; the
+ * lifecycle test is last), plus the errors mvmd sends, mapped to their typed classes.
+ */
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import * as http from "node:http";
+import { after, before, test } from "node:test";
+import {
+  AgentError,
+  LiveBackend,
+  Transport,
+  CommandFailed,
+  CommandResult,
+  CommandTimeout,
+  ImageNotFound,
+  InvalidArgument,
+  MvmError,
+  PolicyDenied,
+  Sandbox,
+  SandboxNotFound,
+  network,
+  secret,
+} from "../src/index.js";
+import { HOME, IMAGE, SECRET_VALUE } from "./helpers.js";
+import * as path from "node:path";
+
+let sb: Sandbox;
+const NAME = "ts-shared";
+
+before(async () => {
+  sb = await Sandbox.create(IMAGE, {
+    name: NAME,
+    workloadId: "ts-tests",
+    ttl: "20m",
+    tags: { team: "x" },
+    env: { MODE: "dev" },
+    network: network({ mode: "deny" }),
+  });
+});
+
+after(async () => {
+  try {
+    await sb.destroy();
+  } catch (err) {
+    if (!(err instanceof SandboxNotFound)) throw err;
+  }
+});
+
+async function rejects<E extends MvmError>(p: Promise<unknown>, cls: new (...a: never[]) => E): Promise<E> {
+  try {
+    await p;
+  } catch (err) {
+    assert.ok(err instanceof cls, `expected ${cls.name}, got ${String(err)}`);
+    return err;
+  }
+  assert.fail(`expected ${cls.name}, nothing was thrown`);
+}
+
+test("create, info, list, connect, setTtl", async () => {
+  const info = await sb.info();
+  assert.deepEqual([info.name, info.state, info.image], [NAME, "running", IMAGE]);
+  assert.equal(info.network.preset, "none");
+  assert.deepEqual([info.workloadId, info.tags], ["ts-tests", { team: "x" }]);
+  assert.ok(info.ttlLeft > 0 && info.ttlLeft <= 20 * 60);
+  assert.ok((await Sandbox.list()).some((s) => s.name === NAME));
+  const again = await Sandbox.connect(NAME);
+  assert.equal(again.id, sb.id);
+  assert.equal(await again.state(), "running");
+  await sb.setTtl("30m");
+  assert.ok((await sb.info()).ttlLeft > 20 * 60);
+});
+
+test("errors from mvmd are typed, with message, hint and data", async () => {
+  const missing = await rejects(Sandbox.connect("no-such-sandbox"), SandboxNotFound);
+  assert.ok(missing instanceof MvmError && missing.message.includes("no-such-sandbox"));
+  const img = await rejects(Sandbox.create("python-3.12"), ImageNotFound);
+  assert.ok(img.message.includes("python-3.12"));
+  assert.ok(img.hint, "an ImageNotFound carries a hint");
+  const known = `${img.message} ${img.hint} ${JSON.stringify(img.data)}`;
+  assert.ok(known.includes("python-3.11"), "the error names the images that exist");
+  const nofile = await rejects(sb.files.read("/work/no-such-file"), AgentError);
+  assert.equal(nofile.data.code, "not_found");
+  assert.equal(nofile.errorName, "AgentError");
+  // refused before anything is sent
+  await rejects(Sandbox.create(IMAGE, { ttl: "soon" }), InvalidArgument);
+  await rejects(sb.commands.run(["true"], { timeoutSeconds: "-1s" }), InvalidArgument);
+  await rejects(sb.setTtl("forever"), InvalidArgument);
+  await rejects(Sandbox.connect("x/../y"), InvalidArgument);
+  assert.equal(new InvalidArgument("x").exitCode, 2);
+});
+
+test("commands.run returns a typed result", async () => {
+  const r = await sb.commands.run(["sh", "-c", "echo out-$MODE-$EXTRA; echo err >&2; exit 3"], { env: { EXTRA: "e" } });
+  assert.ok(r instanceof CommandResult);
+  assert.deepEqual([r.exitCode, r.stdout, r.stderr], [3, "out-dev-e\n", "err\n"]);
+  assert.ok(!r.truncated && !r.timedOut && !r.placeholder && !r.ok);
+  assert.ok(r.auditId === null || typeof r.auditId === "string");
+  const big = await sb.commands.run(["python3", "-c", "print('x' * 5000)"], { outputLimit: 1000 });
+  assert.ok(big.truncated);
+  assert.equal(big.stdoutBytes.length, 1000);
+  assert.equal((await sb.commands.run(["cat"], { stdin: "from stdin" })).stdout, "from stdin");
+  assert.equal((await sb.commands.run("echo $((6 * 7))")).stdout, "42\n");
+});
+
+test("check: true throws CommandFailed with the result", async () => {
+  assert.equal((await sb.commands.run(["false"])).exitCode, 1);
+  const e = await rejects(sb.commands.run(["sh", "-c", "echo why >&2; exit 4"], { check: true }), CommandFailed);
+  assert.equal(e.data.exit_code, 4);
+  assert.equal((e.result as CommandResult).stderr, "why\n");
+});
+
+test("a timeout throws CommandTimeout; the sandbox is fine afterwards", async () => {
+  const e = await rejects(sb.commands.run(["sh", "-c", "echo started; sleep 30"], { timeoutSeconds: "1s" }), CommandTimeout);
+  assert.ok((e.result as CommandResult).timedOut);
+  assert.equal(e.exitCode, 124);
+  assert.equal((await sb.commands.run(["true"])).exitCode, 0);
+});
+
+test("commands.start: streams, wait, sendStdin", async () => {
+  const h = await sb.commands.start(["sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done"]);
+  assert.ok(h.pid > 0);
+  const chunks: Buffer[] = [];
+  for await (const c of h.stdout) chunks.push(c);
+  assert.equal(Buffer.concat(chunks).toString(), "line1\nline2\nline3\n");
+  const res = await h.wait({ timeoutSeconds: 30 });
+  assert.deepEqual([res.exitCode, res.stdout], [0, "line1\nline2\nline3\n"]);
+  const cat = await sb.commands.start(["cat"], { stdinOpen: true });
+  await cat.sendStdin("hello ");
+  await cat.sendStdin(Buffer.from("stdin"), { eof: true });
+  assert.equal((await cat.wait(30)).stdout, "hello stdin");
+  const wc = await sb.commands.start(["wc", "-c"], { stdinOpen: true, stdin: "abc" });
+  await wc.sendStdin("de");
+  await wc.closeStdin();
+  assert.equal((await wc.wait(30)).stdout.trim(), "5");
+  const quiet = await sb.commands.start(["python3", "-c", "import sys; print('e', file=sys.stderr)"]);
+  const errs: Buffer[] = [];
+  for await (const c of quiet.stderr) errs.push(c);
+  assert.equal(Buffer.concat(errs).toString(), "e\n");
+  const closed = await sb.commands.start(["true"]);
+  await rejects(closed.sendStdin("x"), InvalidArgument);
+});
+
+test("kill, and a bounded wait", async () => {
+  const h = await sb.commands.start(["sleep", "300"]);
+  await rejects(h.wait({ timeoutSeconds: 0.5 }), CommandTimeout);
+  assert.equal((await h.status()).running, true);
+  await h.kill();
+  const res = await h.wait(30);
+  assert.ok(res.signal === 9 || res.exitCode === 137 || res.exitCode === -9, JSON.stringify(res));
+});
+
+test("files: write, read, list, stat, exists, mkdir, rename, remove", async () => {
+  await sb.files.write("/app/main.py", "print('hello from mvm')");
+  assert.equal((await sb.commands.run(["python", "/app/main.py"])).stdout, "hello from mvm\n");
+  await sb.files.write("/work/input.json", Buffer.from("{}"));
+  assert.deepEqual(await sb.files.read("/work/input.json"), Buffer.from("{}"));
+  const e = (await sb.files.list("/work")).find((x) => x.name === "input.json");
+  assert.ok(e);
+  assert.deepEqual([e.type, e.size, e.mode & 0o777], ["file", 2, 0o644]);
+  assert.ok(e.mtime > 0);
+  assert.equal((await sb.files.stat("/work/input.json")).size, 2);
+  assert.ok(await sb.files.exists("/work/input.json"));
+  assert.ok(!(await sb.files.exists("/work/nope")));
+  await sb.files.mkdir("/work/d/e");
+  await sb.files.rename("/work/input.json", "/work/d/e/moved.json");
+  assert.ok(!(await sb.files.exists("/work/input.json")));
+  assert.deepEqual(await sb.files.read("/work/d/e/moved.json"), Buffer.from("{}"));
+  await sb.files.remove("/work/d", { recursive: true });
+  assert.ok(!(await sb.files.exists("/work/d")));
+  await sb.files.write("/work/run.sh", "#!/bin/sh\necho ran\n", { mode: 0o755 });
+  assert.equal((await sb.commands.run(["/work/run.sh"])).stdout, "ran\n");
+  await rejects(sb.files.write("relative.txt", "x"), InvalidArgument);
+});
+
+test("a secret reaches the command and never its output or the logs", async () => {
+  const ref = secret("api-key");
+  assert.ok(!String(ref).includes(SECRET_VALUE) && !JSON.stringify({ ref }).includes(SECRET_VALUE));
+  const digest = "import hashlib, os; print(hashlib.sha256(os.environ['API_KEY'].encode()).hexdigest())";
+  const d = await sb.commands.run(["python3", "-c", digest], { env: { API_KEY: ref } });
+  assert.equal(d.stdout.trim(), createHash("sha256").update(SECRET_VALUE).digest("hex"), "the value arrived");
+  const r = await sb.commands.run(["sh", "-c", 'echo "key:$API_KEY"'], { env: { API_KEY: ref } });
+  assert.equal(r.stdout, "key:[REDACTED:api-key]\n");
+  assert.ok(!(r.stdout + r.stderr).includes(SECRET_VALUE));
+  const h = await sb.commands.start(["sh", "-c", 'echo "bg:$API_KEY"'], { env: { API_KEY: ref } });
+  assert.ok(!(await h.wait(30)).stdout.includes(SECRET_VALUE));
+  const messages: string[] = [];
+  for await (const ev of sb.logs()) messages.push(ev.message);
+  assert.ok(messages.some((m) => m.includes("bg:")));
+  assert.ok(!messages.some((m) => m.includes(SECRET_VALUE)));
+});
+
+test("logs: follow until a line shows up; redaction cannot be turned off", async () => {
+  await (await sb.commands.start(["sh", "-c", "echo follow-me"])).wait(30);
+  let seen = false;
+  for await (const ev of sb.logs({ follow: true, redact: true })) {
+    assert.ok(ev.timestamp > 0 && ev.stream);
+    if (ev.message.includes("follow-me")) {
+      seen = true;
+      break; // closes the stream
+    }
+  }
+  assert.ok(seen);
+  assert.throws(() => sb.logs({ redact: false }), InvalidArgument);
+});
+
+function get(url: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const req = http.get(url, { timeout: 5000 }, (res) => {
+      const parts: Buffer[] = [];
+      res.on("data", (c: Buffer) => parts.push(c));
+      res.on("end", () => resolve(Buffer.concat(parts).toString()));
+      res.on("error", reject);
+    });
+    req.on("timeout", () => req.destroy(new Error("timeout")));
+    req.on("error", reject);
+  });
+}
+
+test("ports.forward reaches a guest server; wildcard is refused", async () => {
+  await sb.files.write("/work/www/index.html", "served by the guest");
+  const server = await sb.commands.start(["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1", "-d", "/work/www"]);
+  await rejects(sb.ports.forward({ guestPort: 8000, host: "0.0.0.0" }), PolicyDenied);
+  let id = "";
+  {
+    await using fwd = await sb.ports.forward({ host: "127.0.0.1", hostPort: 0, guestPort: 8000 });
+    id = fwd.id;
+    assert.ok(fwd.host === "127.0.0.1" && fwd.hostPort > 0);
+    let body = "";
+    const deadline = Date.now() + 30_000;
+    while (Date.now() < deadline) {
+      try {
+        body = await get(`http://127.0.0.1:${fwd.hostPort}/index.html`);
+        break;
+      } catch {
+        await new Promise((r) => setTimeout(r, 300)); // the server is still starting
+      }
+    }
+    assert.equal(body, "served by the guest");
+    assert.ok((await sb.info()).forwards.some((f) => f.id === id));
+  }
+  await server.kill();
+  assert.ok(!(await sb.info()).forwards.some((f) => f.id === id), "await using closed the forward");
+});
+
+/**
+ * A stand-in for `mvmctl serve`: TCP on 127.0.0.1 in front of mvmd's socket, refusing any
+ * request without the bearer token (401 with a JSON error body, as a server would).
+ */
+function tokenProxy(token: string): Promise<http.Server> {
+  const server = http.createServer((req, res) => {
+    if (req.headers.authorization !== `Bearer ${token}`) {
+      res.writeHead(401, { "content-type": "application/json" });
+      res.end(JSON.stringify({ error: "Unauthorized", message: "a valid token is required", hint: "set MVM_TOKEN", data: {} }));
+      return;
+    }
+    const up = http.request(
+      { socketPath: path.join(HOME, "mvmd.sock"), method: req.method, path: req.url, headers: { ...req.headers, host: "mvmd" } },
+      (ans) => {
+        res.writeHead(ans.statusCode ?? 502, ans.headers);
+        ans.pipe(res);
+      },
+    );
+    up.on("error", () => res.destroy());
+    req.pipe(up);
+  });
+  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
+}
+
+test("MVM_URL + MVM_TOKEN: the same calls over TCP with a bearer token", async () => {
+  const server = await tokenProxy("tok-123");
+  try {
+    const { port } = server.address() as { port: number };
+    const url = `http://127.0.0.1:${port}`;
+    const remote = new Sandbox(new LiveBackend(new Transport({ url, token: "tok-123" })), await sb.info());
+    const r = await remote.commands.run(["sh", "-c", "echo over tcp; echo e >&2"]);
+    assert.deepEqual([r.exitCode, r.stdout, r.stderr], [0, "over tcp\n", "e\n"]);
+    await remote.files.write("/work/remote.txt", "r");
+    assert.deepEqual(await remote.files.read("/work/remote.txt"), Buffer.from("r"));
+    const lines: string[] = [];
+    for await (const ev of remote.logs()) lines.push(ev.message);
+    assert.ok(lines.length > 0);
+    const denied = new LiveBackend(new Transport({ url, token: "wrong" }));
+    const e = await rejects(denied.info(NAME), MvmError);
+    assert.deepEqual([e.errorName, e.hint], ["Unauthorized", "set MVM_TOKEN"]);
+  } finally {
+    await new Promise((r) => server.close(r));
+  }
+});
+
+test("snapshot, pause, resume, resume from a snapshot, stop, destroy (last)", async () => {
+  await sb.files.write("/work/before.txt", "kept");
+  const snap = await sb.snapshot({ name: "after-index" });
+  assert.equal(snap.id, "after-index");
+  assert.ok(snap.size > 0);
+  await sb.files.write("/work/after.txt", "dropped by the restore");
+  await sb.pause();
+  assert.equal(await sb.state(), "paused");
+  await sb.resume();
+  assert.equal(await sb.state(), "running");
+  await sb.resume({ snapshot: snap.id });
+  assert.equal(await sb.state(), "running");
+  assert.ok((await sb.files.exists("/work/before.txt")) && !(await sb.files.exists("/work/after.txt")));
+  await sb.kill(); // the VM goes; the snapshot stays
+  await rejects(sb.info(), SandboxNotFound);
+  await sb.resume({ snapshot: snap }); // recreated from the snapshot
+  assert.deepEqual(await sb.files.read("/work/before.txt"), Buffer.from("kept"));
+  await sb.destroy();
+  assert.ok(!(await Sandbox.list()).some((s) => s.name === NAME));
+  await rejects(sb.resume({ snapshot: snap }), MvmError); // the snapshot went with destroy
+});
