@@ -181,10 +181,20 @@ class AgentClient:
 
     @classmethod
     async def connect(cls, path: Path, timeout: float = 10.0) -> AgentClient:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(path), limit=P.MAX_BODY + 64), timeout
-        )
-        return cls(reader, writer)
+        """Connect to the agent's chardev socket. A refused connection is retried within
+        ``timeout``: QEMU creates the socket file at bind() and listens a moment later."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(path), limit=P.MAX_BODY + 64),
+                    max(deadline - time.monotonic(), 0.01),
+                )
+                return cls(reader, writer)
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() + 0.02 > deadline:
+                    raise
+                await asyncio.sleep(0.02)
 
     # -- plumbing ---------------------------------------------------------------
     @property

@@ -182,10 +182,17 @@ class QemuProcess:
 
     async def _pump_console(self) -> None:
         assert self.console is not None
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(self.cfg.console_socket))
-        except OSError:
-            return
+        deadline = time.monotonic() + SOCKET_WAIT
+        while True:  # QEMU may have bound the socket but not be listening yet
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.cfg.console_socket))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() > deadline or not self.alive():
+                    return
+                await asyncio.sleep(0.02)
+            except OSError:
+                return
         try:
             while data := await reader.read(65536):
                 self.console.write(data)
