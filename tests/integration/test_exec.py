@@ -224,7 +224,7 @@ def test_streaming_delivers_output_as_it_comes(call: Call, agent: AgentClient) -
     gate = f"/tmp/it-stream-{os.urandom(4).hex()}"
     script = (
         f"echo a; i=0; while [ ! -e {gate} ]; do i=$((i+1)); "
-        f'[ $i -gt 600 ] && exit 3; sleep 0.05; done; echo b; rm -f {gate}'
+        f"[ $i -gt 600 ] && exit 3; sleep 0.05; done; echo b; rm -f {gate}"
     )
 
     async def stream() -> tuple[list[P.Frame], list[bytes]]:
@@ -264,9 +264,9 @@ def test_concurrent_execs_do_not_mix_output(call: Call, agent: AgentClient) -> N
     n = 10
     barrier = f"/tmp/it-barrier-{os.urandom(4).hex()}"
     script = (
-        f'mkdir -p {barrier}; touch {barrier}/$T; w=0; '
+        f"mkdir -p {barrier}; touch {barrier}/$T; w=0; "
         f'while [ "$(ls {barrier} | wc -l)" -lt {n} ]; do w=$((w+1)); '
-        '[ $w -gt 1200 ] && exit 99; sleep 0.05; done; '
+        "[ $w -gt 1200 ] && exit 99; sleep 0.05; done; "
         'i=0; while [ $i -lt 300 ]; do echo "task-$T-$i"; i=$((i+1)); done; '
         'echo "err-$T" >&2; exit $T'
     )
