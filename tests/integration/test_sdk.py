@@ -3,8 +3,8 @@ the IR round trip (compile -> replay equals live), errors, and the docs' example
 
 The module runs its own mvmd under a private, short ``MVM_HOME`` (/tmp/mvsdk-*), sharing
 root filesystems, kernels, initramfs and boot templates with the default store through
-symlinks (image records are copied), so nothing is rebuilt. One sandbox (``shared``) serves
-the method tests, in file order; the mode tests run scripts as subprocesses, as users do.
+symlinks (image records are copied), so nothing is rebuilt. One sandbox (``shared``, a fixture) serves
+the method tests in any order (the lifecycle test makes its own); the mode tests run scripts as subprocesses, as users do.
 At the end every sandbox is removed, the daemon stopped, any QEMU or mvmd left for this
 home killed by pid, and the home deleted.
 """
