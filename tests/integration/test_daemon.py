@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import queue
 import secrets
@@ -59,6 +60,9 @@ from tests.integration.mvmd_home import (
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
+
+#: ttl-b's first TTL: it counts from creation, so it must outlast a boot on a loaded host.
+FIRST_TTL = 60
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -769,24 +773,32 @@ def killed_qemu_marks_the_sandbox_failed(ctl: Ctl, home: Path) -> None:
 # ----------------------------------------------------------------------------- 9. TTL
 
 
+@pytest.mark.timeout(600)
 def test_ttl_reaper_set_ttl_and_wait(ctl: Ctl, home: Path) -> None:
-    """ttl-b gets 6 s and at once an hour; ttl-a, made after it, gets 6 s. When the reaper
-    has removed ttl-a, a reaper pass has run after ttl-b's first TTL ended: ttl-b must still
-    be running. Then a short TTL and ``wait``. No sleep: bounded polls on host-side state."""
+    """ttl-b gets a first TTL (long enough to outlast its own boot on a loaded host) and at
+    once an hour; ttl-a, made after it, gets a TTL that ends just after ttl-b's first one.
+    When the reaper has removed ttl-a, a reaper pass has run after ttl-b's first TTL ended:
+    ttl-b must still be running. Then a short TTL and ``wait``. No sleep: bounded polls."""
     try:
-        ctl.ok("up", "--name", "ttl-b", "--ttl", "6s", timeout=300)
+        ctl.ok("up", "--name", "ttl-b", "--ttl", f"{FIRST_TTL}s", timeout=300)
         r = ctl.ok("set-ttl", "ttl-b", "1h")  # extends it well past its first TTL
         assert "ttl-b: 3" in r.out and "s left" in r.out, str(r)
-        ctl.ok("up", "--name", "ttl-a", "--ttl", "6s", timeout=300)
-        a = ctl.sandboxes()["ttl-a"]
+        first_expiry = ctl.sandboxes()["ttl-b"]["created"] + FIRST_TTL
+        ttl_a = max(3, math.ceil(first_expiry - time.time()) + 2)  # same host clock as mvmd
+        ctl.ok("up", "--name", "ttl-a", "--ttl", f"{ttl_a}s", timeout=300)
+        a = ctl.sandboxes().get("ttl-a")
+        if a is not None:  # (it may already be gone, if its boot outlasted its TTL)
+            assert a["expires_at"] > first_expiry
 
-        # polled on the host (process, run dir), not through mvmd: the reaper alone acts
-        assert wait_until(
-            lambda: not pid_alive(a["pid"]) and not (home / "run" / a["id"]).exists(), 60
-        ), "the reaper did not remove ttl-a at its TTL"
+        # polled on the host (no ttl-a in `ls`), through nothing that acts on TTLs
+        assert wait_until(lambda: "ttl-a" not in ctl.sandboxes(), FIRST_TTL + 60), (
+            "the reaper did not remove ttl-a at its TTL"
+        )
+        if a is not None:
+            assert wait_until(lambda: not pid_alive(a["pid"]), 10)
+            assert not (home / "run" / a["id"]).exists()
         boxes = ctl.sandboxes()
-        assert "ttl-a" not in boxes
-        assert boxes["ttl-b"]["state"] == "running" and boxes["ttl-b"]["ttl_left"] > 3500
+        assert boxes["ttl-b"]["state"] == "running" and boxes["ttl-b"]["ttl_left"] > 3000
 
         follower = ctl.popen("logs", "-f", "ttl-b")
         try:
