@@ -98,15 +98,14 @@ def test_exec_injects_and_redacts(ctl: Ctl, sandbox: str) -> None:
 
 
 #: Writes the first half of $API_KEY, waits (bounded) until the agent has read it out of
-#: the pipe (FIONREAD on the pipe's read side is 0), then writes the rest: the agent reads,
-#: and sends, the value as two chunks every time.
+#: the stdout pipe (FIONREAD on a pipe, either end, counts the unread bytes: 0), then
+#: writes the rest: the agent reads, and sends, the value as two chunks every time.
 SPLIT_WRITER = r"""
 import fcntl, os, struct, sys, termios, time
 v = os.environ["API_KEY"].encode()
-r = os.open("/proc/self/fd/1", os.O_RDONLY | os.O_NONBLOCK)
 os.write(1, v[: len(v) // 2])
 for _ in range(4000):
-    if struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4))[0] == 0:
+    if struct.unpack("i", fcntl.ioctl(1, termios.FIONREAD, b"\0" * 4))[0] == 0:
         break
     time.sleep(0.005)
 else:
