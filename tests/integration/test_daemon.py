@@ -63,6 +63,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
 
 #: ttl-b's first TTL: it counts from creation, so it must outlast a boot on a loaded host.
 FIRST_TTL = 60
+#: The TTL ``set-ttl`` gives ttl-b while ``wait`` waits for it (time for ``wait`` to connect).
+SHORT_TTL = 15
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -800,19 +802,22 @@ def test_ttl_reaper_set_ttl_and_wait(ctl: Ctl, home: Path) -> None:
         boxes = ctl.sandboxes()
         assert boxes["ttl-b"]["state"] == "running" and boxes["ttl-b"]["ttl_left"] > 3000
 
+        # `wait` starts first; the short TTL leaves it time to connect on a loaded host
         follower = ctl.popen("logs", "-f", "ttl-b")
+        waiter = ctl.popen("wait", "ttl-b", "--timeout", "120s")
         try:
-            ctl.ok("set-ttl", "ttl-b", "3s")
-            r = ctl.ok("wait", "ttl-b", "--timeout", "60s", timeout=90)
-            assert r.out.strip() == "ttl-b: stopped", str(r)
+            ctl.ok("set-ttl", "ttl-b", f"{SHORT_TTL}s")
+            out, errs = waiter.communicate(timeout=180)
+            assert (waiter.returncode, out) == (0, b"ttl-b: stopped\n"), errs
             assert "ttl-b" not in ctl.sandboxes()
             # a follower of a removed sandbox's log ends
             follower.communicate(timeout=15)
             assert follower.returncode == 0
         finally:
-            if follower.poll() is None:
-                follower.kill()
-                follower.wait(10)
+            for p in (follower, waiter):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
         r = ctl("wait", "ttl-b", "--timeout", "5s")
         assert r.rc == 125 and "no sandbox named" in r.err, str(r)
     finally:
