@@ -14,8 +14,13 @@ echo "==> ruff"
 echo "==> mypy (strict, src/)"
 .venv/bin/mypy || status=1
 
-echo "==> pytest"
-.venv/bin/pytest tests -p no:cacheprovider --durations=15 "$@"
+# CI=true: a skipped test fails the run (tests/conftest.py) and hypothesis uses its "ci"
+# profile. The order is random once per run (pytest-randomly); the seed is printed here and
+# in pytest's header, and MVM_TEST_SEED=N ./run-tests.sh replays an order.
+seed="${MVM_TEST_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}"
+echo "==> pytest (random order, seed $seed: replay with MVM_TEST_SEED=$seed ./run-tests.sh)"
+CI=true .venv/bin/pytest tests -p no:cacheprovider -p randomly \
+    --randomly-seed="$seed" --durations=15 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "run-tests.sh: pytest collected no tests (not counted as a failure)" >&2

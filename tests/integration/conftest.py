@@ -1,8 +1,9 @@
 """Integration tests: real QEMU microVMs booted from the default image.
 
 Every test under tests/integration is marked ``vm`` (select with ``-m vm``, skip with
-``-m "not vm"``); each module sets a pytest timeout, and every wait inside is bounded. The tests are skipped, with a clear
-reason, only when QEMU is not installed; anything else that goes wrong is a failure.
+``-m "not vm"``); each module sets a pytest timeout, and every wait inside is bounded. The
+tests are skipped, with a clear reason, only when QEMU is not installed, and under CI=true
+even that skip fails the run (tests/conftest.py); anything else that goes wrong is a failure.
 
 VMs are expensive under TCG, so most agent-level tests share one session VM. The agent
 client is asyncio: the shared VM lives on an event loop running in a background thread,

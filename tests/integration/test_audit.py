@@ -2,7 +2,8 @@
 sandbox's life, no payload bytes in the log, and tampered copies named by ``audit verify``.
 
 Runs under a private MVM_HOME (its own daemon, its own audit key) that shares the default
-store's images, like test_daemon.py. One sandbox serves the whole module.
+store's images, like test_daemon.py. One sandbox's life (the ``sandbox_life`` fixture)
+serves the whole module, so each test finds the records it checks whatever ran before it.
 """
 
 from __future__ import annotations
@@ -86,18 +87,26 @@ def test_run_receipt_verifies_and_an_edit_breaks_it(ctl: Ctl, home: Path) -> Non
     assert r.rc == 1 and "bad signature" in r.err, str(r)
 
 
-def test_sandbox_life_is_a_chain_of_events_without_payloads(ctl: Ctl, home: Path) -> None:
+@pytest.fixture(scope="module")
+def sandbox_life(ctl: Ctl) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """Sandbox ``aud``: up, a file written, an exec, mkdir, mv, down (8 audit records)."""
     info = ctl.json(
         "up", "--image", "python", "--name", "aud", "--ttl", "10m", "-e", f"TOKEN={SECRET_ENV}"
     )
     content = f"{MARKER}\n".encode() * 3
     ctl.ok("fs", "write", "aud", "/work/m.txt", input=content)
     ex = json.loads(ctl.ok("exec", "aud", "--json", "--", "cat", "/work/m.txt").out)
-    assert ex["stdout"].encode() == content
     ctl.ok("fs", "mkdir", "aud", "/work/d")
     ctl.ok("fs", "mv", "aud", "/work/m.txt", "/work/d/m.txt")
     ctl.ok("down", "aud")
+    return info, ex, content
 
+
+def test_sandbox_life_is_a_chain_of_events_without_payloads(
+    home: Path, sandbox_life: tuple[dict[str, Any], dict[str, Any], bytes]
+) -> None:
+    info, ex, content = sandbox_life
+    assert ex["stdout"].encode() == content
     mine = [r for r in records(home) if r["sandbox"] == "aud"]
     events = [r["event"] for r in mine]
     assert events == [
@@ -137,7 +146,9 @@ def test_sandbox_life_is_a_chain_of_events_without_payloads(ctl: Ctl, home: Path
         assert SECRET_ENV.encode() not in data, f
 
 
-def test_verify_passes_then_names_edited_removed_and_swapped_records(ctl: Ctl, home: Path) -> None:
+def test_verify_passes_then_names_edited_removed_and_swapped_records(
+    ctl: Ctl, home: Path, sandbox_life: object
+) -> None:
     r = ctl("audit", "verify")
     assert r.rc == 0 and r.out.startswith("ok:"), str(r)
     lines = log_path(home).read_bytes().splitlines(keepends=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from collections.abc import Callable
 
 import pytest
@@ -59,12 +58,10 @@ def test_run_unknown_command_exits_127_with_a_message(mvmctl: Mvmctl) -> None:
 
 
 def test_run_timeout_exits_124_and_destroys_the_vm(mvmctl: Mvmctl) -> None:
-    started = time.monotonic()
-    r = mvmctl("run", "--timeout", "2", "--", "sleep", "30")
-    elapsed = time.monotonic() - started
+    # sleep 600 against the fixture's bound of 180 s: a timeout that never fired fails
+    r = mvmctl("run", "--timeout", "2", "--", "sleep", "600", timeout=180)
     assert r.returncode == 124, r.stderr
     assert "timed out" in r.stderr
-    assert elapsed < 25, f"the command was not stopped at its timeout ({elapsed:.1f}s)"
     # the fixture checked: no run directory and no QEMU process left for the sandbox
 
 

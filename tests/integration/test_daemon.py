@@ -7,20 +7,25 @@ copied, so nothing is rebuilt. At the end every
 sandbox is removed, the daemon is stopped, any QEMU left with the home in its command line
 is killed and the home is deleted.
 
-Sandboxes are shared between tests to keep the module fast; the tests run in file order and
-each says which sandboxes it expects and leaves behind:
+One sandbox is shared to keep the module fast, through a fixture, so the tests pass in any
+order and alone (``-k``):
 
-- ``worker``  (from ``init --preset worker``): exec, fs, cp, concurrency, proc, logs,
-  daemon restart, pause/resume, bad input.
-- ``par-a``   (parallel ``up``): snapshots.
-- ``par-b``   (parallel ``up``): QEMU killed -> failed.
-- short-lived ones for TTLs, resources, races.
+- ``worker`` (the ``worker`` fixture: ``init --preset worker``, ``build``, ``up``): exec,
+  fs, cp, concurrency, proc, logs, daemon restart, pause/resume, bad input. Tests leave it
+  running and clean up what they start in it.
+- every other sandbox (parallel ups, snapshots, a killed QEMU, TTLs, resources, races) is
+  made by the test that needs it and removed by it.
+
+At the end (the ``ctl`` fixture's teardown) ``down --all`` and ``daemon stop`` must leave
+no QEMU, run directory, socket or daemon behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import queue
 import secrets
@@ -34,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,6 +51,7 @@ from tests.integration.mvmd_home import (
     CMD_TIMEOUT,
     MVMCTL,
     Ctl,
+    Res,
     daemon_pids,
     pid_alive,
     private_home,
@@ -53,6 +60,11 @@ from tests.integration.mvmd_home import (
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
+
+#: ttl-b's first TTL: it counts from creation, so it must outlast a boot on a loaded host.
+FIRST_TTL = 60
+#: The TTL ``set-ttl`` gives ttl-b while ``wait`` waits for it (time for ``wait`` to connect).
+SHORT_TTL = 15
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -73,14 +85,78 @@ def home() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def ctl(home: Path) -> Ctl:
-    return Ctl(home)
+def ctl(home: Path) -> Iterator[Ctl]:
+    """The CLI for this home; its teardown checks that everything goes away."""
+    c = Ctl(home)
+    yield c
+    down_all_and_stop_leave_nothing_behind(c, home)
+
+
+def down_all_and_stop_leave_nothing_behind(ctl: Ctl, home: Path) -> None:
+    names = set(ctl.sandboxes())
+    r = ctl.ok("down", "--all")
+    assert sorted(r.out.splitlines()) == sorted(f"{n}: removed" for n in names)
+    assert ctl.sandboxes() == {}
+    assert wait_until(lambda: not qemu_pids(home), 10), [
+        (pid, Path(f"/proc/{pid}/cmdline").read_bytes()) for pid in qemu_pids(home)
+    ]
+    assert [p.name for p in (home / "run").iterdir()] == []
+    pid = ctl.daemon_pid()
+    assert ctl.ok("daemon", "stop").out == f"mvmd stopped (pid {pid})\n"
+    assert wait_until(lambda: not pid_alive(pid), 10)
+    assert not (home / "mvmd.sock").exists()
+    assert ctl("daemon", "status").rc == 1
 
 
 @pytest.fixture(scope="module")
 def project(home: Path) -> Path:
     """``mvmctl init --preset worker`` output; the directory name is the image name."""
     return home / "proj" / "mvmit-worker"
+
+
+@dataclass
+class Worker:
+    """The shared sandbox and what making it printed."""
+
+    name: str
+    token: str
+    init: Res
+    build: Res
+    up: Res
+    daemon_autostarted: bool
+
+
+@pytest.fixture(scope="module")
+def worker_made(ctl: Ctl, project: Path, home: Path) -> Worker:
+    """``init --preset worker``, ``build`` and ``up`` of the shared sandbox ``worker``
+    (MODE=dev and a random TOKEN in its environment)."""
+    init = ctl.ok("init", str(project), "--preset", "worker")
+    build = ctl.ok("build", str(project), timeout=600)
+    no_daemon = not (home / "mvmd.sock").exists()
+    token = secrets.token_hex(4)
+    up = ctl.ok(
+        "up", str(project), "--name", "worker", "--ttl", "2h", "-e", "MODE=dev",
+        "-e", f"TOKEN={token}", timeout=300,
+    )  # fmt: skip
+    return Worker("worker", token, init, build, up, no_daemon)
+
+
+@pytest.fixture
+def worker(worker_made: Worker, ctl: Ctl) -> str:
+    """The shared sandbox, running (each test gets it as the tests before it left it)."""
+    state = ctl.sandboxes().get("worker", {}).get("state")
+    assert state == "running", f"the shared sandbox is {state!r}: an earlier test broke it"
+    return worker_made.name
+
+
+@contextlib.contextmanager
+def sandbox(ctl: Ctl, name: str, *args: str) -> Iterator[str]:
+    """``up --name NAME ARGS`` for one test; removed after it (whatever happened)."""
+    ctl.ok("up", "--name", name, *args, timeout=300)
+    try:
+        yield name
+    finally:
+        ctl("down", name)
 
 
 @pytest.fixture
@@ -95,18 +171,14 @@ def client(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
 # ----------------------------------------------------------------------------- 1. init/build/up
 
 
-def test_init_build_up_runs_the_task_with_its_env(ctl: Ctl, project: Path, home: Path) -> None:
-    r = ctl.ok("init", str(project), "--preset", "worker")
-    assert (project / "mvm.toml").is_file() and (project / "task.py").is_file(), str(r)
-    r = ctl.ok("build", str(project), timeout=600)
-    assert "mvmit-worker" in r.out
-    assert not (home / "mvmd.sock").exists(), "init/build must not need the daemon"
-
-    token = secrets.token_hex(4)
-    r = ctl.ok(
-        "up", str(project), "--name", "worker", "--ttl", "30m", "-e", "MODE=dev",
-        "-e", f"TOKEN={token}", timeout=300,
-    )  # fmt: skip
+def test_init_build_up_runs_the_task_with_its_env(
+    ctl: Ctl, project: Path, home: Path, worker_made: Worker, worker: str
+) -> None:
+    assert (project / "mvm.toml").is_file() and (project / "task.py").is_file()
+    assert "mvmit-worker" in worker_made.build.out
+    assert worker_made.daemon_autostarted, "init/build must not need the daemon"
+    token = worker_made.token
+    r = worker_made.up
     assert r.out.startswith("worker  sb-"), str(r)
     assert "running" in r.out and "1 files in /work" in r.out
     # the first command that needs it auto-started mvmd in this home, socket 0600
@@ -125,13 +197,14 @@ def test_init_build_up_runs_the_task_with_its_env(ctl: Ctl, project: Path, home:
     assert r.out.splitlines() == [f"dev {token}", "1000", "/work"]
 
 
-def test_ls_json_shows_the_sandbox(ctl: Ctl) -> None:
+def test_ls_json_shows_the_sandbox(ctl: Ctl, worker: str) -> None:
     s = ctl.sandboxes()["worker"]
     assert s["name"] == "worker"
     assert s["id"].startswith("sb-")
     assert s["image"] == "mvmit-worker"
     assert s["state"] == "running"
-    assert 25 * 60 < s["ttl_left"] <= 30 * 60
+    assert s["expires_at"] - s["created"] == pytest.approx(2 * 3600, abs=1e-3)  # --ttl 2h
+    assert 0 < s["ttl_left"] <= 2 * 3600
     assert s["cpus"] == 1 and s["memory_mb"] == 512
     assert s["pid"] and pid_alive(s["pid"])
     r = ctl.ok("ls")  # the table names it too
@@ -141,7 +214,7 @@ def test_ls_json_shows_the_sandbox(ctl: Ctl) -> None:
 # ----------------------------------------------------------------------------- 2. exec
 
 
-def test_exec_keeps_streams_apart_and_the_exit_code(ctl: Ctl) -> None:
+def test_exec_keeps_streams_apart_and_the_exit_code(ctl: Ctl, worker: str) -> None:
     r = ctl.sh("worker", "echo out; echo err >&2; echo out2; exit 7")
     assert r.rc == 7, str(r)
     assert r.out == "out\nout2\n"
@@ -150,7 +223,7 @@ def test_exec_keeps_streams_apart_and_the_exit_code(ctl: Ctl) -> None:
     assert r.rc == 127 and "no-such-command" in r.err, str(r)
 
 
-def test_exec_options_and_json(ctl: Ctl) -> None:
+def test_exec_options_and_json(ctl: Ctl, worker: str) -> None:
     r = ctl("exec", "--json", "worker", "--", "sh", "-c", "echo o; echo e >&2; exit 3")
     assert r.rc == 3, str(r)
     obj = json.loads(r.out)  # all of stdout is one JSON object
@@ -164,17 +237,23 @@ def test_exec_options_and_json(ctl: Ctl) -> None:
     assert r.out.splitlines() == ["1|dev", "0", "/tmp"]
 
 
-def test_exec_streams_output_while_the_command_runs(ctl: Ctl) -> None:
-    p = ctl.popen("exec", "worker", "--", "sh", "-c", "echo first; sleep 4; echo second")
+def test_exec_streams_output_while_the_command_runs(ctl: Ctl, worker: str) -> None:
+    """The command prints "first" and then waits for a file the test makes only after it
+    has read that line: output held back until the end would never come (exit 3)."""
+    gate = f"/tmp/it-gate-{secrets.token_hex(4)}"
+    script = (
+        f"echo first; i=0; while [ ! -e {gate} ]; do i=$((i+1)); [ $i -gt 1200 ] && exit 3; "
+        f"sleep 0.05; done; rm -f {gate}; echo second"
+    )
+    p = ctl.popen("exec", "worker", "--", "sh", "-c", script)
     try:
         assert p.stdout is not None
-        started = time.monotonic()
-        ready, _, _ = select.select([p.stdout], [], [], 20)
-        assert ready, "no output within 20 s"
+        ready, _, _ = select.select([p.stdout], [], [], 60)
+        assert ready, "no output within 60 s"
         line = p.stdout.readline()
         assert line == b"first\n"
         assert p.poll() is None, "the first line only came when the command ended"
-        assert time.monotonic() - started < 10
+        ctl.ok("exec", "worker", "--", "touch", gate)
         rest, _ = p.communicate(timeout=60)
         assert rest == b"second\n" and p.returncode == 0
     finally:
@@ -183,7 +262,7 @@ def test_exec_streams_output_while_the_command_runs(ctl: Ctl) -> None:
             p.wait(10)
 
 
-def test_exec_interactive_passes_stdin(ctl: Ctl) -> None:
+def test_exec_interactive_passes_stdin(ctl: Ctl, worker: str) -> None:
     data = b"line one\nline two\n" + bytes(range(256)) * 40
     r = ctl("exec", "-i", "worker", "--", "cat", input=data)
     assert r.rc == 0, str(r)
@@ -199,19 +278,18 @@ def test_exec_unknown_sandbox_is_125(ctl: Ctl) -> None:
     assert r.out == ""
 
 
-def test_exec_timeout_is_124(ctl: Ctl) -> None:
-    started = time.monotonic()
-    r = ctl("exec", "worker", "--timeout", "1", "--", "sleep", "10")
+def test_exec_timeout_is_124(ctl: Ctl, worker: str) -> None:
+    # sleep 600 against the CLI call's bound (CMD_TIMEOUT): a timeout that never fired fails
+    r = ctl("exec", "worker", "--timeout", "1", "--", "sleep", "600")
     assert r.rc == 124, str(r)
     assert "timed out" in r.err
-    assert time.monotonic() - started < 9, "the command was not stopped at its timeout"
     assert ctl.ok("exec", "worker", "--", "echo", "still-here").out == "still-here\n"
 
 
 # ----------------------------------------------------------------------------- 3. fs and cp
 
 
-def test_fs_write_read_round_trip_with_binary_bytes(ctl: Ctl) -> None:
+def test_fs_write_read_round_trip_with_binary_bytes(ctl: Ctl, worker: str) -> None:
     data = bytes(range(256)) * 64 + b"\x00\xff\r\n" + os.urandom(300_000)  # > 1 frame
     r = ctl.ok("fs", "write", "worker", "/work/bin.dat", input=data)
     assert f"{len(data)} bytes" in r.out
@@ -222,7 +300,7 @@ def test_fs_write_read_round_trip_with_binary_bytes(ctl: Ctl) -> None:
     assert ctl.ok("fs", "read", "worker", "/work/empty").out_b == b""
 
 
-def test_fs_ls_stat_mkdir_mv_rm(ctl: Ctl) -> None:
+def test_fs_ls_stat_mkdir_mv_rm(ctl: Ctl, worker: str) -> None:
     ctl.ok("fs", "mkdir", "-p", "worker", "/work/t/a/b/c")
     r = ctl("fs", "mkdir", "worker", "/work/t/x/y")
     assert r.rc == 125 and "No such file" in r.err, str(r)
@@ -247,7 +325,7 @@ def test_fs_ls_stat_mkdir_mv_rm(ctl: Ctl) -> None:
     assert ctl.ok("exec", "worker", "--", "ls", "-A", "/work/t").out == ""
 
 
-def test_fs_read_of_a_missing_path_fails_clearly(ctl: Ctl) -> None:
+def test_fs_read_of_a_missing_path_fails_clearly(ctl: Ctl, worker: str) -> None:
     r = ctl("fs", "read", "worker", "/work/does-not-exist")
     assert r.rc == 125, str(r)
     assert "/work/does-not-exist" in r.err and "No such file" in r.err
@@ -256,7 +334,7 @@ def test_fs_read_of_a_missing_path_fails_clearly(ctl: Ctl) -> None:
     assert r.rc == 125 and "directory" in r.err, str(r)
 
 
-def test_fs_write_over_the_limit_fails_clearly(ctl: Ctl) -> None:
+def test_fs_write_over_the_limit_fails_clearly(ctl: Ctl, worker: str) -> None:
     assert M.MAX_FILE_WRITE == 64 * 1024 * 1024
     script = f'head -c {M.MAX_FILE_WRITE + 1} /dev/zero | "$@"'
     p = subprocess.run(
@@ -272,7 +350,7 @@ def test_fs_write_over_the_limit_fails_clearly(ctl: Ctl) -> None:
     assert ctl("fs", "stat", "worker", "/work/too-big").rc == 125  # nothing was written
 
 
-def test_cp_between_host_and_guest(ctl: Ctl, home: Path) -> None:
+def test_cp_between_host_and_guest(ctl: Ctl, home: Path, worker: str) -> None:
     local = home / "cp-src"
     local.mkdir()
     f = local / "notes.txt"
@@ -295,8 +373,8 @@ def test_cp_between_host_and_guest(ctl: Ctl, home: Path) -> None:
     out_dir.mkdir()
     ctl.ok("cp", "worker:/work/inbox/renamed.txt", str(out_dir))  # into a host directory
     assert (out_dir / "renamed.txt").read_bytes() == payload
-    ctl.ok("cp", "worker:/work/out.json", str(out_dir / "result.json"))
-    assert json.loads((out_dir / "result.json").read_text())["mode"] == "dev"
+    ctl.ok("cp", "worker:/work/inbox/notes.txt", str(out_dir / "result.txt"))  # a new name
+    assert (out_dir / "result.txt").read_bytes() == payload
 
     r = ctl("cp", str(local), "worker:/work/")  # a host directory: refused
     assert r.rc == 2, str(r)
@@ -310,9 +388,10 @@ def test_cp_between_host_and_guest(ctl: Ctl, home: Path) -> None:
     assert not (out_dir / "nope").exists()
 
 
-def test_cp_into_a_missing_host_directory_fails_clearly(ctl: Ctl, home: Path) -> None:
-    r = ctl("cp", "worker:/work/out.json", str(home / "no-such-dir") + "/")
-    assert r.rc in (2, 125), str(r)
+def test_cp_into_a_missing_host_directory_fails_clearly(ctl: Ctl, home: Path, worker: str) -> None:
+    ctl.ok("fs", "write", "worker", "/work/cp-missing.txt", input="x")
+    r = ctl("cp", "worker:/work/cp-missing.txt", str(home / "no-such-dir") + "/")
+    assert r.rc == 2, str(r)
     assert "Traceback" not in r.err
     assert "no-such-dir" in r.err
 
@@ -320,7 +399,7 @@ def test_cp_into_a_missing_host_directory_fails_clearly(ctl: Ctl, home: Path) ->
 # ----------------------------------------------------------------------------- 4. concurrency
 
 
-def test_twenty_concurrent_execs_get_their_own_output(client: Client) -> None:
+def test_twenty_concurrent_execs_get_their_own_output(client: Client, worker: str) -> None:
     n, lines = 20, 400
     results: dict[int, tuple[int | None, bytes, bytes]] = {}
     failures: list[BaseException] = []
@@ -367,27 +446,31 @@ def test_two_ups_in_parallel(ctl: Ctl) -> None:
     pa = ctl.popen("up", "--name", "par-a", "-e", "SNAPENV=one", "--ttl", "20m")
     pb = ctl.popen("up", "--name", "par-b", "--ttl", "20m")
     try:
-        outs = [p.communicate(timeout=120) for p in (pa, pb)]
+        try:
+            outs = [p.communicate(timeout=120) for p in (pa, pb)]
+        finally:
+            for p in (pa, pb):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+        assert pa.returncode == 0, outs[0]
+        assert pb.returncode == 0, outs[1]
+        boxes = ctl.sandboxes()
+        a, b = boxes["par-a"], boxes["par-b"]
+        assert a["state"] == b["state"] == "running"
+        assert a["id"] != b["id"] and a["pid"] != b["pid"]
+        assert a["image"] == "python-3.11"
+        assert ctl.sh("par-a", 'echo "a:$SNAPENV"').out == "a:one\n"
+        assert ctl.sh("par-b", 'echo "b:$SNAPENV"').out == "b:\n"
     finally:
-        for p in (pa, pb):
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-    assert pa.returncode == 0, outs[0]
-    assert pb.returncode == 0, outs[1]
-    boxes = ctl.sandboxes()
-    a, b = boxes["par-a"], boxes["par-b"]
-    assert a["state"] == b["state"] == "running"
-    assert a["id"] != b["id"] and a["pid"] != b["pid"]
-    assert a["image"] == "python-3.11"
-    assert ctl.sh("par-a", 'echo "a:$SNAPENV"').out == "a:one\n"
-    assert ctl.sh("par-b", 'echo "b:$SNAPENV"').out == "b:\n"
+        ctl("down", "par-a")
+        ctl("down", "par-b")
 
 
 # ----------------------------------------------------------------------------- 5. proc, logs
 
 
-def test_background_process_lifecycle(ctl: Ctl) -> None:
+def test_background_process_lifecycle(ctl: Ctl, worker: str) -> None:
     r = ctl.ok(
         "proc", "start", "worker", "--", "sh", "-c", "while true; do echo tick; sleep 0.5; done"
     )
@@ -418,7 +501,7 @@ def test_background_process_lifecycle(ctl: Ctl) -> None:
     assert r.rc == 125 and "no background process" in r.err, str(r)
 
 
-def test_background_process_stdin(ctl: Ctl) -> None:
+def test_background_process_stdin(ctl: Ctl, worker: str) -> None:
     num = ctl.ok(
         "proc", "start", "--stdin-open", "worker", "--", "sh", "-c", "cat; exit 4"
     ).out.strip()
@@ -431,7 +514,7 @@ def test_background_process_stdin(ctl: Ctl) -> None:
     assert ctl.ok("proc", "output", "worker", num).out == "first\nsecond\n"
 
 
-def test_logs_follow_streams_new_lines(ctl: Ctl) -> None:
+def test_logs_follow_streams_new_lines(ctl: Ctl, worker: str) -> None:
     token = f"FOLLOW-{secrets.token_hex(4)}"
     follower = ctl.popen("logs", "worker", "-f")
     lines: queue.Queue[bytes] = queue.Queue()
@@ -461,7 +544,7 @@ def test_logs_follow_streams_new_lines(ctl: Ctl) -> None:
 # ----------------------------------------------------------------------------- 6. mvmd -9
 
 
-def test_kill_9_daemon_then_the_next_command_reattaches(ctl: Ctl, home: Path) -> None:
+def test_kill_9_daemon_then_the_next_command_reattaches(ctl: Ctl, home: Path, worker: str) -> None:
     ctl.ok("fs", "write", "worker", "/work/before-kill.txt", input="still here")
     r = ctl.ok(
         "proc", "start", "worker", "--", "sh", "-c",
@@ -489,8 +572,8 @@ def test_kill_9_daemon_then_the_next_command_reattaches(ctl: Ctl, home: Path) ->
         assert s["state"] == "running", s
         assert s["pid"] == before[name]["pid"] and s["id"] == before[name]["id"]
     assert ctl.ok("fs", "read", "worker", "/work/before-kill.txt").out == "still here"
-    assert ctl.ok("exec", "worker", "--", "echo", "ok").out == "ok\n"
-    assert ctl.sh("par-b", "echo ok").out == "ok\n"
+    for name in after:  # every adopted sandbox answers
+        assert ctl.sh(name, "echo ok").out == "ok\n", name
     n1 = len(ctl.ok("proc", "output", "worker", num).out.splitlines())
     assert wait_until(
         lambda: len(ctl.ok("proc", "output", "worker", num).out.splitlines()) > n1, 20
@@ -504,38 +587,43 @@ def test_kill_9_daemon_then_the_next_command_reattaches(ctl: Ctl, home: Path) ->
 # ----------------------------------------------------------------------------- 7. pause
 
 
-def test_pause_and_resume(ctl: Ctl) -> None:
+def test_pause_and_resume(ctl: Ctl, worker: str) -> None:
+    """While paused the guest makes no progress: a counter it prints every 0.2 s stops in
+    mvmd's log (checked over several CLI round trips, each many ticks long), and moves
+    again after resume. No duration is measured."""
     r = ctl.ok(
         "proc", "start", "worker", "--", "sh", "-c",
-        "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done",
+        "i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done",
     )  # fmt: skip
     num = r.out.strip()
-    assert wait_until(lambda: ctl.sh("worker", "cat /tmp/count 2>/dev/null").out.strip(), 20)
-    up1 = float(ctl.ok("exec", "worker", "--", "cat", "/proc/uptime").out.split()[0])
-    t1 = time.monotonic()
+    stream = f"proc:{num}:stdout"
 
-    assert ctl.ok("pause", "worker").out == "worker: paused\n"
-    assert ctl.sandboxes()["worker"]["state"] == "paused"
-    r = ctl("exec", "worker", "--", "true")
-    assert r.rc == 125 and "paused" in r.err, str(r)
-    assert "mvmctl resume worker" in r.err
-    r = ctl("pause", "worker")
-    assert r.rc == 125 and "paused" in r.err, str(r)
-    time.sleep(3)
-    assert ctl.ok("resume", "worker").out == "worker: running\n"
-    up2 = float(ctl.ok("exec", "worker", "--", "cat", "/proc/uptime").out.split()[0])
-    host_elapsed = time.monotonic() - t1
-    assert up2 - up1 < host_elapsed - 2, (
-        f"the guest ran while paused: {up2 - up1:.2f}s of guest time in {host_elapsed:.2f}s"
-    )
+    def ticks() -> int:
+        events = (json.loads(line) for line in ctl.ok("logs", "worker", "--json").out.splitlines())
+        return sum(1 for e in events if e["stream"] == stream)
+
+    assert wait_until(lambda: ticks() >= 2, 30), "the counter never started"
+    try:
+        assert ctl.ok("pause", "worker").out == "worker: paused\n"
+        assert ctl.sandboxes()["worker"]["state"] == "paused"
+        # output already on its way when the vCPUs stopped may still land: let it settle
+        seen = [ticks()]
+        assert wait_until(lambda: seen.append(ticks()) or seen[-1] == seen[-2], 30), seen
+        frozen = seen[-1]
+        r = ctl("exec", "worker", "--", "true")
+        assert r.rc == 125 and "paused" in r.err, str(r)
+        assert "mvmctl resume worker" in r.err
+        r = ctl("pause", "worker")
+        assert r.rc == 125 and "paused" in r.err, str(r)
+        for _ in range(5):
+            assert ticks() == frozen, "the guest ran while paused"
+        assert ctl.ok("resume", "worker").out == "worker: running\n"
+    finally:
+        ctl("resume", "worker")
     assert ctl.sandboxes()["worker"]["state"] == "running"
     r = ctl("resume", "worker")
     assert r.rc == 125 and "not paused" in r.err, str(r)
-
-    c1 = guest_int(ctl, "worker", "cat /tmp/count")
-    assert wait_until(lambda: guest_int(ctl, "worker", "cat /tmp/count") > c1, 20), (
-        "the background counter did not continue after resume"
-    )
+    assert wait_until(lambda: ticks() > frozen, 30), "the counter did not continue after resume"
     procs = {str(p["proc"]): p for p in ctl.json("proc", "ls", "worker")}
     assert procs[num]["running"] is True
     ctl.ok("proc", "kill", "worker", num)
@@ -545,61 +633,66 @@ def test_pause_and_resume(ctl: Ctl) -> None:
 
 
 def test_snapshot_save_down_restore_rm(ctl: Ctl, home: Path) -> None:
+    with sandbox(ctl, "snap-a", "--ttl", "20m"):
+        snapshot_save_down_restore_rm(ctl, home)
+
+
+def snapshot_save_down_restore_rm(ctl: Ctl, home: Path) -> None:
     data = f"snapdata-{secrets.token_hex(4)}"
-    ctl.ok("fs", "write", "par-a", "/work/snap.txt", input=data)
+    ctl.ok("fs", "write", "snap-a", "/work/snap.txt", input=data)
     r = ctl.ok(
-        "proc", "start", "par-a", "--", "sh", "-c",
+        "proc", "start", "snap-a", "--", "sh", "-c",
         "i=0; while true; do i=$((i+1)); echo s$i; sleep 0.3; done",
     )  # fmt: skip
     num = r.out.strip()
-    assert wait_until(lambda: "s2" in ctl.ok("proc", "output", "par-a", num).out, 20)
+    assert wait_until(lambda: "s2" in ctl.ok("proc", "output", "snap-a", num).out, 20)
 
-    r = ctl.ok("snapshot", "save", "par-a", "s1", timeout=300)
-    assert r.out.startswith("par-a/s1: "), str(r)
-    snaps = ctl.json("snapshot", "ls", "par-a")
+    r = ctl.ok("snapshot", "save", "snap-a", "s1", timeout=300)
+    assert r.out.startswith("snap-a/s1: "), str(r)
+    snaps = ctl.json("snapshot", "ls", "snap-a")
     assert [s["name"] for s in snaps] == ["s1"] and snaps[0]["size"] > 0
     assert snaps[0]["image"] == "python-3.11"
-    assert "s1" in ctl.ok("snapshot", "ls", "par-a").out
-    assert (home / "snapshots" / "par-a" / "s1" / "state").is_file()
-    assert ctl.sandboxes()["par-a"]["state"] == "running"  # saving does not stop it
+    assert "s1" in ctl.ok("snapshot", "ls", "snap-a").out
+    assert (home / "snapshots" / "snap-a" / "s1" / "state").is_file()
+    assert ctl.sandboxes()["snap-a"]["state"] == "running"  # saving does not stop it
 
-    r = ctl("snapshot", "save", "par-a", "s1")
+    r = ctl("snapshot", "save", "snap-a", "s1")
     assert r.rc == 125 and "already has a snapshot 's1'" in r.err, str(r)
-    r = ctl("snapshot", "restore", "par-a", "nosuch")
+    r = ctl("snapshot", "restore", "snap-a", "nosuch")
     assert r.rc == 125 and "no snapshot 'nosuch'" in r.err and "s1" in r.err, str(r)
-    r = ctl("snapshot", "save", "par-a", "Bad Snap")
+    r = ctl("snapshot", "save", "snap-a", "Bad Snap")
     assert r.rc == 2 and "invalid snapshot name" in r.err, str(r)
 
     # in place: files written after the snapshot go away
-    ctl.ok("fs", "write", "par-a", "/work/after.txt", input="later")
-    ctl.ok("snapshot", "restore", "par-a", "s1", timeout=300)
-    assert ctl("fs", "stat", "par-a", "/work/after.txt").rc == 125
-    assert ctl.ok("fs", "read", "par-a", "/work/snap.txt").out == data
+    ctl.ok("fs", "write", "snap-a", "/work/after.txt", input="later")
+    ctl.ok("snapshot", "restore", "snap-a", "s1", timeout=300)
+    assert ctl("fs", "stat", "snap-a", "/work/after.txt").rc == 125
+    assert ctl.ok("fs", "read", "snap-a", "/work/snap.txt").out == data
 
-    old_id = ctl.sandboxes()["par-a"]["id"]
-    ctl.ok("down", "par-a")
-    assert "par-a" not in ctl.sandboxes()
-    assert [s["name"] for s in ctl.json("snapshot", "ls", "par-a")] == ["s1"]  # kept
+    old_id = ctl.sandboxes()["snap-a"]["id"]
+    ctl.ok("down", "snap-a")
+    assert "snap-a" not in ctl.sandboxes()
+    assert [s["name"] for s in ctl.json("snapshot", "ls", "snap-a")] == ["s1"]  # kept
 
-    r = ctl.ok("snapshot", "restore", "par-a", "s1", timeout=300)
+    r = ctl.ok("snapshot", "restore", "snap-a", "s1", timeout=300)
     assert "restored s1" in r.out, str(r)
-    s = ctl.sandboxes()["par-a"]
+    s = ctl.sandboxes()["snap-a"]
     assert s["state"] == "running" and s["id"] != old_id and pid_alive(s["pid"])
-    assert ctl.ok("fs", "read", "par-a", "/work/snap.txt").out == data
-    procs = {str(p["proc"]): p for p in ctl.json("proc", "ls", "par-a")}
+    assert ctl.ok("fs", "read", "snap-a", "/work/snap.txt").out == data
+    procs = {str(p["proc"]): p for p in ctl.json("proc", "ls", "snap-a")}
     assert procs[num]["running"] is True
-    n1 = len(ctl.ok("proc", "output", "par-a", num).out.splitlines())
+    n1 = len(ctl.ok("proc", "output", "snap-a", num).out.splitlines())
     assert wait_until(
-        lambda: len(ctl.ok("proc", "output", "par-a", num).out.splitlines()) > n1, 20
+        lambda: len(ctl.ok("proc", "output", "snap-a", num).out.splitlines()) > n1, 20
     ), "the restored background process does not run"
-    assert ctl.ok("exec", "par-a", "--", "echo", "restored").out == "restored\n"
+    assert ctl.ok("exec", "snap-a", "--", "echo", "restored").out == "restored\n"
 
-    ctl.ok("snapshot", "rm", "par-a", "s1")
-    assert ctl.json("snapshot", "ls", "par-a") == []
-    assert not (home / "snapshots" / "par-a" / "s1").exists()
-    r = ctl("snapshot", "restore", "par-a", "s1")
+    ctl.ok("snapshot", "rm", "snap-a", "s1")
+    assert ctl.json("snapshot", "ls", "snap-a") == []
+    assert not (home / "snapshots" / "snap-a" / "s1").exists()
+    r = ctl("snapshot", "restore", "snap-a", "s1")
     assert r.rc == 125 and "no snapshot 's1'" in r.err, str(r)
-    r = ctl("snapshot", "rm", "par-a", "s1")
+    r = ctl("snapshot", "rm", "snap-a", "s1")
     assert r.rc == 125, str(r)
 
 
@@ -616,7 +709,9 @@ def test_snapshot_restore_after_down_keeps_the_sandbox_env(ctl: Ctl) -> None:
         ctl("snapshot", "rm", "envsnap", "e1")
 
 
-def test_concurrent_snapshot_saves_of_one_name(client: Client, ctl: Ctl, home: Path) -> None:
+def test_concurrent_snapshot_saves_of_one_name(
+    client: Client, ctl: Ctl, home: Path, worker: str
+) -> None:
     outcomes: list[BaseException | M.SnapshotInfo] = []
     barrier = threading.Barrier(2)
 
@@ -624,7 +719,7 @@ def test_concurrent_snapshot_saves_of_one_name(client: Client, ctl: Ctl, home: P
         with Client(autostart=False) as c:
             barrier.wait(30)
             try:
-                outcomes.append(c.snapshot_save("par-a", "race"))
+                outcomes.append(c.snapshot_save("worker", "race"))
             except errors.MvmError as exc:
                 outcomes.append(exc)
 
@@ -640,79 +735,99 @@ def test_concurrent_snapshot_saves_of_one_name(client: Client, ctl: Ctl, home: P
         assert len(ok) == 1, outcomes
         assert isinstance(bad[0], errors.SnapshotExists), repr(bad[0])
         # the loser must not have replaced the winner's state file
-        state = home / "snapshots" / "par-a" / "race" / "state"
+        state = home / "snapshots" / "worker" / "race" / "state"
         assert state.stat().st_size == ok[0].size
     finally:
-        ctl("snapshot", "rm", "par-a", "race")
+        ctl("snapshot", "rm", "worker", "race")
 
 
 # ----------------------------------------------------------------------------- 10. failure
 
 
 def test_killed_qemu_marks_the_sandbox_failed(ctl: Ctl, home: Path) -> None:
-    s = ctl.sandboxes()["par-b"]
+    with sandbox(ctl, "doomed", "--ttl", "20m"):
+        killed_qemu_marks_the_sandbox_failed(ctl, home)
+
+
+def killed_qemu_marks_the_sandbox_failed(ctl: Ctl, home: Path) -> None:
+    s = ctl.sandboxes()["doomed"]
     pid, sid = s["pid"], s["id"]
     run_dir = home / "run" / sid
     assert run_dir.is_dir()
     assert pid in qemu_pids(home), "the pid in `ls` is not this sandbox's QEMU"
     os.kill(pid, signal.SIGKILL)
 
-    assert wait_until(lambda: ctl.sandboxes()["par-b"]["state"] == "failed", 15), ctl.sandboxes()
-    s = ctl.sandboxes()["par-b"]
+    assert wait_until(lambda: ctl.sandboxes()["doomed"]["state"] == "failed", 15), ctl.sandboxes()
+    s = ctl.sandboxes()["doomed"]
     assert "QEMU exited" in s["reason"]
     assert s["pid"] is None
     assert not run_dir.exists(), "the failed sandbox's run dir was not removed"
     assert "failed" in ctl.ok("ls").out
-    r = ctl("exec", "par-b", "--", "true")
+    r = ctl("exec", "doomed", "--", "true")
     assert r.rc == 125 and "failed" in r.err, str(r)
-    assert ctl.sandboxes()["par-b"]["state"] == "failed"  # the reaper leaves it listed
+    assert ctl.sandboxes()["doomed"]["state"] == "failed"  # the reaper leaves it listed
 
-    assert ctl.ok("down", "par-b").out == "par-b: removed\n"
-    assert "par-b" not in ctl.sandboxes()
+    assert ctl.ok("down", "doomed").out == "doomed: removed\n"
+    assert "doomed" not in ctl.sandboxes()
     assert not run_dir.exists()
 
 
 # ----------------------------------------------------------------------------- 9. TTL
 
 
+@pytest.mark.timeout(600)
 def test_ttl_reaper_set_ttl_and_wait(ctl: Ctl, home: Path) -> None:
-    ctl.ok("up", "--name", "ttl-a", "--ttl", "3s", timeout=300)
-    a = ctl.sandboxes()["ttl-a"]
-    ctl.ok("up", "--name", "ttl-b", "--ttl", "6s", timeout=300)
-    t_b = time.monotonic()  # ttl-b was created before this: its first TTL ends before t_b + 6
-    r = ctl.ok("set-ttl", "ttl-b", "1h")  # extends it well past its first TTL
-    assert "ttl-b: 3" in r.out and "s left" in r.out, str(r)
-
-    time.sleep(max(0.0, 6.5 - (time.monotonic() - t_b)))  # no client call meanwhile
-    boxes = ctl.sandboxes()
-    assert "ttl-a" not in boxes, "the reaper did not remove ttl-a at its TTL"
-    assert not (home / "run" / a["id"]).exists()
-    assert wait_until(lambda: not pid_alive(a["pid"]), 5)
-    assert boxes["ttl-b"]["state"] == "running" and boxes["ttl-b"]["ttl_left"] > 3500
-
-    follower = ctl.popen("logs", "-f", "ttl-b")
+    """ttl-b gets a first TTL (long enough to outlast its own boot on a loaded host) and at
+    once an hour; ttl-a, made after it, gets a TTL that ends just after ttl-b's first one.
+    When the reaper has removed ttl-a, a reaper pass has run after ttl-b's first TTL ended:
+    ttl-b must still be running. Then a short TTL and ``wait``. No sleep: bounded polls."""
     try:
-        ctl.ok("set-ttl", "ttl-b", "3s")
-        started = time.monotonic()
-        r = ctl.ok("wait", "ttl-b", "--timeout", "30s", timeout=60)
-        assert time.monotonic() - started < 25
-        assert r.out.strip() == "ttl-b: stopped", str(r)
-        assert "ttl-b" not in ctl.sandboxes()
-        # a follower of a removed sandbox's log ends
-        follower.communicate(timeout=15)
-        assert follower.returncode == 0
+        ctl.ok("up", "--name", "ttl-b", "--ttl", f"{FIRST_TTL}s", timeout=300)
+        r = ctl.ok("set-ttl", "ttl-b", "1h")  # extends it well past its first TTL
+        assert "ttl-b: 3" in r.out and "s left" in r.out, str(r)
+        first_expiry = ctl.sandboxes()["ttl-b"]["created"] + FIRST_TTL
+        ttl_a = max(3, math.ceil(first_expiry - time.time()) + 2)  # same host clock as mvmd
+        ctl.ok("up", "--name", "ttl-a", "--ttl", f"{ttl_a}s", timeout=300)
+        a = ctl.sandboxes().get("ttl-a")
+        if a is not None:  # (it may already be gone, if its boot outlasted its TTL)
+            assert a["expires_at"] > first_expiry
+
+        # polled on the host (no ttl-a in `ls`), through nothing that acts on TTLs
+        assert wait_until(lambda: "ttl-a" not in ctl.sandboxes(), FIRST_TTL + 60), (
+            "the reaper did not remove ttl-a at its TTL"
+        )
+        if a is not None:
+            assert wait_until(lambda: not pid_alive(a["pid"]), 10)
+            assert not (home / "run" / a["id"]).exists()
+        boxes = ctl.sandboxes()
+        assert boxes["ttl-b"]["state"] == "running" and boxes["ttl-b"]["ttl_left"] > 3000
+
+        # `wait` starts first; the short TTL leaves it time to connect on a loaded host
+        follower = ctl.popen("logs", "-f", "ttl-b")
+        waiter = ctl.popen("wait", "ttl-b", "--timeout", "120s")
+        try:
+            ctl.ok("set-ttl", "ttl-b", f"{SHORT_TTL}s")
+            out, errs = waiter.communicate(timeout=180)
+            assert (waiter.returncode, out) == (0, b"ttl-b: stopped\n"), errs
+            assert "ttl-b" not in ctl.sandboxes()
+            # a follower of a removed sandbox's log ends
+            follower.communicate(timeout=15)
+            assert follower.returncode == 0
+        finally:
+            for p in (follower, waiter):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+        r = ctl("wait", "ttl-b", "--timeout", "5s")
+        assert r.rc == 125 and "no sandbox named" in r.err, str(r)
     finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait(10)
-    r = ctl("wait", "ttl-b", "--timeout", "5s")
-    assert r.rc == 125 and "no sandbox named" in r.err, str(r)
+        ctl("down", "ttl-a")
+        ctl("down", "ttl-b")
 
 
-def test_wait_that_times_out_says_so(ctl: Ctl) -> None:
+def test_wait_that_times_out_says_so(ctl: Ctl, worker: str) -> None:
     r = ctl("wait", "worker", "--timeout", "1s")
-    assert r.out.strip() == "worker: running" or "running" in r.err, str(r)
-    assert r.rc == 124, str(r)
+    assert (r.rc, r.out, r.err) == (124, "worker: running\n", ""), str(r)
 
 
 # ----------------------------------------------------------------------------- 11. resources
@@ -750,7 +865,8 @@ def test_cpus_memory_and_disk_limits(ctl: Ctl, home: Path) -> None:
 # ----------------------------------------------------------------------------- 12. bad input
 
 
-def test_taken_and_invalid_names_are_refused(ctl: Ctl) -> None:
+def test_taken_and_invalid_names_are_refused(ctl: Ctl, worker: str) -> None:
+    before = set(ctl.sandboxes())
     r = ctl("up", "--name", "worker")
     assert r.rc == 125 and "a sandbox named 'worker' already exists" in r.err, str(r)
     w = ctl.sandboxes()["worker"]
@@ -763,7 +879,7 @@ def test_taken_and_invalid_names_are_refused(ctl: Ctl) -> None:
     assert r.rc == 2 and "ttl" in r.err.lower(), str(r)
     r = ctl("up", "--name", "ok-name", "--image", "no-such-image")
     assert r.rc == 125 and "no-such-image" in r.err, str(r)
-    assert set(ctl.sandboxes()) == {"worker", "par-a"}
+    assert set(ctl.sandboxes()) == before  # nothing was made
 
 
 def test_racing_ups_of_one_name_make_one_sandbox(ctl: Ctl) -> None:
@@ -783,7 +899,7 @@ def test_racing_ups_of_one_name_make_one_sandbox(ctl: Ctl) -> None:
         ctl("down", "dup")
 
 
-def test_one_daemon_per_home(ctl: Ctl, home: Path) -> None:
+def test_one_daemon_per_home(ctl: Ctl, home: Path, worker: str) -> None:
     first = ctl.ok("daemon", "start").out
     second = ctl.ok("daemon", "start").out
     pid = ctl.daemon_pid()
@@ -827,22 +943,3 @@ def test_a_socket_owned_by_another_user_is_refused(monkeypatch: pytest.MonkeyPat
         assert not (h / "mvmd.lock").exists(), "a daemon was started anyway"
     finally:
         shutil.rmtree(h, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- the end
-
-
-def test_down_all_and_daemon_stop_leave_nothing_behind(ctl: Ctl, home: Path) -> None:
-    assert set(ctl.sandboxes()) == {"worker", "par-a"}
-    r = ctl.ok("down", "--all")
-    assert sorted(r.out.splitlines()) == ["par-a: removed", "worker: removed"]
-    assert ctl.sandboxes() == {}
-    assert wait_until(lambda: not qemu_pids(home), 10), [
-        (pid, Path(f"/proc/{pid}/cmdline").read_bytes()) for pid in qemu_pids(home)
-    ]
-    assert [p.name for p in (home / "run").iterdir()] == []
-    pid = ctl.daemon_pid()
-    assert ctl.ok("daemon", "stop").out == f"mvmd stopped (pid {pid})\n"
-    assert wait_until(lambda: not pid_alive(pid), 10)
-    assert not (home / "mvmd.sock").exists()
-    assert ctl("daemon", "status").rc == 1

@@ -58,7 +58,11 @@ def test_interrupted_build_is_never_reused(tmp_path_factory: pytest.TempPathFact
             assert proc.poll() is None, "build ended before it could be interrupted"
             assert time.monotonic() < deadline, "mmdebstrap never started"
             time.sleep(0.2)
-        time.sleep(2)
+        # kill it mid-install: once dpkg has unpacked binaries into the tree (bounded poll)
+        while not list((home / "rootfs").glob(".tmp-rootfs-*/tree/usr/bin/*")):
+            assert proc.poll() is None, "build ended before it could be interrupted"
+            assert time.monotonic() < deadline, "mmdebstrap never unpacked a package"
+            time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 

@@ -1,10 +1,14 @@
 """Port forwards end to end: ``mvmctl`` against a private mvmd and one real VM.
 
-The sandbox ``pf`` (network preset none: no NIC at all) is shared by the module; the
-tests run in file order: an HTTP server and an echo server run in the guest, and the
-host talks to them through forwards relayed over the agent channel. Then refusals,
-``ls``, a ``kill -9`` of mvmd (the forward works again after the restart), and
-``down`` (the host port is closed).
+The sandbox ``pf`` (network preset none: no NIC at all) is shared by the module through
+the ``sandbox`` fixture: an HTTP server and an echo server run in the guest, and the host
+talks to them through forwards relayed over the agent channel. Each test makes (and
+removes) the forwards it uses beyond the fixture's, so the tests pass in any order: data,
+refusals, ``ls``, a ``kill -9`` of mvmd (the forward works again after the restart), and
+``down`` of a sandbox of its own (the host port is closed).
+
+Where a forward listens is read from the kernel's socket table (/proc/net/tcp*), and the
+listening socket must be one of mvmd's: the reported ``host`` field alone proves nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +78,53 @@ def get(port: int, path: str) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=60)
 
 
+def _addr(hex_addr: str) -> str:
+    """An address of /proc/net/tcp{,6} (kernel byte order, hex) as text."""
+    raw = bytes.fromhex(hex_addr)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def listeners(port: int) -> dict[str, int]:
+    """The kernel's listening TCP sockets on ``port``: local address -> socket inode."""
+    out: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            local, st, inode = f[1], f[3], int(f[9])
+            host, _, p = local.rpartition(":")
+            if st == "0A" and int(p, 16) == port:
+                out[_addr(host)] = inode
+    return out
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds open."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[len("socket:[") : -1]))
+    return out
+
+
+def assert_listens(ctl: Ctl, port: int, address: str) -> None:
+    """mvmd, and only mvmd, listens on exactly ``address:port``."""
+    found = listeners(port)
+    assert list(found) == [address], f"port {port} listens on {found}, want only {address}"
+    assert found[address] in socket_inodes(ctl.daemon_pid()), "not mvmd's listening socket"
+
+
+def assert_closed(port: int) -> None:
+    """Nobody listens on ``port`` any more (bounded wait: removal is asynchronous)."""
+    assert wait_until(lambda: listeners(port) == {}, 10), listeners(port)
+
+
 @pytest.fixture(scope="module")
 def ctl(home: Path) -> Ctl:
     return Ctl(home)
@@ -88,6 +139,7 @@ def sandbox(ctl: Ctl, home: Path) -> Iterator[dict[str, object]]:
     assert [(f["host"], f["host_port"], f["guest_port"]) for f in info["forwards"]] == [
         ("127.0.0.1", http_port, 8000)
     ]
+    assert_listens(ctl, http_port, "127.0.0.1")
     big = os.urandom(BIG)
     ctl.ok("fs", "write", NAME, "/work/big.bin", input=big)
     ctl.ok("fs", "write", NAME, "/work/echo.py", input=ECHO)
@@ -117,29 +169,37 @@ def test_concurrent_connections_each_get_their_own_bytes(
     ctl: Ctl, sandbox: dict[str, object]
 ) -> None:
     fwd = ctl.json("forward", NAME, "9000")  # any free host port
-    assert fwd["host"] == "127.0.0.1" and fwd["guest_port"] == 9000 and fwd["host_port"] > 0
-    blobs = [bytes([65 + i]) * 150_000 + os.urandom(1000) for i in range(10)]
-    results: list[bytes | BaseException | None] = [None] * 10
+    try:
+        assert fwd["host"] == "127.0.0.1" and fwd["guest_port"] == 9000 and fwd["host_port"] > 0
+        assert_listens(ctl, fwd["host_port"], "127.0.0.1")
+        blobs = [bytes([65 + i]) * 150_000 + os.urandom(1000) for i in range(10)]
+        results: list[bytes | BaseException | None] = [None] * 10
 
-    def one(i: int) -> None:
-        try:
-            results[i] = echo(fwd["host_port"], blobs[i])
-        except BaseException as exc:
-            results[i] = exc
+        def one(i: int) -> None:
+            try:
+                results[i] = echo(fwd["host_port"], blobs[i])
+            except BaseException as exc:
+                results[i] = exc
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert results == blobs
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == blobs
+    finally:
+        ctl.ok("forward", NAME, "--remove", fwd["id"])
+    assert_closed(fwd["host_port"])
 
 
 def test_upload_round_trip_4mib(ctl: Ctl, sandbox: dict[str, object]) -> None:
-    (fwd,) = [f for f in ctl.json("forward", NAME, "--list") if f["guest_port"] == 9000]
-    data = os.urandom(BIG)
-    got = echo(fwd["host_port"], data)
-    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    fwd = ctl.json("forward", NAME, "9000")
+    try:
+        data = os.urandom(BIG)
+        got = echo(fwd["host_port"], data)
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    finally:
+        ctl.ok("forward", NAME, "--remove", fwd["id"])
 
 
 def test_nobody_listening_closes_cleanly_and_the_forward_keeps_working(
@@ -151,7 +211,8 @@ def test_nobody_listening_closes_cleanly_and_the_forward_keeps_working(
     assert get(int(str(sandbox["http_port"])), "/").status_code == 200
     gone = ctl.json("forward", NAME, "--remove", dead["id"])
     assert gone["id"] == dead["id"]
-    with pytest.raises(OSError):
+    assert_closed(dead["host_port"])
+    with pytest.raises(ConnectionRefusedError):
         echo(dead["host_port"], b"x")
 
 
@@ -160,9 +221,11 @@ def test_wildcard_needs_the_flag(ctl: Ctl, sandbox: dict[str, object]) -> None:
     r = ctl("forward", NAME, f"{port}:8000", "--host", "0.0.0.0")
     assert r.rc != 0 and "wildcard" in r.err and "--allow-wildcard" in r.err, str(r)
     fwd = ctl.json("forward", NAME, f"{port}:8000", "--host", "0.0.0.0", "--allow-wildcard")
-    assert fwd["host"] == "0.0.0.0" and fwd["audit_id"]
+    assert fwd["host"] == "0.0.0.0" and re.fullmatch(r"\d+-[0-9a-f]{12}", fwd["audit_id"])
+    assert_listens(ctl, port, "0.0.0.0")
     assert get(port, "/").status_code == 200
     ctl.ok("forward", NAME, "--remove", fwd["id"])
+    assert_closed(port)
     again = ctl("forward", NAME, "--remove", fwd["id"], "--json")
     assert again.rc == 125 and json.loads(again.out)["error"] == "ForwardNotFound", str(again)
 
@@ -200,15 +263,21 @@ def test_ls_shows_forwards(
         listed = c.forwards(NAME)
         assert any(f.host_port == port for f in listed)
         extra = c.forward(NAME, M.PortSpec(guest_port=8000))
+        assert_listens(ctl, extra.host_port, "127.0.0.1")
         assert get(extra.host_port, "/").status_code == 200
         c.unforward(NAME, extra.id)
+        assert_closed(extra.host_port)
 
 
 def test_snapshot_restore_keeps_the_forward(ctl: Ctl, sandbox: dict[str, object]) -> None:
     port = int(str(sandbox["http_port"]))
     ctl.ok("snapshot", "save", NAME, "pf-snap", timeout=300)
-    ctl.ok("snapshot", "restore", NAME, "pf-snap", timeout=300)
+    try:
+        ctl.ok("snapshot", "restore", NAME, "pf-snap", timeout=300)
+    finally:
+        ctl("snapshot", "rm", NAME, "pf-snap")
     assert any(f["host_port"] == port for f in ctl.sandboxes()[NAME]["forwards"])
+    assert_listens(ctl, port, "127.0.0.1")
     resp = get(port, "/big.bin")  # the restored guest's server, through the new agent
     assert hashlib.sha256(resp.content).hexdigest() == sandbox["sha"]
 
@@ -222,18 +291,22 @@ def test_forward_survives_a_mvmd_kill(ctl: Ctl, sandbox: dict[str, object]) -> N
         get(port, "/")  # nobody listens while mvmd is down
     ctl.ok("ls")  # starts a new mvmd, which reattaches and binds the forward again
     assert ctl.daemon_pid() != pid
+    assert_listens(ctl, port, "127.0.0.1")
     resp = get(port, "/big.bin")
     assert hashlib.sha256(resp.content).hexdigest() == sandbox["sha"]
 
 
-def test_down_closes_the_host_port(ctl: Ctl, sandbox: dict[str, object]) -> None:
-    port = int(str(sandbox["http_port"]))
-    ctl.ok("down", NAME)
-    with pytest.raises(OSError):
+def test_down_closes_the_host_port(ctl: Ctl) -> None:
+    """``down`` of a sandbox of its own (the shared one stays up for the other tests)."""
+    port = free_port()
+    ctl.json("up", "--name", "pf-down", "--ttl", "10m", "-p", f"{port}:8000")
+    try:
+        assert_listens(ctl, port, "127.0.0.1")
+    finally:
+        ctl.ok("down", "pf-down")
+    assert_closed(port)
+    with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # and it is free for anyone again
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", port))
-            break
+    with socket.socket() as s:  # and it is free for anyone again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))

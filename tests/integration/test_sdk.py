@@ -3,8 +3,8 @@ the IR round trip (compile -> replay equals live), errors, and the docs' example
 
 The module runs its own mvmd under a private, short ``MVM_HOME`` (/tmp/mvsdk-*), sharing
 root filesystems, kernels, initramfs and boot templates with the default store through
-symlinks (image records are copied), so nothing is rebuilt. One sandbox (``shared``) serves
-the method tests, in file order; the mode tests run scripts as subprocesses, as users do.
+symlinks (image records are copied), so nothing is rebuilt. One sandbox (``shared``, a fixture) serves
+the method tests in any order (the lifecycle test makes its own); the mode tests run scripts as subprocesses, as users do.
 At the end every sandbox is removed, the daemon stopped, any QEMU or mvmd left for this
 home killed by pid, and the home deleted.
 """
@@ -16,8 +16,10 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import mvm
+from mvm.api import models as M
 from mvm.errors import (
     CommandFailed,
     CommandTimeout,
@@ -33,6 +36,7 @@ from mvm.errors import (
     InvalidArgument,
     PolicyDenied,
     SandboxNotFound,
+    SnapshotNotFound,
 )
 from mvm.sdk import mode
 from tests.cookbook import COOKBOOK
@@ -166,7 +170,7 @@ def test_run_returns_a_typed_result(shared: mvm.Sandbox) -> None:
     )
     assert (r.exit_code, r.stdout, r.stderr) == (3, "out-dev-e\n", "err\n")
     assert not r.truncated and not r.timed_out and not r.placeholder
-    assert r.audit_id is None or isinstance(r.audit_id, str)
+    assert r.audit_id is not None and re.fullmatch(r"\d+-[0-9a-f]{12}", r.audit_id), r.audit_id
     big = shared.commands.run(["python3", "-c", "print('x' * 5000)"], output_limit=1000)
     assert big.truncated and len(big.stdout_bytes) == 1000
     piped = shared.commands.run(["cat"], stdin=b"from stdin")
@@ -212,7 +216,7 @@ def test_kill_and_wait_timeout(shared: mvm.Sandbox) -> None:
         h.wait(timeout_seconds=0.5)
     h.kill()
     res = h.wait(30)
-    assert res.signal == 9 or res.exit_code in (137, -9)
+    assert (res.signal, res.exit_code) == (9, 137)
 
 
 # ---------------------------------------------------------------------------------- files
@@ -257,13 +261,33 @@ def test_secret_reaches_the_command_and_never_its_output(shared: mvm.Sandbox) ->
 
 
 def test_logs_follow_and_redact(shared: mvm.Sandbox) -> None:
-    shared.commands.start(["sh", "-c", "echo follow-me"]).wait(30)
-    events = shared.logs(follow=True, redact=True)
-    for ev in events:
-        assert ev.timestamp > 0 and ev.stream
-        if "follow-me" in ev.message:
-            break
-    events.close()  # type: ignore[attr-defined]
+    """A line carrying the secret comes through ``logs(follow=True)`` with the value
+    replaced by its mark; the test fails if the line never comes (bounded wait)."""
+    token = f"follow-{secrets.token_hex(4)}"
+    h = shared.commands.start(
+        ["sh", "-c", f'echo "{token}:$API_KEY"'], env={"API_KEY": mvm.secret("api-key")}
+    )
+    h.wait(30)
+    seen: list[M.LogEvent] = []
+    found: list[M.LogEvent] = []
+
+    def follow() -> None:  # stops itself at the line; the main thread only waits, bounded
+        events = shared.logs(follow=True, redact=True)
+        for ev in events:
+            seen.append(ev)
+            if token in ev.message:
+                found.append(ev)
+                break
+        events.close()  # type: ignore[attr-defined]
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), f"the line never came through logs(follow=True): {seen[-5:]}"
+    [ev] = found
+    assert ev.message == f"{token}:[REDACTED:api-key]"
+    assert ev.timestamp > 0 and ev.stream.endswith(":stdout")
+    assert not any(SECRET_VALUE in e.message for e in seen)
     with pytest.raises(InvalidArgument):
         shared.logs(redact=False)
 
@@ -317,30 +341,42 @@ def test_async_sandbox_shares_the_implementation(shared: mvm.Sandbox) -> None:
     assert (out, data, b"".join(chunks), state) == ("async\n", b"a", b"one\ntwo\n", "running")
 
 
-# ------------------------------------------------------------------- lifecycle (last)
+# ---------------------------------------------------------- lifecycle (its own sandbox)
 
 
 def test_snapshot_pause_resume_stop_destroy(shared: mvm.Sandbox) -> None:
-    shared.files.write("/work/before.txt", "kept")
-    snap = shared.snapshot(name="after-index")
+    """On a sandbox of its own: the shared one stays for the other tests, in any order."""
+    own = mvm.Sandbox.create(IMAGE, name="sdk-life", ttl="20m", network=mvm.network(mode="deny"))
+    try:
+        snapshot_pause_resume_stop_destroy(own)
+    finally:
+        try:
+            own.destroy()
+        except SandboxNotFound:
+            pass
+
+
+def snapshot_pause_resume_stop_destroy(sb: mvm.Sandbox) -> None:
+    sb.files.write("/work/before.txt", "kept")
+    snap = sb.snapshot(name="after-index")
     assert snap.id == "after-index" and snap.size > 0
-    shared.files.write("/work/after.txt", "dropped by the restore")
-    shared.pause()
-    assert shared.state == "paused"
-    shared.resume()
-    assert shared.state == "running"
-    shared.resume(snapshot=snap.id)
-    assert shared.state == "running"
-    assert shared.files.exists("/work/before.txt") and not shared.files.exists("/work/after.txt")
-    shared.stop()  # the VM goes; the snapshot stays
+    sb.files.write("/work/after.txt", "dropped by the restore")
+    sb.pause()
+    assert sb.state == "paused"
+    sb.resume()
+    assert sb.state == "running"
+    sb.resume(snapshot=snap.id)
+    assert sb.state == "running"
+    assert sb.files.exists("/work/before.txt") and not sb.files.exists("/work/after.txt")
+    sb.stop()  # the VM goes; the snapshot stays
     with pytest.raises(SandboxNotFound):
-        shared.info()
-    shared.resume(snapshot=snap)  # recreated from the snapshot
-    assert shared.files.read("/work/before.txt") == b"kept"
-    shared.destroy()
-    assert "sdk-shared" not in [s.name for s in mvm.Sandbox.list()]
-    with pytest.raises(Exception):  # noqa: B017 - the snapshot went with destroy
-        shared.resume(snapshot=snap)
+        sb.info()
+    sb.resume(snapshot=snap)  # recreated from the snapshot
+    assert sb.files.read("/work/before.txt") == b"kept"
+    sb.destroy()
+    assert "sdk-life" not in [s.name for s in mvm.Sandbox.list()]
+    with pytest.raises(SnapshotNotFound):  # the snapshot went with destroy
+        sb.resume(snapshot=snap)
 
 
 # ------------------------------------------------------------------- modes and the IR

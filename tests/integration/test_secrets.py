@@ -1,8 +1,10 @@
 """Secrets and admission end to end: a real mvmd, a real VM, `mvmctl` subprocesses.
 
 One private MVM_HOME and one sandbox for the module (see test_daemon.py for the pattern).
-The secret value is random per run; at the end every file of the home (SQLite state and
-WAL, event logs, audit log, mvmd.log) and every captured CLI output is searched for it.
+The secret value is random per run; every file of the home (SQLite state and WAL, event
+logs, audit log, mvmd.log) and every CLI output captured by the module's ``ctl`` is
+searched for it, by a test (at whatever point of the run it comes) and again in the
+``ctl`` fixture's teardown, after every test of the module.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
 VALUE = "sk-test-" + secrets.token_hex(12)
 SHA = hashlib.sha256(VALUE.encode()).hexdigest()
 MARK = "[REDACTED:api-key]"
-#: Every output of every mvmctl call of this module, searched at the end.
-CAPTURED: list[Res] = []
 
 
 class RecordingCtl(Ctl):
+    """A Ctl that keeps every output of every call (searched for the value)."""
+
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.captured: list[Res] = []
+
     def __call__(self, *args: str, **kw: object) -> Res:  # type: ignore[override]
         r = super().__call__(*args, **kw)  # type: ignore[arg-type]
-        CAPTURED.append(r)
+        self.captured.append(r)
         return r
 
 
@@ -46,19 +52,26 @@ def home() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def ctl(home: Path) -> Ctl:
+def ctl(home: Path) -> Iterator[RecordingCtl]:
     c = RecordingCtl(home)
     c.env["MVM_SECRETS_KEYRING"] = "0"
     c.env.pop("MVM_POLICY", None)
-    return c
+    yield c
+    assert_value_nowhere(c, home)  # after every test of the module, whatever their order
 
 
 @pytest.fixture(scope="module")
-def sandbox(ctl: Ctl, home: Path) -> str:
-    """Secret stored, policy written, one sandbox up with a create-level secret env."""
+def stored(ctl: Ctl, home: Path) -> str:
+    """The secret ``api-key`` stored, and the policy file written."""
     r = ctl.ok("secret", "put", "api-key", input=VALUE + "\n")
     assert "api-key" in r.err
     (home / "policy.toml").write_text("max_cpus = 2\nmax_ttl_seconds = 3600\n")
+    return "api-key"
+
+
+@pytest.fixture(scope="module")
+def sandbox(ctl: Ctl, stored: str) -> str:
+    """One sandbox up with a create-level secret env."""
     ctl.ok("up", "--name", "sec", "--ttl", "20m", "-e", "FROM_UP=secret:api-key", "-e", "PLAIN=1")
     return "sec"
 
@@ -84,16 +97,33 @@ def test_exec_injects_and_redacts(ctl: Ctl, sandbox: str) -> None:
     assert lines[3].split()[0] == SHA  # the create-level secret env reaches every exec
 
 
+#: Writes the first half of $API_KEY, waits (bounded) until the agent has read it out of
+#: the stdout pipe (FIONREAD on a pipe, either end, counts the unread bytes: 0), then
+#: writes the rest: the agent reads, and sends, the value as two chunks every time.
+SPLIT_WRITER = r"""
+import fcntl, os, struct, sys, termios, time
+v = os.environ["API_KEY"].encode()
+os.write(1, v[: len(v) // 2])
+for _ in range(4000):
+    if struct.unpack("i", fcntl.ioctl(1, termios.FIONREAD, b"\0" * 4))[0] == 0:
+        break
+    time.sleep(0.005)
+else:
+    sys.exit(3)
+os.write(1, v[len(v) // 2 :] + b"\n")
+"""
+
+
 def test_value_split_across_writes_is_redacted(ctl: Ctl, sandbox: str) -> None:
-    """Two writes with a pause between them, so the value likely arrives in two chunks."""
-    script = 'printf %s "${API_KEY%????????}"; sleep 0.3; printf "%s\\n" "${API_KEY#"${API_KEY%????????}"}"'
-    r = ctl.ok("exec", sandbox, "-e", "API_KEY=secret:api-key", "--", "sh", "-c", script)
+    r = ctl.ok("exec", sandbox, "-e", "API_KEY=secret:api-key", "--", "python3", "-c", SPLIT_WRITER)
     assert r.out == MARK + "\n"
 
 
 def test_json_output_is_redacted(ctl: Ctl, sandbox: str) -> None:
     r = ctl.ok("exec", sandbox, "-e", "K=secret:api-key", "--json", "--", "sh", "-c", 'echo "$K"')
-    assert MARK in r.out
+    obj = json.loads(r.out)
+    assert obj["stdout"] == MARK + "\n"
+    assert VALUE not in r.out
 
 
 def test_proc_output_and_logs_are_redacted(ctl: Ctl, sandbox: str) -> None:
@@ -144,8 +174,46 @@ def test_bad_policy_file_is_a_clear_error(ctl: Ctl, sandbox: str, home: Path) ->
         policy.write_text(good)
 
 
-def test_value_is_nowhere_on_disk_or_in_output(ctl: Ctl, sandbox: str, home: Path) -> None:
-    """Runs last: the whole home (no symlinked shared stores) and every CLI output."""
+def test_one_shot_run_redacts_the_secret_everywhere(ctl: Ctl, stored: str, home: Path) -> None:
+    """``mvmctl run -e K=secret:NAME``: the value reaches the command (its hash), and
+    stdout, stderr, ``--json``, the receipt and the audit log carry the mark, never it."""
+    script = 'echo "out:$K"; echo "err:$K" >&2; printf %s "$K" | sha256sum'
+    r = ctl("run", "-e", f"K=secret:{stored}", "--", "sh", "-c", script, timeout=300)
+    assert r.rc == 0, str(r)
+    assert r.out.splitlines()[0] == f"out:{MARK}"
+    assert r.out.splitlines()[1].split()[0] == SHA
+    assert f"err:{MARK}" in r.err.splitlines()
+    assert VALUE not in r.out + r.err
+
+    receipt = home / "run-receipt.json"
+    r = ctl(
+        "run", "--json", "--receipt", str(receipt), "-e", f"K=secret:{stored}",
+        "--", "sh", "-c", script, timeout=300,
+    )  # fmt: skip
+    assert r.rc == 0, str(r)
+    assert VALUE not in r.out + r.err
+    out = json.loads(r.out)
+    stdout = f"out:{MARK}\n{SHA}  -\n"
+    assert (out["exit_code"], out["stdout"], out["stderr"]) == (0, stdout, f"err:{MARK}\n")
+
+    text = receipt.read_text()
+    assert VALUE not in text
+    body = json.loads(text)
+    assert body["audit_id"] == out["audit_id"]
+    assert body["env_keys"].count("K") == 1
+    assert body["outputs"]["stdout"]["sha256"] == hashlib.sha256(stdout.encode()).hexdigest()
+    assert ctl("receipt", "verify", str(receipt)).rc == 0
+
+    rec = json.loads(ctl.ok("audit", "show", out["audit_id"], "--json").out)
+    assert rec["event"] == "cmd.exec.finished"
+    assert rec["data"]["stdout_sha256"] == hashlib.sha256(stdout.encode()).hexdigest()
+    for f in (home / "audit").iterdir():
+        assert VALUE.encode() not in f.read_bytes(), f
+
+
+def assert_value_nowhere(ctl: RecordingCtl, home: Path) -> None:
+    """The value is in no file of the home (no symlinked shared stores) and in no output
+    of the module's CLI calls so far."""
     ctl.ok("daemon", "status")  # the daemon is still up: its files are as they are now
     needle = VALUE.encode()
     checked = []
@@ -164,6 +232,13 @@ def test_value_is_nowhere_on_disk_or_in_output(ctl: Ctl, sandbox: str, home: Pat
             assert not leaked, f"secret value found in {p}"
     assert {"state.db", "store.json", "mvmd.log"} <= set(checked), checked
     assert any(n.startswith("events.jsonl") for n in checked), checked
-    for r in CAPTURED:
+    assert ctl.captured, "no CLI output was captured"
+    for r in ctl.captured:
         leaked = needle in r.out_b + r.err_b
         assert not leaked, f"secret value in the output of mvmctl {r.args[:2]}"
+
+
+def test_value_is_nowhere_on_disk_or_in_output(ctl: RecordingCtl, sandbox: str, home: Path) -> None:
+    """At whatever point of the module it runs (the ctl teardown checks again at the end)."""
+    ctl.ok("exec", sandbox, "-e", "K=secret:api-key", "--", "sh", "-c", 'echo "$K"')
+    assert_value_nowhere(ctl, home)

@@ -3,10 +3,13 @@
 The module runs its own mvmd under a private, short MVM_HOME. Root filesystems and
 kernels are shared with the default store through symlinks; the initramfs directory is
 private and holds the *hostile* initramfs under the real one's name, so every sandbox of
-this daemon runs ``hostile_agent.py`` (honest until told to attack). Two sandboxes:
+this daemon runs ``hostile_agent.py`` (honest until told to attack). Two sandboxes, made
+by the ``ctl`` fixture and left running by every test (so any order works):
 
 - ``neighbour``: the fuzzer's target; must keep answering throughout.
-- ``victim``: floods mvmd with an endless stream, then breaks the protocol.
+- ``victim``: floods mvmd with an endless stream, and is searched for a neighbour's secret.
+
+The attacks that end a sandbox (a broken protocol, a forged handshake) get their own.
 """
 
 from __future__ import annotations
@@ -441,23 +444,28 @@ def test_an_endless_stream_through_mvmd_is_capped_and_its_memory_bounded(
 def test_a_guest_breaking_the_protocol_is_marked_failed_with_the_reason(
     http: httpx.Client, ctl: Ctl
 ) -> None:
-    pid = daemon_pid(http)
-    r = ctl("exec", "victim", "--", "attack", "oversize", timeout=120)
-    assert r.rc != 0
-    assert "protocol" in r.err, str(r)
+    """On a sandbox of its own (``breaker``): ``victim`` stays running for the other
+    attacks, whatever order they run in."""
+    ctl.ok("up", "--name", "breaker", "--image", "python", "--ttl", "30m", timeout=240)
+    try:
+        pid = daemon_pid(http)
+        r = ctl("exec", "breaker", "--", "attack", "oversize", timeout=120)
+        assert r.rc != 0
+        assert "protocol" in r.err, str(r)
 
-    def failed() -> bool:
-        return ctl.sandboxes()["victim"]["state"] == "failed"
+        def failed() -> bool:
+            return ctl.sandboxes()["breaker"]["state"] == "failed"
 
-    assert wait_until(failed, 30), ctl.sandboxes()["victim"]
-    victim = ctl.sandboxes()["victim"]
-    assert "agent connection lost" in victim.get("reason", "") and "exceeds" in victim["reason"], (
-        victim
-    )
-    assert qemu_pids(ctl.home) and daemon_pid(http) == pid
-    r = ctl("exec", "victim", "--", "true")
-    assert r.rc != 0 and "failed" in r.err, str(r)
-    neighbour_answers(ctl)
+        assert wait_until(failed, 30), ctl.sandboxes()["breaker"]
+        breaker = ctl.sandboxes()["breaker"]
+        assert "agent connection lost" in breaker.get("reason", ""), breaker
+        assert "exceeds" in breaker["reason"], breaker
+        assert qemu_pids(ctl.home) and daemon_pid(http) == pid
+        r = ctl("exec", "breaker", "--", "true")
+        assert r.rc != 0 and "failed" in r.err, str(r)
+        neighbour_answers(ctl)
+    finally:
+        ctl("down", "breaker")
 
 
 def test_a_guest_forging_the_handshake_is_failed_when_mvmd_restarts(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,11 +116,9 @@ def test_broken_framing_fails_the_connection_clearly(
     async def attack(agent: AgentClient) -> None:
         await agent.exec(["attack", mode], timeout=20)
 
-    started = time.monotonic()
     err, _ = call(attack_beside(hostile, shared_vm, attack), timeout=90)
-    assert isinstance(err, AgentProtocolError), repr(err)
+    assert isinstance(err, AgentProtocolError), repr(err)  # not a wait for a 4 GiB frame
     assert says in str(err)
-    assert time.monotonic() - started < 60  # no waiting for a 4 GiB frame
     agent = hostile.require_agent()
     assert isinstance(agent.failure, AgentProtocolError)  # what the reaper marks failed on
     with pytest.raises(AgentProtocolError):  # every later call fails at once, too
@@ -237,11 +234,9 @@ def test_a_frame_trickled_byte_by_byte_times_out(
     async def attack(agent: AgentClient) -> None:
         await agent.exec(["attack", "slowloris"], timeout=3)
 
-    started = time.monotonic()
     err, _ = call(attack_beside(vm, shared_vm, attack), timeout=90)
-    waited = time.monotonic() - started
+    # a client that waited for the whole trickle would get the (late) OK, not a timeout
     assert isinstance(err, CommandTimeout), repr(err)
-    assert waited < 60, f"the trickled reply held the call for {waited:.0f}s"
     call(neighbour_answers(shared_vm), timeout=60)
 
 

@@ -242,8 +242,7 @@ def test_exhausting_guest_memory_kills_the_command_not_the_agent(
     agent = small_vm.require_agent()
     hog = "x = []\nwhile True:\n    x.append(bytearray(16 << 20))\n"
     r = call(agent.exec(["python3", "-c", hog], timeout=120), timeout=150)
-    assert r.exit_code != 0
-    assert r.signal == 9 or r.exit_code in (-9, 137) or b"MemoryError" in r.stderr, r
+    assert (r.signal, r.exit_code) == (9, 137), r  # the kernel's OOM killer, not the agent
     r = call(agent.exec(["echo", "agent alive"], timeout=30))
     assert r.stdout == b"agent alive\n"
     assert small_vm.qemu.alive()

@@ -7,7 +7,8 @@ always refused. Names are given to mvmd with its resolver override
 ``MVM_EGRESS_RESOLVE``, so no DNS is involved. A loopback HTTP server on the host
 stands for "the host's own services" that a rebinding name tries to reach.
 
-Sandboxes (one private mvmd, shared across the module, in file order):
+Sandboxes (one private mvmd; made by the ``sandboxes`` fixture and shared by the module,
+so the tests pass in any order; each test leaves them running):
 - ``net-allow``: ``--network-allow allowed.test:8080``
 - ``net-open``:  ``--network-preset unrestricted``
 - ``net-none``:  the default (no network)
@@ -205,11 +206,21 @@ except OSError as e:
 # ----------------------------------------------------------------------------- the tests
 
 
-def test_up_with_allowlist_and_unrestricted_and_none(ctl: Ctl) -> None:
-    ctl.ok("up", "--image", "python", "--name", "net-allow", "--network-allow",
-           f"allowed.test:{PORT}", timeout=300)  # fmt: skip
-    ctl.ok("up", "--image", "python", "--name", "net-open", "--network-preset", "unrestricted")
-    ctl.ok("up", "--image", "python", "--name", "net-none")
+@pytest.fixture(scope="module")
+def sandboxes(ctl: Ctl) -> Iterator[tuple[str, ...]]:
+    names = ("net-allow", "net-open", "net-none")
+    try:
+        ctl.ok("up", "--image", "python", "--name", "net-allow", "--network-allow",
+               f"allowed.test:{PORT}", timeout=300)  # fmt: skip
+        ctl.ok("up", "--image", "python", "--name", "net-open", "--network-preset", "unrestricted")
+        ctl.ok("up", "--image", "python", "--name", "net-none")
+        yield names
+    finally:
+        for sb in names:
+            ctl("down", sb)
+
+
+def test_up_with_allowlist_and_unrestricted_and_none(ctl: Ctl, sandboxes: object) -> None:
     sbs = ctl.sandboxes()
     assert sbs["net-allow"]["network"] == {"preset": "none", "allow": [f"allowed.test:{PORT}"]}
     assert sbs["net-open"]["network"]["preset"] == "unrestricted"
@@ -218,7 +229,7 @@ def test_up_with_allowlist_and_unrestricted_and_none(ctl: Ctl) -> None:
     assert "unrestricted" in table and "none+1" in table
 
 
-def test_bad_network_input_is_refused_before_booting(ctl: Ctl) -> None:
+def test_bad_network_input_is_refused_before_booting(ctl: Ctl, sandboxes: object) -> None:
     r = ctl("up", "--image", "python", "--name", "net-bad", "--network-allow", "*.org")
     assert r.rc != 0 and "too broad" in r.err, str(r)
     r = ctl("up", "--image", "python", "--name", "net-bad", "--network-allow", "a b:1")
@@ -226,14 +237,14 @@ def test_bad_network_input_is_refused_before_booting(ctl: Ctl) -> None:
     assert "net-bad" not in ctl.sandboxes()
 
 
-def test_preset_none_has_no_network_device(ctl: Ctl) -> None:
+def test_preset_none_has_no_network_device(ctl: Ctl, sandboxes: object) -> None:
     out = guest_py(ctl, "net-none", "import os; print(sorted(os.listdir('/sys/class/net')))")
     assert out.strip() == "['lo']"
     env = guest_py(ctl, "net-none", "import os; print(os.environ.get('http_proxy'))")
     assert env.strip() == "None"
 
 
-def test_allowed_name_is_reachable(ctl: Ctl, home: Path) -> None:
+def test_allowed_name_is_reachable(ctl: Ctl, home: Path, sandboxes: object) -> None:
     rc, out = fetch(ctl, "net-allow", f"http://allowed.test:{PORT}/")
     assert rc == 0 and TOKEN in out, out
     recs = [r for r in audit_records(home, "egress.allowed") if r["sandbox"] == "net-allow"]
@@ -241,12 +252,12 @@ def test_allowed_name_is_reachable(ctl: Ctl, home: Path) -> None:
     assert any(r["data"]["address"] == NS_ADDR for r in recs)
 
 
-def test_https_style_connect_to_allowed_name(ctl: Ctl) -> None:
+def test_https_style_connect_to_allowed_name(ctl: Ctl, sandboxes: object) -> None:
     out = connect_probe(ctl, "net-allow", f"allowed.test:{PORT}")
     assert out.startswith("HTTP/1.1 200") and TOKEN in out, out
 
 
-def test_denied_name_is_refused_and_audited(ctl: Ctl, home: Path) -> None:
+def test_denied_name_is_refused_and_audited(ctl: Ctl, home: Path, sandboxes: object) -> None:
     rc, out = fetch(ctl, "net-allow", f"http://denied.test:{PORT}/")
     assert rc == 3 and "HTTP 403" in out and "mvm egress" in out and TOKEN not in out, out
     out = connect_probe(ctl, "net-allow", f"denied.test:{PORT}")
@@ -284,7 +295,7 @@ def test_one_shot_run_gets_the_same_egress_policy(ctl: Ctl, home: Path, tmp_path
     assert r.rc != 0 and TOKEN not in r.out, str(r)
 
 
-def test_raw_ip_through_the_proxy_is_refused(ctl: Ctl, home: Path) -> None:
+def test_raw_ip_through_the_proxy_is_refused(ctl: Ctl, home: Path, sandboxes: object) -> None:
     for sb in ("net-allow", "net-open"):
         rc, out = fetch(ctl, sb, f"http://{NS_ADDR}:{PORT}/")
         assert rc == 3 and "raw-ip" in out and TOKEN not in out, (sb, out)
@@ -295,7 +306,9 @@ def test_raw_ip_through_the_proxy_is_refused(ctl: Ctl, home: Path) -> None:
     }
 
 
-def test_direct_connections_bypassing_the_proxy_fail(ctl: Ctl, loopback_service: int) -> None:
+def test_direct_connections_bypassing_the_proxy_fail(
+    ctl: Ctl, loopback_service: int, sandboxes: object
+) -> None:
     targets = [(NS_ADDR, PORT), ("10.0.2.2", 22), ("10.0.2.2", loopback_service),
                ("169.254.169.254", 80), (HOST_ADDR, 22)]  # fmt: skip
     for sb in ("net-allow", "net-open"):
@@ -305,7 +318,7 @@ def test_direct_connections_bypassing_the_proxy_fail(ctl: Ctl, loopback_service:
 
 
 def test_unrestricted_allows_names_but_never_loopback_or_metadata(
-    ctl: Ctl, home: Path, loopback_service: int
+    ctl: Ctl, home: Path, loopback_service: int, sandboxes: object
 ) -> None:
     rc, out = fetch(ctl, "net-open", f"http://allowed.test:{PORT}/")
     assert rc == 0 and TOKEN in out, out
@@ -321,7 +334,7 @@ def test_unrestricted_allows_names_but_never_loopback_or_metadata(
     assert hosts >= {"rebind.test", "meta.test", "gw.test", "mixed.test"}
 
 
-def test_malformed_proxy_requests_get_clear_errors(ctl: Ctl) -> None:
+def test_malformed_proxy_requests_get_clear_errors(ctl: Ctl, sandboxes: object) -> None:
     code = """
 import socket
 for req in [b"GARBAGE\\r\\n\\r\\n", b"GET https://allowed.test/ HTTP/1.1\\r\\n\\r\\n",
@@ -338,7 +351,7 @@ for req in [b"GARBAGE\\r\\n\\r\\n", b"GET https://allowed.test/ HTTP/1.1\\r\\n\\
     assert rc == 0 and TOKEN in out, out
 
 
-def test_proxy_listener_survives_an_mvmd_restart(ctl: Ctl, home: Path) -> None:
+def test_proxy_listener_survives_an_mvmd_restart(ctl: Ctl, home: Path, sandboxes: object) -> None:
     old = ctl.daemon_pid()
     ctl.ok("daemon", "stop", timeout=60)
     assert wait_until(lambda: not (home / "mvmd.sock").exists() or _daemon_gone(old), 30)
@@ -349,7 +362,7 @@ def test_proxy_listener_survives_an_mvmd_restart(ctl: Ctl, home: Path) -> None:
     assert rc == 3 and "HTTP 403" in out, out
 
 
-def test_sandbox_recreated_from_a_snapshot_keeps_its_network(ctl: Ctl) -> None:
+def test_sandbox_recreated_from_a_snapshot_keeps_its_network(ctl: Ctl, sandboxes: object) -> None:
     ctl.ok("snapshot", "save", "net-allow", "s1", timeout=180)
     ctl.ok("down", "net-allow")
     ctl.ok("snapshot", "restore", "net-allow", "s1", timeout=180)
@@ -359,8 +372,6 @@ def test_sandbox_recreated_from_a_snapshot_keeps_its_network(ctl: Ctl) -> None:
     rc, out = fetch(ctl, "net-allow", f"http://denied.test:{PORT}/")
     assert rc == 3 and "HTTP 403" in out, out
     ctl.ok("snapshot", "rm", "net-allow", "s1")
-    for sb in ("net-allow", "net-open", "net-none"):
-        ctl.ok("down", sb)
 
 
 def _daemon_gone(pid: int) -> bool:

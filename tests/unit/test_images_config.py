@@ -101,9 +101,16 @@ def test_parse_rejects(text: str, needle: str) -> None:
 
 
 def test_name_edge_cases_accepted() -> None:
-    M.parse('name = "' + "a" * 63 + '"')
-    M.parse('name = "0.a_b-c"')
-    M.parse('name = "ok"\npackages = ["g++", "libc6-dev", "python3.11", "lib32z1"]')
+    """The longest name, leading digit and every allowed punctuation, and package names
+    with +, - and . come back exactly as written."""
+    assert M.parse('name = "' + "a" * 63 + '"').name == "a" * 63
+    m = M.parse('name = "0.a_b-c"')
+    assert (m.name, m.packages) == ("0.a_b-c", [])
+    pkgs = ["g++", "libc6-dev", "python3.11", "lib32z1"]
+    m = M.parse('name = "ok"\npackages = ["g++", "libc6-dev", "python3.11", "lib32z1"]')
+    assert (m.name, m.packages) == ("ok", pkgs)
+    with pytest.raises(ManifestError):  # one past the longest is refused
+        M.parse('name = "' + "a" * 64 + '"')
 
 
 def test_rootfs_key_stable_and_sensitive() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
@@ -165,10 +165,14 @@ def test_unknown_images_fail_listing_the_known_ones(tmp_path: Path) -> None:
 @settings(max_examples=200)
 @given(st.binary(max_size=300))
 def test_decode_fails_cleanly_on_garbage(data: bytes) -> None:
+    """Bytes that are not a JSON object are refused, with InvalidArgument and nothing else."""
     try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    assume(not isinstance(doc, dict))  # a JSON object may be a (minimal) valid IR
+    with pytest.raises(InvalidArgument, match="not a valid mvm IR"):
         IRm.decode(data)
-    except InvalidArgument:
-        pass
 
 
 json_values = st.recursive(
@@ -183,10 +187,35 @@ json_values = st.recursive(
     st.dictionaries(st.sampled_from(["format", "version", "sandboxes", "operations"]), json_values)
 )
 def test_decode_fails_cleanly_on_wrong_shapes(doc: dict[str, Any]) -> None:
+    """Either the document is a valid IR (then it decodes to exactly what it says) or it
+    is refused with InvalidArgument: no other exception, no silently altered IR."""
     try:
-        IRm.decode(json.dumps(doc).encode())
+        ir = IRm.decode(json.dumps(doc).encode())
     except InvalidArgument:
-        pass
+        minimal = (
+            doc.get("format", IRm.FORMAT) == IRm.FORMAT
+            and doc.get("version", IRm.VERSION) == IRm.VERSION
+            and doc.get("sandboxes", []) == []
+            and doc.get("operations", []) == []
+        )
+        assert not minimal, f"a valid document was refused: {doc!r}"
+        return
+    assert (ir.format, ir.version) == (IRm.FORMAT, IRm.VERSION)
+    assert len(ir.sandboxes) == len(doc.get("sandboxes", []))
+    assert len(ir.operations) == len(doc.get("operations", []))
+
+
+def test_decode_refuses_each_wrong_field() -> None:
+    assert IRm.decode(b"{}").format == IRm.FORMAT  # the minimal valid IR
+    for doc in (
+        {"format": "other"},
+        {"version": 2},
+        {"operations": [{"op": "no.such.op"}]},
+        {"sandboxes": 1},
+        {"unknown": 1},
+    ):
+        with pytest.raises(InvalidArgument):
+            IRm.decode(json.dumps(doc).encode())
 
 
 def test_decode_refuses_unknown_ops_and_escaping_includes(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -13,41 +12,41 @@ from mvm.errors import VMError
 
 
 def test_waiting_for_a_template_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    """The holder is released by another task of the same loop while the waiter waits: a
+    wait that blocked the loop would never let that task run (the test would hang, bounded
+    by its timeout), so the order below is only reached with a free loop."""
     store = templates.TemplateStore(tmp_path)
     order: list[str] = []
 
-    async def holder(started: asyncio.Event) -> None:
-        async with store.lock("k"):
-            started.set()
-            order.append("holder in")
-            await asyncio.sleep(0.3)  # e.g. awaiting the template's boot on this loop
-            order.append("holder out")
-
-    async def ticker() -> int:
-        ticks = 0
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 0.25:
-            await asyncio.sleep(0.01)
-            ticks += 1
-        return ticks
-
-    async def main() -> int:
+    async def main() -> None:
         started = asyncio.Event()
-        h = asyncio.create_task(holder(started))
-        await started.wait()
+        release = asyncio.Event()
+        waiting = asyncio.Event()
+
+        async def holder() -> None:
+            async with store.lock("k"):
+                started.set()
+                order.append("holder in")
+                await release.wait()  # e.g. awaiting the template's boot on this loop
+                order.append("holder out")
 
         async def waiter() -> None:
+            waiting.set()  # no await before the lock: main runs again only once it waits
             async with store.lock("k"):
                 order.append("waiter in")
 
+        h = asyncio.create_task(holder())
+        await started.wait()
         w = asyncio.create_task(waiter())
-        ticks = await ticker()  # runs while the waiter waits: the loop is free
+        await waiting.wait()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the loop keeps turning while the waiter waits
+        order.append("loop free")
+        release.set()
         await asyncio.wait_for(asyncio.gather(h, w), 10)
-        return ticks
 
-    ticks = asyncio.run(main())
-    assert ticks > 5
-    assert order == ["holder in", "holder out", "waiter in"]
+    asyncio.run(main())
+    assert order == ["holder in", "loop free", "holder out", "waiter in"]
 
 
 def test_a_template_lock_held_too_long_is_a_clear_error(tmp_path: Path) -> None:
