@@ -8,6 +8,9 @@
 from mvm import errors
 from mvm.sdk import (
     AsyncSandbox,
+    CodeContext,
+    CodeError,
+    CodeResult,
     CommandResult,
     Network,
     Resources,
@@ -22,6 +25,9 @@ from mvm.sdk import (
 
 __all__ = [
     "AsyncSandbox",
+    "CodeContext",
+    "CodeError",
+    "CodeResult",
     "CommandResult",
     "Network",
     "Resources",

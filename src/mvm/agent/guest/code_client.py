@@ -9,6 +9,8 @@ not ended ``grace`` seconds later the context's processes are killed and ``kille
 reported. Standard library only; run as ``python3 -I -S``.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
@@ -17,6 +19,7 @@ import socket
 import stat
 import sys
 import time
+from typing import Any
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_INPUT = 2 * 1024 * 1024
@@ -24,20 +27,20 @@ MAX_LINE = 32 * 1024 * 1024
 DISPLAY_LIMIT = 16 * 1024 * 1024
 
 
-def socket_dir():
-    return "/tmp/.mvm-code-%d" % os.getuid()
+def socket_dir() -> str:
+    return f"/tmp/.mvm-code-{os.getuid()}"
 
 
-def finish(nonce, record):
+def finish(nonce: str, record: dict[str, Any]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
-    out = "\x1eMVMCODE:%s\n%s\n" % (nonce, json.dumps(record, ensure_ascii=False))
+    out = f"\x1eMVMCODE:{nonce}\n{json.dumps(record, ensure_ascii=False)}\n"
     sys.stdout.buffer.write(out.encode("utf-8", "replace"))
     sys.stdout.flush()
     return 0
 
 
-def private(path):
+def private(path: str) -> bool:
     try:
         st = os.lstat(path)
     except OSError:
@@ -45,7 +48,7 @@ def private(path):
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
-def connect(path, wait):
+def connect(path: str, wait: float) -> socket.socket | None:
     deadline = time.monotonic() + wait
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -62,11 +65,11 @@ def connect(path, wait):
 class Lines:
     """JSON lines from the server, each bounded, with a deadline per read."""
 
-    def __init__(self, sock):
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = b""
 
-    def next(self, deadline):
+    def next(self, deadline: float) -> dict[str, Any] | None:
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -74,7 +77,7 @@ class Lines:
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(262144)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError from None
             except OSError:
                 data = b""
@@ -91,7 +94,7 @@ class Lines:
         return msg if isinstance(msg, dict) else None
 
 
-def kill_groups(hello, path):
+def kill_groups(hello: dict[str, Any], path: str) -> None:
     for pg in hello.get("pgids") or []:
         if isinstance(pg, int) and pg > 1:
             try:
@@ -104,7 +107,7 @@ def kill_groups(hello, path):
         pass
 
 
-def list_contexts():
+def list_contexts() -> list[str]:
     d = socket_dir()
     names = []
     if private(d):
@@ -114,7 +117,7 @@ def list_contexts():
     return names
 
 
-def main():
+def main() -> int:
     data = sys.stdin.buffer.read(MAX_INPUT + 1)
     head, _, body = data.partition(b"\n")
     try:
@@ -163,8 +166,11 @@ def main():
     return relay(nonce, lines, hello, path, timeout, grace)
 
 
-def relay(nonce, lines, hello, path, timeout, grace):
-    outputs, size, interrupted = [], 0, False
+def relay(
+    nonce: str, lines: Lines, hello: dict[str, Any], path: str, timeout: float, grace: float
+) -> int:
+    outputs: list[dict[str, Any]] = []
+    size, interrupted = 0, False
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -282,7 +282,9 @@ def flush_figures() -> None:
     try:
         nums = list(plt.get_fignums())
         for num in nums:
-            CONN.display({"image/png": figure_png(plt.figure(num)), "text/plain": f"<Figure {num}>"})
+            CONN.display(
+                {"image/png": figure_png(plt.figure(num)), "text/plain": f"<Figure {num}>"}
+            )
         if nums:
             plt.close("all")
     except Exception as exc:
@@ -298,7 +300,7 @@ def patch_show() -> None:
             flush_figures()
 
         show._mvm = True  # type: ignore[attr-defined]
-        plt.show = show
+        plt.show = show  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -360,15 +362,21 @@ class PythonKernel:
         sys.stderr.flush()
         patch_show()
         flush_figures()
-        return {"status": "error" if error else "ok", "value": value, "error": error,
-                "exec_count": self.count}
+        return {
+            "status": "error" if error else "ok",
+            "value": value,
+            "error": error,
+            "exec_count": self.count,
+        }
 
     def _exec(self, code: str, fname: str) -> Any:
         flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
         tree = ast.parse(code, filename=fname)
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
+            expr_stmt = tree.body.pop()
+            assert isinstance(expr_stmt, ast.Expr)
+            last = ast.Expression(expr_stmt.value)
         body = compile(tree, fname, "exec", flags=flags)
         result = eval(body, self.ns)
         if body.co_flags & CO_COROUTINE:
@@ -401,8 +409,11 @@ class PythonKernel:
             text = str(exc)
         except Exception:
             text = "<str failed>"
-        return {"name": type(exc).__name__, "value": clip(text, 65536),
-                "traceback": clip("".join(lines), 262144)}
+        return {
+            "name": type(exc).__name__,
+            "value": clip(text, 65536),
+            "traceback": clip("".join(lines), 262144),
+        }
 
 
 class BashKernel:
@@ -417,6 +428,8 @@ class BashKernel:
         self.count = 0
         self.running = False
         self.proc: Any = None
+        self.status_fd = -1
+        self.status_buf = b""
         # A handler, not SIG_IGN: an ignored signal would be inherited by bash.
         signal.signal(signal.SIGINT, lambda signum, frame: None)
         self.start()
@@ -476,15 +489,27 @@ class BashKernel:
         rc = self._pump()
         self.running = False
         if rc is None:
-            return {"status": "error", "value": None, "exec_count": self.count,
-                    "error": {"name": "ShellExited", "value": "the shell exited; the next cell "
-                              "starts a new one (state is lost)", "traceback": ""}}
+            return {
+                "status": "error",
+                "value": None,
+                "exec_count": self.count,
+                "error": {
+                    "name": "ShellExited",
+                    "value": "the shell exited; the next cell starts a new one (state is lost)",
+                    "traceback": "",
+                },
+            }
         error = None
         if rc != 0:
             name = "KeyboardInterrupt" if rc == 130 else "ExitCode"
             error = {"name": name, "value": str(rc), "traceback": ""}
-        return {"status": "error" if error else "ok", "value": None, "error": error,
-                "exec_count": self.count, "exit_code": rc}
+        return {
+            "status": "error" if error else "ok",
+            "value": None,
+            "error": error,
+            "exec_count": self.count,
+            "exit_code": rc,
+        }
 
     def _pump(self, discard: bool = False) -> int | None:
         """Forward output until the status line comes (or the shell is gone)."""
@@ -602,8 +627,9 @@ def serve(context: str, language: str) -> None:
 def serve_one(sock: socket.socket, kernel: PythonKernel | BashKernel) -> None:
     """One client: hello, one cell, done. Interrupts come on the same connection."""
     CONN.attach(sock)
-    CONN.send({"t": "hello", "pid": os.getpid(), "language": kernel.language,
-               "pgids": kernel.pgids()})
+    CONN.send(
+        {"t": "hello", "pid": os.getpid(), "language": kernel.language, "pgids": kernel.pgids()}
+    )
     import queue
 
     cells: queue.Queue[dict[str, Any]] = queue.Queue()
