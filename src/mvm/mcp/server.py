@@ -24,7 +24,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
-from mvm import audit
+from mvm import audit, names
 from mvm.errors import InvalidArgument, MvmError
 from mvm.mcp import tools as T
 
@@ -97,11 +97,12 @@ def build(image: str = "python", persist: bool = False) -> tuple[MCPServer[Any],
         fn: Callable[[], list[T.Part]],
     ) -> CallToolResult:
         try:
+            named = sandbox if names.is_valid("sandbox", sandbox) else None
             await asyncio.to_thread(
                 audit.record,
                 "mcp.tool",
                 actor=f"mcp:{client_name(ctx)}",
-                sandbox=sandbox,
+                sandbox=named,
                 tool=tool,
             )
             return result(await asyncio.to_thread(fn))
