@@ -115,3 +115,12 @@ def test_bearer_guard() -> None:
     assert calls == [] and [m.get("status") for m in sent if "status" in m] == [401, 401]
     asyncio.run(go([(b"authorization", b"Bearer tok")]))
     assert calls == ["http"]
+
+
+def test_initramfs_ships_the_code_programs() -> None:
+    from mvm.images import initramfs
+
+    src = initramfs.code_sources()
+    assert set(src) == {"code_server.py", "code_client.py"}
+    assert b"def serve(" in src["code_server.py"] and b"MVMCODE:" in src["code_client.py"]
+    assert b"/run/mvm-code" in initramfs.init_script()

@@ -260,6 +260,7 @@ class Code:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sb = sandbox
         self._pending: set[str] = set()  # started here, maybe not listening yet
+        self._recorded: set[str] = set()  # record mode: contexts whose start is recorded
 
     def run(
         self,
@@ -277,6 +278,12 @@ class Code:
             raise InvalidArgument(f"a cell is at most {MAX_CODE} bytes", size=len(body))
         ctx, lang = resolve(context, language)
         timeout = check_timeout(timeout_seconds)
+        if self._sb._be.recording and ctx not in self._recorded:
+            # A recording cannot learn that the context is missing: record its start, so a
+            # replay starts it before the first cell.
+            self._recorded.add(ctx)
+            self._start(ctx, lang)
+            self._pending.add(ctx)
         wait = START_WAIT if ctx in self._pending else 0.0
         head = {"op": "run", "context": ctx, "language": lang, "timeout": timeout, "grace": GRACE}
         rec, res = self._call(head, body, wait, on_stdout, on_stderr)
