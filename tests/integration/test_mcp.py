@@ -13,14 +13,21 @@ import asyncio
 import base64
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from mcp import ClientSession, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
 import mvm
 from mvm.errors import SandboxNotFound
@@ -154,3 +161,55 @@ def test_mcp_session(home: Path) -> None:
     assert {"run_code", "write_file", "read_file", "list_files", "sandbox_create"} <= tools_called
     assert all(r["actor"] == "mcp:mvm-test-agent" for r in records), {r["actor"] for r in records}
     assert MARK not in log
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_mcp_http_needs_the_token(home: Path) -> None:
+    port, token = free_port(), "tok-" + os.urandom(8).hex()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mvm.cli.main", "mcp", "--http", f"127.0.0.1:{port}"],
+        env={**os.environ, "MVM_HOME": str(home), "MVM_MCP_TOKEN": token},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        deadline = time.monotonic() + 60
+        while True:  # bounded wait for the listener
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no listener"
+                time.sleep(0.2)
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            req = urllib.request.Request(url, data=b"{}", headers=headers, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                urllib.request.urlopen(req, timeout=10)
+            assert exc.value.code == 401
+
+        async def list_tools() -> set[str]:
+            client = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"})
+            async with (
+                client,
+                streamable_http_client(url, http_client=client) as (read, write, *_),
+                ClientSession(read, write) as s,
+            ):
+                await s.initialize()
+                return {t.name for t in (await s.list_tools()).tools}
+
+        assert asyncio.run(asyncio.wait_for(list_tools(), 60)) == TOOLS
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert token not in (proc.stderr.read().decode() if proc.stderr else "")
