@@ -96,7 +96,7 @@ class Lines:
 
 def kill_groups(hello: dict[str, Any], path: str) -> None:
     for pg in hello.get("pgids") or []:
-        if isinstance(pg, int) and pg > 1:
+        if isinstance(pg, int) and pg > 1 and pg != os.getpgrp():  # never our own group
             try:
                 os.killpg(pg, signal.SIGKILL)
             except OSError:
@@ -144,7 +144,7 @@ def main() -> int:
     if not private(d) and wait <= 0:
         return finish(nonce, {"status": "no_context"})
     sock = connect(path, wait)
-    if sock is None:
+    if sock is None or not private(d):  # a socket in a directory others could write: no
         return finish(nonce, {"status": "no_context"})
     lines = Lines(sock)
     try:

@@ -602,7 +602,11 @@ def serve(context: str, language: str) -> None:
     kernel: PythonKernel | BashKernel
     kernel = PythonKernel() if language == "python" else BashKernel(workdir)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path + ".new")
+    old = os.umask(0o077)
+    try:
+        listener.bind(path + ".new")
+    finally:
+        os.umask(old)
     listener.listen(16)
     os.replace(path + ".new", path)  # the socket appears only when it accepts
     while True:
@@ -658,7 +662,6 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or not NAME_RE.match(argv[0]) or argv[1] not in LANGUAGES:
         print(f"usage: code_server.py CONTEXT {{{','.join(LANGUAGES)}}}", file=sys.stderr)
         return 2
-    os.umask(0o077)
     serve(argv[0], argv[1])
     return 0
 
