@@ -121,6 +121,6 @@ def test_initramfs_ships_the_code_programs() -> None:
     from mvm.images import initramfs
 
     src = initramfs.code_sources()
-    assert set(src) == {"code_server.py", "code_client.py"}
+    assert set(src) == {"code_server.py", "code_output.py", "code_bash.py", "code_client.py"}
     assert b"def serve(" in src["code_server.py"] and b"MVMCODE:" in src["code_client.py"]
     assert b"/run/mvm-code" in initramfs.init_script()

@@ -21,6 +21,8 @@ from mvm import hostexec
 from mvm.images.kernel import Kernel
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+#: The run_code programs (docs/code.md), shipped beside the agent.
+CODE_FILES = ("code_server.py", "code_output.py", "code_bash.py", "code_client.py")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def code_sources() -> dict[str, bytes]:
     """The run_code server and client (docs/code.md): readable by the guest user, unlike
     the agent's own files, since contexts run as that user."""
     pkg = resources.files("mvm.agent.guest")
-    return {n: pkg.joinpath(n).read_bytes() for n in ("code_server.py", "code_client.py")}
+    return {n: pkg.joinpath(n).read_bytes() for n in CODE_FILES}
 
 
 def init_script() -> bytes:

@@ -9,10 +9,10 @@ Wire: JSON lines. The client sends ``{"op": "run", "code": ...}`` and may send
 ``{"op": "interrupt"}``; the server sends ``hello`` (pid, language, process groups to kill),
 ``out`` (stream, text), ``display`` (a MIME bundle) and one ``done`` (status, value, error).
 
-Languages: ``python`` (exec of the cell, the last expression's value shown like a notebook,
-matplotlib figures as PNG, ``display()`` and ``_repr_*_`` rich outputs) and ``bash`` (an
-interactive bash on pipes: ``cd``, variables and functions survive; SIGINT aborts the cell,
-not the shell). Standard library only: the image may have nothing else.
+Languages: ``python`` (here: exec of the cell, the last expression's value shown like a
+notebook, matplotlib figures as PNG, ``display()`` and ``_repr_*_`` rich outputs) and
+``bash`` (code_bash.py). Output handling is in code_output.py. Standard library only: the
+image may have nothing else.
 """
 
 from __future__ import annotations
@@ -20,30 +20,38 @@ from __future__ import annotations
 import ast
 import base64
 import builtins
-import codecs
 import fcntl
 import io
 import json
 import linecache
 import os
 import re
-import select
 import signal
 import socket
-import stat
 import sys
 import threading
-import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if TYPE_CHECKING:
+    from mvm.agent.guest.code_bash import BashKernel
+    from mvm.agent.guest.code_output import (
+        CONN,
+        capture_fds,
+        clip,
+        drain_fds,
+        private_dir,
+        socket_dir,
+    )
+else:
+    sys.path.insert(0, HERE)
+    from code_bash import BashKernel
+    from code_output import CONN, capture_fds, clip, drain_fds, private_dir, socket_dir
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 LANGUAGES = ("python", "bash")
 MAX_LINE = 4 * 1024 * 1024  # one client message (the cell is at most 1 MiB)
-OUTPUT_LIMIT = 4 * 1024 * 1024  # per stream and cell
-DISPLAY_LIMIT = 16 * 1024 * 1024  # all rich outputs of one cell
-TEXT_LIMIT = 1024 * 1024  # one text/plain, text/html, ... value
-FLUSH_SECONDS = 0.05
 CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 RICH = (
     ("_repr_png_", "image/png", True),
@@ -54,152 +62,6 @@ RICH = (
     ("_repr_latex_", "text/latex", False),
     ("_repr_json_", "application/json", False),
 )
-
-
-def socket_dir() -> str:
-    return f"/tmp/.mvm-code-{os.getuid()}"
-
-
-def private_dir(path: str) -> None:
-    """Make (or check) a 0700 directory of ours: nobody else may reach our sockets."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise SystemExit(f"mvm-code: {path} is not a private directory of uid {os.getuid()}")
-
-
-def clip(text: str, limit: int = TEXT_LIMIT) -> str:
-    return text if len(text) <= limit else text[:limit] + "\n...[truncated by mvm]"
-
-
-class Conn:
-    """The current client connection; output is dropped when there is none (or it broke)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.sock: socket.socket | None = None
-        self.counts = {"stdout": 0, "stderr": 0}
-        self.truncated = False
-        self.display_bytes = 0
-
-    def attach(self, sock: socket.socket | None) -> None:
-        with self.lock:
-            self.sock = sock
-            self.counts = {"stdout": 0, "stderr": 0}
-            self.truncated = False
-            self.display_bytes = 0
-
-    def send(self, msg: dict[str, Any]) -> None:
-        data = (json.dumps(msg, ensure_ascii=False) + "\n").encode("utf-8", "replace")
-        with self.lock:
-            if self.sock is None:
-                return
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                self.sock = None
-
-    def out(self, stream: str, text: str) -> None:
-        if not text:
-            return
-        with self.lock:
-            room = OUTPUT_LIMIT - self.counts[stream]
-            if room <= 0:
-                self.truncated = True
-                return
-            if len(text) > room:
-                text, self.truncated = text[:room], True
-            self.counts[stream] += len(text)
-        self.send({"t": "out", "s": stream, "d": text})
-
-    def display(self, bundle: dict[str, str]) -> None:
-        size = sum(len(v) for v in bundle.values())
-        with self.lock:
-            if self.display_bytes + size > DISPLAY_LIMIT:
-                self.truncated = True
-                return
-            self.display_bytes += size
-        self.send({"t": "display", "data": bundle})
-
-
-CONN = Conn()
-
-
-class Writer(io.TextIOBase):
-    """sys.stdout/sys.stderr of the cell: buffered briefly, then sent to the client."""
-
-    def __init__(self, stream: str) -> None:
-        self.stream = stream
-        self.buf: list[str] = []
-        self.size = 0
-        self.lock = threading.Lock()
-        self.last = time.monotonic()
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def write(self, s: str) -> int:
-        if not isinstance(s, str):
-            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        with self.lock:
-            self.buf.append(s)
-            self.size += len(s)
-            due = self.size >= 8192 or time.monotonic() - self.last >= FLUSH_SECONDS
-        if due:
-            self.flush()
-        return len(s)
-
-    def flush(self) -> None:
-        with self.lock:
-            text, self.buf, self.size = "".join(self.buf), [], 0
-            self.last = time.monotonic()
-        CONN.out(self.stream, text)
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        return 1 if self.stream == "stdout" else 2
-
-
-def pump_fd(fd: int, stream: str) -> None:
-    """Forward what child processes write to fd 1/2 (a pipe we own) to the client."""
-    dec = codecs.getincrementaldecoder("utf-8")("replace")
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            return
-        if not data:
-            return
-        CONN.out(stream, dec.decode(data))
-
-
-def capture_fds() -> tuple[Writer, Writer]:
-    """Point fds 1 and 2 at pipes we forward, and sys.stdout/err at Writers."""
-    for fd, stream in ((1, "stdout"), (2, "stderr")):
-        r, w = os.pipe()
-        os.dup2(w, fd)
-        os.close(w)
-        threading.Thread(target=pump_fd, args=(r, stream), daemon=True).start()
-    out, err = Writer("stdout"), Writer("stderr")
-
-    def flusher() -> None:
-        while True:
-            time.sleep(0.1)
-            for w in (out, err):
-                if w.size:
-                    w.flush()
-
-    threading.Thread(target=flusher, daemon=True).start()
-    return out, err
 
 
 # --------------------------------------------------------------------------- rich output
@@ -303,11 +165,7 @@ def patch_show() -> None:
         plt.show = show  # type: ignore[attr-defined]
 
 
-# --------------------------------------------------------------------------- kernels
-
-
-class Interrupted(Exception):
-    pass
+# --------------------------------------------------------------------------- python
 
 
 class PythonKernel:
@@ -321,7 +179,8 @@ class PythonKernel:
         self.count = 0
         self.running = False
         os.environ.setdefault("MPLBACKEND", "Agg")
-        sys.path[0] = ""  # the working directory, as in a notebook; not this file's dir
+        # The working directory first, as in a notebook; not this file's directory.
+        sys.path[:] = ["", *(p for p in sys.path if p != HERE)]
         sys.stdout, sys.stderr = capture_fds()
         signal.signal(signal.SIGINT, self._sigint)
         import warnings
@@ -360,6 +219,7 @@ class PythonKernel:
             error = self._error(exc)
         sys.stdout.flush()
         sys.stderr.flush()
+        drain_fds()
         patch_show()
         flush_figures()
         return {
@@ -414,144 +274,6 @@ class PythonKernel:
             "value": clip(text, 65536),
             "traceback": clip("".join(lines), 262144),
         }
-
-
-class BashKernel:
-    """An interactive bash on pipes. Each cell is sourced from a file with stdin from
-    /dev/null; its status comes back on fd 3. Interactive bash survives SIGINT and
-    abandons the current command, like Ctrl-C at a prompt."""
-
-    language = "bash"
-
-    def __init__(self, workdir: str) -> None:
-        self.workdir = workdir
-        self.count = 0
-        self.running = False
-        self.proc: Any = None
-        self.status_fd = -1
-        self.status_buf = b""
-        # A handler, not SIG_IGN: an ignored signal would be inherited by bash.
-        signal.signal(signal.SIGINT, lambda signum, frame: None)
-        self.start()
-
-    def start(self) -> None:
-        import subprocess
-
-        if self.proc is not None:  # a restart: let go of the old shell's pipes
-            os.close(self.status_fd)
-            for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-                f.close()
-        r, w = os.pipe()
-        env = dict(os.environ, PS1="", PS2="", PS0="", PROMPT_COMMAND="", HISTFILE="/dev/null")
-        self.proc = subprocess.Popen(
-            ["bash", "--noprofile", "--norc", "--noediting", "-i"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(w,),
-            env=env,
-            process_group=0,
-            close_fds=True,
-        )
-        os.close(w)
-        self.status_fd = r
-        self.status_buf = b""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"set +H +m; exec 3>&{w}; exec {w}>&-\nprintf '0\\n' >&3\n".encode())
-        self.proc.stdin.flush()
-        self._pump(discard=True)  # bash's start-up chatter ("no job control") is nobody's
-
-    def pgids(self) -> list[int]:
-        return [os.getpgrp(), self.proc.pid]
-
-    def interrupt(self) -> None:
-        if self.running:
-            try:
-                os.killpg(self.proc.pid, signal.SIGINT)
-            except OSError:
-                pass
-
-    def run(self, code: str) -> dict[str, Any]:
-        self.count += 1
-        if self.proc.poll() is not None:
-            self.start()
-        path = os.path.join(self.workdir, "cell.sh")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(code if code.endswith("\n") else code + "\n")
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        assert self.proc.stderr is not None
-        self.running = True
-        try:
-            self.proc.stdin.write(f". {path} </dev/null 3>&-\nprintf '%s\\n' \"$?\" >&3\n".encode())
-            self.proc.stdin.flush()
-        except OSError:
-            pass
-        rc = self._pump()
-        self.running = False
-        if rc is None:
-            return {
-                "status": "error",
-                "value": None,
-                "exec_count": self.count,
-                "error": {
-                    "name": "ShellExited",
-                    "value": "the shell exited; the next cell starts a new one (state is lost)",
-                    "traceback": "",
-                },
-            }
-        error = None
-        if rc != 0:
-            name = "KeyboardInterrupt" if rc == 130 else "ExitCode"
-            error = {"name": name, "value": str(rc), "traceback": ""}
-        return {
-            "status": "error" if error else "ok",
-            "value": None,
-            "error": error,
-            "exec_count": self.count,
-            "exit_code": rc,
-        }
-
-    def _pump(self, discard: bool = False) -> int | None:
-        """Forward output until the status line comes (or the shell is gone)."""
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        fds = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}
-        decs = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in fds}
-        for fd in fds:
-            os.set_blocking(fd, False)
-        while True:
-            ready, _, _ = select.select([*fds, self.status_fd], [], [], 1.0)
-            for fd in ready:
-                if fd == self.status_fd:
-                    data = os.read(fd, 4096)
-                    if not data:
-                        return None
-                    self.status_buf += data
-                else:
-                    self._drain(fd, fds[fd], decs[fd], discard)
-            if b"\n" in self.status_buf:
-                line, _, self.status_buf = self.status_buf.partition(b"\n")
-                for fd in fds:  # output written before the status is in the pipes now
-                    self._drain(fd, fds[fd], decs[fd], discard)
-                try:
-                    return int(line.strip() or b"1")
-                except ValueError:
-                    return 1
-            if not ready and self.proc.poll() is not None:
-                return None
-
-    @staticmethod
-    def _drain(fd: int, stream: str, dec: Any, discard: bool = False) -> None:
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                return
-            if not data:
-                return
-            if not discard:
-                CONN.out(stream, dec.decode(data))
 
 
 # --------------------------------------------------------------------------- serving
