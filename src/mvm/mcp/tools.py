@@ -55,6 +55,7 @@ class Session:
     made: dict[str, bool] = field(default_factory=dict)  # name -> keep after the session
     default: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    default_lock: threading.Lock = field(default_factory=threading.Lock)
     sandboxes: dict[str, mvm.Sandbox] = field(default_factory=dict)
 
     # -- sandboxes ----------------------------------------------------------------------
@@ -93,9 +94,12 @@ class Session:
             if name is not None and name in self.sandboxes:
                 return self.sandboxes[name]
         if name is None:
-            sb = self.create(None, None, "30m", 1, 1024, [], False)
-            with self.lock:
-                self.default = sb.name
+            with self.default_lock:  # concurrent first calls make one default sandbox
+                if self.default is not None:
+                    return self.get(self.default)
+                sb = self.create(None, None, "30m", 1, 1024, [], False)
+                with self.lock:
+                    self.default = sb.name
             return sb
         sb = mvm.Sandbox.connect(names.check("sandbox", name))
         with self.lock:
