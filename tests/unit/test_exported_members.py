@@ -9,6 +9,9 @@ import mvm.sdk
 PUBLIC = [
     "AsyncCommandHandle",
     "AsyncSandbox",
+    "CodeContext",
+    "CodeError",
+    "CodeResult",
     "CommandHandle",
     "CommandResult",
     "Forward",

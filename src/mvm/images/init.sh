@@ -53,6 +53,10 @@ mount -t tmpfs -o mode=0755,size=64m tmpfs /newroot/run
 mkdir -p /newroot/run/mvm
 cp /mvm/agent.py /mvm/protocol.py /newroot/run/mvm/
 chmod 0700 /newroot/run/mvm
+mkdir -p /newroot/run/mvm-code
+cp /mvm/code/*.py /newroot/run/mvm-code/
+chmod 0755 /newroot/run/mvm-code
+chmod 0644 /newroot/run/mvm-code/*.py
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys

@@ -21,6 +21,8 @@ from mvm import hostexec
 from mvm.images.kernel import Kernel
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+#: The run_code programs (docs/code.md), shipped beside the agent.
+CODE_FILES = ("code_server.py", "code_output.py", "code_bash.py", "code_client.py")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,13 @@ def agent_sources() -> dict[str, bytes]:
     return {"agent.py": agent, "protocol.py": protocol}
 
 
+def code_sources() -> dict[str, bytes]:
+    """The run_code server and client (docs/code.md): readable by the guest user, unlike
+    the agent's own files, since contexts run as that user."""
+    pkg = resources.files("mvm.agent.guest")
+    return {n: pkg.joinpath(n).read_bytes() for n in CODE_FILES}
+
+
 def init_script() -> bytes:
     return resources.files("mvm.images").joinpath("init.sh").read_bytes()
 
@@ -91,6 +100,7 @@ def entries_for(kernel: Kernel, busybox: bytes) -> list[Entry]:
         Entry("lib", d),
         Entry("lib/modules", d),
         Entry("mvm", d),
+        Entry("mvm/code", d),
         Entry("init", x, init_script()),
         Entry("bin/busybox", x, busybox),
     ]
@@ -100,6 +110,8 @@ def entries_for(kernel: Kernel, busybox: bytes) -> list[Entry]:
     es.append(Entry("lib/modules/order", f, (mods / "order").read_bytes()))
     for name, data in sorted(agent_sources().items()):
         es.append(Entry(f"mvm/{name}", f, data))
+    for name, data in sorted(code_sources().items()):
+        es.append(Entry(f"mvm/code/{name}", f, data))
     return es
 
 

@@ -8,6 +8,7 @@ use them, user code should not, and they change without notice.
 
 from mvm import errors
 from mvm.sdk.backend import CommandResult, RecordedBytes, RecordedStr, is_placeholder
+from mvm.sdk.code import CodeContext, CodeError, CodeResult
 from mvm.sdk.commands import AsyncCommandHandle, CommandHandle
 from mvm.sdk.options import Network, Resources, SecretRef, network, resources, secret
 from mvm.sdk.ports import Forward
@@ -16,6 +17,9 @@ from mvm.sdk.sandbox import AsyncSandbox, Sandbox, Snapshot
 __all__ = [
     "AsyncCommandHandle",
     "AsyncSandbox",
+    "CodeContext",
+    "CodeError",
+    "CodeResult",
     "CommandHandle",
     "CommandResult",
     "Forward",

@@ -19,6 +19,7 @@ from typing import Any
 from mvm.api import models as M
 from mvm.durations import parse_duration
 from mvm.errors import InvalidArgument, MvmError, SandboxNotFound
+from mvm.sdk import code as _code
 from mvm.sdk import include as includes
 from mvm.sdk import mode
 from mvm.sdk.backend import Backend, SandboxSpec
@@ -252,6 +253,22 @@ class Sandbox:
     ) -> Iterator[M.LogEvent]:
         return _logs(self._be, self._key, follow=follow, redact=redact, since=since)
 
+    # -- run_code (mvm.sdk.code) ----------------------------------------------------------
+    def run_code(self, code: str, language: str = "python", **kw: Any) -> _code.CodeResult:
+        """Run a cell in a persistent interpreter (docs/code.md): ``context=``,
+        ``timeout_seconds=``, ``on_stdout=``/``on_stderr=`` callbacks."""
+        return _code.code_for(self).run(code, language, **kw)
+
+    def create_context(
+        self, language: str = "python", name: str | None = None
+    ) -> _code.CodeContext:
+        return _code.code_for(self).create_context(language, name)
+
+    def restart_context(
+        self, context: _code.CodeContext | str | None = None, language: str = "python"
+    ) -> _code.CodeContext:
+        return _code.code_for(self).restart_context(context, language)
+
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> Sandbox:
         return self
@@ -337,6 +354,22 @@ class AsyncSandbox:
         self, follow: bool = False, redact: bool = True, since: float | None = None
     ) -> AsyncIterator[M.LogEvent]:
         return aiter_thread(self.sync.logs(follow=follow, redact=redact, since=since))
+
+    async def run_code(self, code: str, language: str = "python", **kw: Any) -> _code.CodeResult:
+        result: _code.CodeResult = await _code.arun(self.sync.run_code, code, language, **kw)
+        return result
+
+    async def create_context(
+        self, language: str = "python", name: str | None = None
+    ) -> _code.CodeContext:
+        ctx: _code.CodeContext = await _code.arun(self.sync.create_context, language, name)
+        return ctx
+
+    async def restart_context(
+        self, context: _code.CodeContext | str | None = None, language: str = "python"
+    ) -> _code.CodeContext:
+        ctx: _code.CodeContext = await _code.arun(self.sync.restart_context, context, language)
+        return ctx
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

@@ -1,0 +1,1 @@
+"""mvm as an MCP server (``mvmctl mcp``): tools over the Python SDK."""
