@@ -7,24 +7,42 @@ or undo it (reattach to a running QEMU, mark a vanished one failed).
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-# Sandbox states and the transitions the daemon makes between them.
-CREATING = "creating"
-RUNNING = "running"
-PAUSED = "paused"
-STOPPING = "stopping"
-STOPPED = "stopped"
-FAILED = "failed"
+from mvm.api.models import PortSpec
+from mvm.errors import InvalidTransition
+
+
+class SandboxState(enum.StrEnum):
+    """Where a sandbox is in its life. Changed only by ``StateDB.transition``."""
+
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+CREATING = SandboxState.CREATING
+RUNNING = SandboxState.RUNNING
+PAUSED = SandboxState.PAUSED
+STOPPING = SandboxState.STOPPING
+STOPPED = SandboxState.STOPPED
+FAILED = SandboxState.FAILED
 LIVE_STATES = frozenset({CREATING, RUNNING, PAUSED, STOPPING})
-TRANSITIONS: dict[str, frozenset[str]] = {
+#: The whole state machine: every change the daemon may make (RUNNING -> RUNNING is a
+#: snapshot restore into a running sandbox; a failure can happen in every live state).
+TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
     CREATING: frozenset({RUNNING, FAILED, STOPPING}),
     RUNNING: frozenset({PAUSED, STOPPING, FAILED, RUNNING}),
     PAUSED: frozenset({RUNNING, STOPPING, FAILED}),
@@ -32,6 +50,21 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     STOPPED: frozenset(),
     FAILED: frozenset({STOPPING}),
 }
+
+
+def check_transition(name: str, old: str, new: str) -> SandboxState:
+    """The new state if ``old -> new`` is in the table; else InvalidTransition (HTTP 409)
+    naming the sandbox's state. Pure."""
+    target = SandboxState(new)
+    if target not in TRANSITIONS.get(SandboxState(old), frozenset()):
+        raise InvalidTransition(
+            f"sandbox {name} is {old}: it cannot become {new}",
+            sandbox=name,
+            state=str(old),
+            target=str(new),
+        )
+    return target
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -62,7 +95,7 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     name: str
     image: str
     image_id: str
-    state: str
+    state: SandboxState
     cpus: int
     memory_mb: int
     disk_mb: int
@@ -106,6 +139,8 @@ class SnapshotRecord(msgspec.Struct, kw_only=True):
     #: The sandbox's network policy (a NIC is part of the saved device state).
     network_preset: str = "none"
     network_allow: list[str] = []
+    #: Its port forwards when saved: a sandbox recreated from the snapshot gets them back.
+    ports: list[PortSpec] = []
 
 
 class ForwardRecord(msgspec.Struct, kw_only=True):
@@ -120,10 +155,6 @@ class ForwardRecord(msgspec.Struct, kw_only=True):
     wildcard: bool = False
     created: float = 0.0
     audit_id: str | None = None
-
-
-class InvalidTransition(Exception):
-    pass
 
 
 class StateDB:
@@ -163,19 +194,29 @@ class StateDB:
                 (rec.id, rec.name, rec.state, msgspec.json.encode(rec), time.time()),
             )
 
-    def save(self, rec: SandboxRecord) -> None:
+    def _save(self, rec: SandboxRecord) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE sandboxes SET state = ?, doc = ?, updated = ? WHERE id = ?",
                 (rec.state, msgspec.json.encode(rec), time.time(), rec.id),
             )
 
-    def transition(self, rec: SandboxRecord, new_state: str, reason: str = "") -> SandboxRecord:
-        """Record a state change (checked against TRANSITIONS) and return the new record."""
-        if new_state not in TRANSITIONS.get(rec.state, frozenset()):
-            raise InvalidTransition(f"{rec.name}: cannot go from {rec.state} to {new_state}")
-        new = msgspec.structs.replace(rec, state=new_state, reason=reason or rec.reason)
-        self.save(new)
+    def transition(
+        self, rec: SandboxRecord, new_state: str, reason: str = "", **changes: Any
+    ) -> SandboxRecord:
+        """The one way a sandbox changes state: checked against TRANSITIONS, written, and
+        returned as the new record (with ``changes`` to other fields, e.g. its pid)."""
+        target = check_transition(rec.name, rec.state, new_state)
+        new = msgspec.structs.replace(rec, **changes, state=target, reason=reason or rec.reason)
+        self._save(new)
+        return new
+
+    def update(self, rec: SandboxRecord, **changes: Any) -> SandboxRecord:
+        """Change fields other than the state (TTL, pid after a restore) and write them."""
+        if "state" in changes:
+            raise TypeError("state changes go through transition()")
+        new = msgspec.structs.replace(rec, **changes)
+        self._save(new)
         return new
 
     def delete(self, sandbox_id: str) -> None:

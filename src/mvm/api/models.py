@@ -7,7 +7,11 @@ line, bytes base64-encoded in ``data``.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, Callable, Iterable
+
 import msgspec
+
+from mvm import errors
 
 API_VERSION = "v1"
 
@@ -70,6 +74,9 @@ class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ports: list[PortSpec] = []
     #: Host directories whose contents enter the guest (checked by admission).
     mounts: list[str] = []
+    #: Host paths whose files the client will copy in after create (SDK ``include=``,
+    #: ``up DIR``): checked against the policy's ``mount_roots``.
+    uploads: list[str] = []
     workload_id: str | None = None
     tags: dict[str, str] = {}
 
@@ -93,6 +100,8 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     workload_id: str | None = None
     tags: dict[str, str] = {}
     audit_id: str | None = None
+    #: What a call could not do and why (e.g. a forward not restored with a snapshot).
+    warnings: list[str] = []
 
 
 class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -120,6 +129,83 @@ class ExecEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     truncated_stderr: bool = False
     error: ErrorBody | None = None
     audit_id: str | None = None
+
+
+class ExecResult(msgspec.Struct, kw_only=True):
+    """The one result of a finished command, whoever gathered it (CLI, SDK, ``mvmctl run``)."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+    signal: int | None = None
+    duration: float = 0.0
+    truncated_stdout: bool = False
+    truncated_stderr: bool = False
+    audit_id: str | None = None
+
+
+OutputSink = Callable[[str, bytes], None]
+
+
+class ExecGatherer:
+    """Folds an exec event stream into an ``ExecResult``: output to ``on_output`` as it
+    comes (and kept, when ``keep``), the exit event's facts, an error event raised as the
+    error class mvmd named."""
+
+    def __init__(self, on_output: OutputSink | None = None, keep: bool = True) -> None:
+        self.on_output = on_output
+        self.keep = keep
+        self.out = {"stdout": bytearray(), "stderr": bytearray()}
+        self.end: ExecEvent | None = None
+
+    def feed(self, ev: ExecEvent) -> None:
+        if ev.type in self.out:
+            if self.keep:
+                self.out[ev.type] += ev.data
+            if self.on_output is not None:
+                self.on_output(ev.type, ev.data)
+        elif ev.type == "exit":
+            self.end = ev
+        elif ev.type == "error":
+            body = ev.error or ErrorBody(error="MvmError", message="exec failed")
+            raise errors.from_name(body.error, body.message, body.hint, dict(body.data))
+
+    def result(self) -> ExecResult:
+        end = self.end
+        if end is None:
+            raise errors.MvmError("the exec stream ended without an exit event")
+        return ExecResult(
+            exit_code=end.exit_code if end.exit_code is not None else -1,
+            stdout=bytes(self.out["stdout"]),
+            stderr=bytes(self.out["stderr"]),
+            timed_out=end.timed_out,
+            signal=end.signal,
+            duration=end.duration,
+            truncated_stdout=end.truncated_stdout,
+            truncated_stderr=end.truncated_stderr,
+            audit_id=end.audit_id,
+        )
+
+
+def gather_exec(
+    events: Iterable[ExecEvent], on_output: OutputSink | None = None, keep: bool = True
+) -> ExecResult:
+    """An exec event stream as one ``ExecResult`` (see ``ExecGatherer``)."""
+    g = ExecGatherer(on_output, keep)
+    for ev in events:
+        g.feed(ev)
+    return g.result()
+
+
+async def agather_exec(
+    events: AsyncIterable[ExecEvent], on_output: OutputSink | None = None, keep: bool = True
+) -> ExecResult:
+    """``gather_exec`` for an async stream (the service in-process)."""
+    g = ExecGatherer(on_output, keep)
+    async for ev in events:
+        g.feed(ev)
+    return g.result()
 
 
 class ProcStart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -179,6 +265,12 @@ class SnapshotInfo(msgspec.Struct, kw_only=True):
     size: int
     image: str
     audit_id: str | None = None
+
+
+class UploadCheck(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Host paths a client is about to copy into a running sandbox (policy: mount_roots)."""
+
+    paths: list[str]
 
 
 class TtlRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
