@@ -148,8 +148,9 @@ def test_mvmd_reattaches_all_sandboxes_at_once(tmp_path: Path, monkeypatch: Any)
             return records
 
     class FakeCore:
-        db = Records()
-        live: dict[str, object] = {}
+        def __init__(self) -> None:
+            self.db = Records()
+            self.live: dict[str, object] = {}
 
     async def reattach(self: Sandboxes, rec: str) -> None:
         active["now"] += 1
