@@ -15,7 +15,7 @@ from mvm.agent.client import exec_reply
 from mvm.api import models as M
 from mvm.errors import InvalidArgument
 from mvm.service.core import Core
-from mvm.service.live import audit_after
+from mvm.service.live import audit_after, audit_before
 
 #: Most bytes of argv + env + cwd one command may carry: they travel in one frame header.
 MAX_COMMAND_BYTES = P.MAX_HEADER - 4096
@@ -57,9 +57,9 @@ class Execs:
         check_command(req.argv, env, req.cwd)
         redactors = {"stdout": live.redactor.stream(), "stderr": live.redactor.stream()}
         # Fail closed: no audit record, no exec. Output is hashed as it streams by.
-        audit.record(
+        audit_before(
             "cmd.exec.started",
-            sandbox=live.name,
+            live.name,
             argv_sha256=audit.argv_sha256(req.argv),
             argc=len(req.argv),
             env_keys=sorted(env),

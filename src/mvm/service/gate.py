@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mvm import audit
 from mvm.policy import admission
-from mvm.service.live import audit_after
+from mvm.service.live import audit_after, audit_before
 
 
 class Gate:
@@ -37,9 +36,7 @@ class Gate:
         )
         raise admission.denied_error(decision, verb)
 
-    def launch(
-        self, name: str, plan: admission.SandboxPlan, *, actor: str | None = None
-    ) -> admission.Decision:
+    def launch(self, name: str, plan: admission.SandboxPlan) -> admission.Decision:
         """Create (or recreate from a snapshot): the whole plan; audited either way (the
         ``plan.admitted`` record is written before anything boots, failing closed)."""
         decision = admission.admit(plan, self.policy())
@@ -50,12 +47,10 @@ class Gate:
             "notes": list(decision.notes),
             "secrets": list(plan.secrets),
         }
-        if actor is not None:
-            fields["actor"] = actor
         if not decision.allowed:
             audit_after("plan.denied", name, **fields)
             raise admission.denied_error(decision)
-        audit.record("plan.admitted", sandbox=name, **fields)  # fail closed
+        audit_before("plan.admitted", name, **fields)  # fail closed
         return decision
 
     def forward(self, sandbox: str, port: tuple[str, int, int, bool], existing: int) -> None:

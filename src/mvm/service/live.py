@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from mvm.state import SandboxRecord
 from mvm.vm import MicroVM
 
 log = logging.getLogger(__name__)
+
+#: Who acts in this context's audit records: mvmd, or ``mvmctl`` for a one-shot run.
+ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("mvm_actor", default="mvmd")
 
 
 @dataclass
@@ -74,10 +78,15 @@ def audit_after(event: str, sandbox: str | None, **fields: Any) -> str | None:
     caller's result is not lost. (Records made *before* acting use ``audit.record`` and fail
     closed.)"""
     try:
-        return audit.record(event, sandbox=sandbox, **fields)
+        return audit.record(event, actor=ACTOR.get(), sandbox=sandbox, **fields)
     except MvmError as exc:
         log.error("audit record %s for %s failed: %s", event, sandbox, exc)
         return None
+
+
+def audit_before(event: str, sandbox: str | None, **fields: Any) -> str:
+    """Audit something about to happen: a failing log raises, and it does not happen."""
+    return audit.record(event, actor=ACTOR.get(), sandbox=sandbox, **fields)
 
 
 def reason_fields(reason: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from mvm.errors import (
 )
 from mvm.policy import admission
 from mvm.service.core import Core, spec_for
-from mvm.service.live import Live, audit_after, info, reason_fields
+from mvm.service.live import ACTOR, Live, audit_after, info, reason_fields
 from mvm.service.ports import Ports
 from mvm.state import SandboxRecord
 from mvm.vm import MicroVM, new_id
@@ -121,12 +121,13 @@ class Sandboxes:
         return [info(live) for live in sorted(self.core.live.values(), key=lambda x: x.name)]
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def create(self, req: M.CreateSandbox, *, actor: str | None = None) -> Live:
+    async def create(self, req: M.CreateSandbox) -> Live:
         core = self.core
-        name = names.check("sandbox", req.name) if req.name is not None else new_id()
+        vm_id = new_id()
+        name = names.check("sandbox", req.name) if req.name is not None else vm_id
         plan = admission.plan_from_create(req)
         plan = dataclasses.replace(plan, mounts=tuple(os.path.realpath(m) for m in plan.mounts))
-        core.gate.launch(name, plan, actor=actor)  # before anything boots
+        core.gate.launch(name, plan)  # before anything boots
         core.gate.uploads(name, [os.path.realpath(p) for p in req.uploads])
         check_ttl(req.ttl_seconds)
         check_labels(req.workload_id, req.tags)
@@ -137,7 +138,6 @@ class Sandboxes:
         if disk_mb < MIN_DISK_MB:
             raise InvalidArgument(f"disk must be at least {MIN_DISK_MB} MiB")
         image = await asyncio.to_thread(core.store.ensure, req.image)
-        vm_id = new_id()
         now = time.time()
         rec = SandboxRecord(
             id=vm_id,
@@ -186,14 +186,14 @@ class Sandboxes:
                 disk_mb=disk_mb,
                 ttl_seconds=req.ttl_seconds,
                 network=req.network.preset,
-                network_allow=len(req.network.allow),
+                network_allow=list(req.network.allow),
                 ports=len(req.ports),
                 env_keys=sorted(rec.env),
                 secret_env_keys=sorted(req.secret_env),
                 workload_id=req.workload_id,
                 tags=dict(req.tags),
                 boot_seconds=round(vm.boot_seconds, 3),
-                **({"actor": actor} if actor else {}),
+                **({"oneshot": True} if ACTOR.get() != "mvmd" else {}),
             )
         try:
             for p in ports:
