@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from mvm import paths
 from mvm.agent import protocol as P
 from mvm.api import models as M
@@ -134,31 +136,22 @@ async def _run(
     req: M.ExecRequest,
     on_output: M.OutputSink | None,
 ) -> RunResult:
-    def result(r: M.ExecResult, code: int) -> RunResult:
-        return RunResult(
-            sandbox_id=sandbox_id,
-            image=image,
-            exit_code=code,
-            stdout=r.stdout,
-            stderr=r.stderr,
-            duration=r.duration,
-            boot_seconds=boot_seconds,
-            timed_out=r.timed_out,
-            truncated_stdout=r.truncated_stdout,
-            truncated_stderr=r.truncated_stderr,
-            signal=r.signal,
-            audit_id=r.audit_id,
-            image_id=image_id,
-            started_at=started_at,
-            finished_at=time.time(),
-        )
-
     try:
         r = await service.execs.run(name, req, on_output)
     except CommandTimeout:
         # The guest did not even report its own timeout: the VM is destroyed on exit.
         r = M.ExecResult(exit_code=TIMEOUT_EXIT, timed_out=True, duration=req.timeout)
-    return result(r, TIMEOUT_EXIT if r.timed_out else r.exit_code)
+    facts = msgspec.structs.asdict(r)  # the one exec result, plus what the run adds
+    facts["exit_code"] = TIMEOUT_EXIT if r.timed_out else r.exit_code
+    return RunResult(
+        **facts,
+        sandbox_id=sandbox_id,
+        image=image,
+        image_id=image_id,
+        boot_seconds=boot_seconds,
+        started_at=started_at,
+        finished_at=time.time(),
+    )
 
 
 def _state_parent() -> Path:
