@@ -4,6 +4,7 @@ capped and redacted as it streams, audited before it starts and after it ends.""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -17,22 +18,28 @@ from mvm.errors import InvalidArgument
 from mvm.service.core import Core
 from mvm.service.live import audit_after, audit_before
 
-#: Most bytes of argv + env + cwd one command may carry: they travel in one frame header.
-MAX_COMMAND_BYTES = P.MAX_HEADER - 4096
+#: Room in the agent's frame header for what is not the command (kind, id, limits).
+HEADER_SLACK = 1024
+#: Most bytes argv + env + cwd + user may take in the header (JSON, ASCII-escaped).
+MAX_COMMAND_BYTES = P.MAX_HEADER - HEADER_SLACK
 
 
-def check_command(argv: list[str], env: dict[str, str], cwd: str | None) -> None:
-    """Refuse, with the limit named, a command too large for the agent's frame header."""
+def check_command(
+    argv: list[str], env: dict[str, str], cwd: str | None, user: str | None = None
+) -> None:
+    """Refuse, naming the limit, a command too large for the agent's one frame header
+    (measured as the agent will encode it), before anything is sent or audited."""
     if not argv:
         raise InvalidArgument("empty command")
-    size = sum(len(a.encode()) + 8 for a in argv)
-    size += sum(len(k.encode()) + len(v.encode()) + 8 for k, v in env.items())
-    size += len(cwd.encode()) if cwd else 0
+    doc = {"argv": argv, "env": env, "cwd": cwd, "user": user}
+    size = len(json.dumps(doc, separators=(",", ":"), ensure_ascii=True))
     if size > MAX_COMMAND_BYTES:
         raise InvalidArgument(
-            f"command, environment and cwd take {size} bytes; at most {MAX_COMMAND_BYTES} fit",
+            f"command, environment, cwd and user take {size} bytes encoded; at most "
+            f"{MAX_COMMAND_BYTES} fit in one request to the guest",
             hint="pass large data through a file or stdin",
             limit=MAX_COMMAND_BYTES,
+            size=size,
         )
 
 
@@ -43,7 +50,7 @@ class Execs:
     def prepare(self, name: str, req: M.ExecRequest) -> None:
         """Everything that can refuse an exec before its stream starts (so the refusal is
         a plain error answer, not an event inside a started stream)."""
-        check_command(req.argv, req.env, req.cwd)
+        check_command(req.argv, req.env, req.cwd, req.user)
         if not 0 < req.timeout <= M.MAX_TTL:
             raise InvalidArgument("timeout must be positive and at most a week")
         live, _ = self.core.running(name)
@@ -54,7 +61,7 @@ class Execs:
         self.prepare(name, req)
         live, agent = core.running(name)
         env = core.command_env(live, req.env, req.secret_env, req.user)
-        check_command(req.argv, env, req.cwd)
+        check_command(req.argv, env, req.cwd, req.user)
         redactors = {"stdout": live.redactor.stream(), "stderr": live.redactor.stream()}
         # Fail closed: no audit record, no exec. Output is hashed as it streams by.
         audit_before(

@@ -25,10 +25,10 @@ class Procs:
         self.core = core
 
     async def start(self, name: str, req: M.ProcStart) -> M.ProcView:
-        check_command(req.argv, req.env, req.cwd)
+        check_command(req.argv, req.env, req.cwd, req.user)
         live, agent = self.core.running(name)
         env = self.core.command_env(live, req.env, req.secret_env, req.user)
-        check_command(req.argv, env, req.cwd)
+        check_command(req.argv, env, req.cwd, req.user)
         p = await agent.proc_start(
             req.argv,
             env=env,
