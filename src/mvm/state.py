@@ -14,12 +14,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
-from mvm.api.models import PortSpec
+from mvm.api.models import SandboxShape
 from mvm.errors import InvalidTransition
+
+R = TypeVar("R", bound=SandboxShape)
 
 
 class SandboxState(enum.StrEnum):
@@ -88,59 +90,59 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 
-class SandboxRecord(msgspec.Struct, kw_only=True):
-    """What the daemon knows about one sandbox (everything needed to reattach)."""
+class SandboxRecord(SandboxShape, kw_only=True):
+    """What the daemon knows about one sandbox (everything needed to reattach): its shape
+    as created (image resolved, disk sized, env merged) and the facts of its life."""
 
     id: str
     name: str
-    image: str
     image_id: str
     state: SandboxState
-    cpus: int
-    memory_mb: int
-    disk_mb: int
-    env: dict[str, str] = {}
-    #: Secret environment by secret NAME (values are resolved at each exec, never stored).
-    secret_env: dict[str, str] = {}
+    disk_mb: int = 0
     created: float
-    ttl_seconds: float
     expires_at: float
     pid: int | None = None
     run_dir: str = ""
     memory_file: str | None = None  # the template RAM file a clone maps (for snapshots)
     reason: str = ""
-    #: Network policy as asked (preset + allow patterns); the proxy is rebuilt from it.
-    network_preset: str = "none"
-    network_allow: list[str] = []
-    #: The caller's labels, returned as given (bounded by the daemon).
-    workload_id: str | None = None
-    tags: dict[str, str] = {}
 
     def ttl_left(self, now: float | None = None) -> float:
         return max(0.0, self.expires_at - (now if now is not None else time.time()))
 
 
-class SnapshotRecord(msgspec.Struct, kw_only=True):
+class SnapshotRecord(SandboxShape, kw_only=True):
+    """A saved sandbox: its shape (secret names are not kept: a recreated sandbox gets
+    only what the snapshot's caller gives again) and where the state file is."""
+
     sandbox: str  # sandbox name
     name: str
     path: str  # directory holding the state file and meta
     created: float
     size: int
-    image: str
     image_id: str
-    cpus: int
-    memory_mb: int
-    disk_mb: int
+    disk_mb: int = 0
     memory_file: str | None = None
-    #: What a sandbox recreated from this snapshot gets back (secret values are never here:
-    #: only names live in records).
-    env: dict[str, str] = {}
-    ttl_seconds: float | None = None
-    #: The sandbox's network policy (a NIC is part of the saved device state).
-    network_preset: str = "none"
-    network_allow: list[str] = []
-    #: Its port forwards when saved: a sandbox recreated from the snapshot gets them back.
-    ports: list[PortSpec] = []
+
+
+def _upgraded(doc: dict[str, Any]) -> dict[str, Any]:
+    """A record written before the shape was one struct: network_preset/network_allow
+    become ``network``; a snapshot's unknown TTL becomes the default."""
+    if "network_preset" in doc or "network_allow" in doc:
+        doc["network"] = {
+            "preset": doc.pop("network_preset", "none"),
+            "allow": doc.pop("network_allow", []),
+        }
+    if doc.get("ttl_seconds", 0) is None:
+        del doc["ttl_seconds"]
+    return doc
+
+
+def decode_record(raw: bytes | str, typ: type[R]) -> R:
+    """A stored record (SQLite row or snapshot.json), older layouts included."""
+    doc = msgspec.json.decode(raw)
+    if not isinstance(doc, dict):
+        raise msgspec.ValidationError("a record must be a JSON object")
+    return msgspec.convert(_upgraded(doc), typ)
 
 
 class ForwardRecord(msgspec.Struct, kw_only=True):
@@ -228,12 +230,12 @@ class StateDB:
             row = self._db.execute(
                 "SELECT doc FROM sandboxes WHERE name = ? OR id = ?", (name, name)
             ).fetchone()
-        return msgspec.json.decode(row[0], type=SandboxRecord) if row else None
+        return decode_record(row[0], SandboxRecord) if row else None
 
     def all(self) -> list[SandboxRecord]:
         with self._lock:
             rows = self._db.execute("SELECT doc FROM sandboxes ORDER BY name").fetchall()
-        return [msgspec.json.decode(r[0], type=SandboxRecord) for r in rows]
+        return [decode_record(r[0], SandboxRecord) for r in rows]
 
     # -- port forwards ------------------------------------------------------------
     def add_forward(self, fwd: ForwardRecord) -> None:
@@ -271,14 +273,14 @@ class StateDB:
             rows = self._db.execute(
                 "SELECT doc FROM snapshots WHERE sandbox = ? ORDER BY name", (sandbox,)
             ).fetchall()
-        return [msgspec.json.decode(r[0], type=SnapshotRecord) for r in rows]
+        return [decode_record(r[0], SnapshotRecord) for r in rows]
 
     def snapshot(self, sandbox: str, name: str) -> SnapshotRecord | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT doc FROM snapshots WHERE sandbox = ? AND name = ?", (sandbox, name)
             ).fetchone()
-        return msgspec.json.decode(row[0], type=SnapshotRecord) if row else None
+        return decode_record(row[0], SnapshotRecord) if row else None
 
     def remove_snapshot(self, sandbox: str, name: str) -> None:
         with self._tx() as db:

@@ -91,3 +91,36 @@ def test_agent_errors_map_by_code_and_unknown_names_to_the_base() -> None:
     assert errors.http_status(errors.AgentError("x", code="???")) == 400
     assert type(errors.from_name("Exception", "m", None, {})) is errors.MvmError
     assert type(errors.from_name("NoSuchError", "m", None, {})) is errors.MvmError
+
+
+def test_records_and_the_api_share_one_shape() -> None:
+    from mvm.api import models as M
+    from mvm.state import SnapshotRecord
+
+    for cls in (M.CreateSandbox, SandboxRecord, SnapshotRecord):
+        assert issubclass(cls, M.SandboxShape)
+        assert set(M.SandboxShape.__struct_fields__) <= set(cls.__struct_fields__)
+    req = M.CreateSandbox(image="python", tags={"a": "b"}, network=M.NetworkSpec(preset="dev"))
+    assert M.shape_fields(req)["network"] == M.NetworkSpec(preset="dev")
+    with pytest.raises(errors.InvalidArgument, match="kind"):
+        M.check_shape(M.CreateSandbox(kind="browser"))
+    with pytest.raises(errors.InvalidArgument, match="tags"):
+        M.check_shape(M.CreateSandbox(tags={str(i): "" for i in range(M.MAX_TAGS + 1)}))
+
+
+def test_records_written_before_the_one_shape_still_load(tmp_path: Path) -> None:
+    import msgspec
+
+    from mvm.state import SnapshotRecord, decode_record
+
+    old = msgspec.json.encode(record()) .replace(b'"network":{"preset":"none","allow":[]}',
+        b'"network_preset":"dev","network_allow":["pypi.org"]')  # fmt: skip
+    rec = decode_record(old, SandboxRecord)
+    assert rec.network.preset == "dev" and rec.network.allow == ["pypi.org"]
+    snap = {
+        "sandbox": "one", "name": "s", "path": "/x", "created": 1.0, "size": 1,
+        "image": "python", "image_id": "x", "cpus": 1, "memory_mb": 512, "disk_mb": 256,
+        "ttl_seconds": None, "network_preset": "none", "network_allow": [],
+    }  # fmt: skip
+    s = decode_record(msgspec.json.encode(snap), SnapshotRecord)
+    assert s.ttl_seconds == 1800.0 and s.network.preset == "none"

@@ -24,6 +24,11 @@ MAX_FILE_READ = 64 * 1024 * 1024
 #: Default and largest TTL of a sandbox (seconds).
 DEFAULT_TTL = 30 * 60.0
 MAX_TTL = 7 * 24 * 3600.0
+#: Bounds on the caller's labels (workload_id, tags): one value for the SDK and mvmd.
+MAX_TAGS = 32
+MAX_LABEL = 256
+#: The kinds of sandbox mvm runs (more come with browser, desktop and builder VMs).
+KINDS = ("sandbox",)
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):
@@ -60,25 +65,65 @@ class ForwardInfo(msgspec.Struct, kw_only=True):
     audit_id: str | None = None
 
 
-class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    name: str | None = None
+class SandboxShape(msgspec.Struct, kw_only=True):
+    """The one shape of a sandbox: what it runs, on what, for how long, reaching what.
+
+    The API's create body is this plus a name; the state record and the snapshot record
+    extend it with their facts (id, state, pid, path); admission's plan and the VM spec
+    are made from it (``admission.plan_from_shape``, ``service.core.spec_for``).
+    """
+
     image: str = "python"
     cpus: int = 1
     memory_mb: int = 512
     disk_mb: int | None = None  # size of the writable layer; default half the memory
     ttl_seconds: float = DEFAULT_TTL
     env: dict[str, str] = {}
-    #: Environment variables whose values are secrets, by secret name (resolved by mvmd).
+    #: Environment variables whose values are secrets, by secret NAME (resolved by mvmd
+    #: at each command; values are never stored).
     secret_env: dict[str, str] = {}
     network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
     ports: list[PortSpec] = []
+    #: The caller's labels, returned as given (bounded: MAX_LABEL, MAX_TAGS).
+    workload_id: str | None = None
+    tags: dict[str, str] = {}
+    kind: str = "sandbox"
+
+
+def shape_fields(obj: SandboxShape) -> dict[str, object]:
+    """The shape part of anything that extends it, as keyword arguments."""
+    return {f: getattr(obj, f) for f in SandboxShape.__struct_fields__}
+
+
+def check_shape(shape: SandboxShape) -> None:
+    """The rules of a shape that are not policy (policy is admission's): labels, kind, TTL."""
+    if shape.kind not in KINDS:
+        raise errors.InvalidArgument(
+            f"unknown sandbox kind {shape.kind!r}", hint="kinds: " + ", ".join(KINDS)
+        )
+    if not 0 < shape.ttl_seconds <= MAX_TTL:
+        raise errors.InvalidArgument(
+            f"TTL must be between 0 and {MAX_TTL:.0f} seconds (got {shape.ttl_seconds:g})"
+        )
+    if shape.workload_id is not None and not 0 < len(shape.workload_id) <= MAX_LABEL:
+        raise errors.InvalidArgument(f"workload_id must be 1 to {MAX_LABEL} characters")
+    if len(shape.tags) > MAX_TAGS:
+        raise errors.InvalidArgument(f"at most {MAX_TAGS} tags (got {len(shape.tags)})")
+    for k, v in shape.tags.items():
+        if not 0 < len(k) <= MAX_LABEL or len(v) > MAX_LABEL:
+            raise errors.InvalidArgument(
+                f"tag {k[:40]!r}: keys must be 1 to {MAX_LABEL} characters, "
+                f"values at most {MAX_LABEL}"
+            )
+
+
+class CreateSandbox(SandboxShape, kw_only=True, forbid_unknown_fields=True):
+    name: str | None = None
     #: Host directories whose contents enter the guest (checked by admission).
     mounts: list[str] = []
     #: Host paths whose files the client will copy in after create (SDK ``include=``,
     #: ``up DIR``): checked against the policy's ``mount_roots``.
     uploads: list[str] = []
-    workload_id: str | None = None
-    tags: dict[str, str] = {}
 
 
 class SandboxInfo(msgspec.Struct, kw_only=True):

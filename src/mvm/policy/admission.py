@@ -29,7 +29,7 @@ import msgspec
 from mvm import errors, paths
 
 if TYPE_CHECKING:
-    from mvm.api.models import CreateSandbox
+    from mvm.api.models import CreateSandbox, SandboxShape
 
 #: The network presets mvm knows (egress owns what each one reaches).
 NETWORK_PRESETS = ("none", "registries", "dev", "unrestricted")
@@ -370,20 +370,26 @@ def admit_uploads(paths: Sequence[str], policy: Policy) -> Decision:
 # ---------------------------------------------------------------- plans and policies
 
 
+def plan_from_shape(shape: SandboxShape, mounts: Sequence[str] = ()) -> SandboxPlan:
+    """The plan of a sandbox shape (a create request, a snapshot being recreated);
+    ``mounts`` taken as given: resolve them first."""
+    return SandboxPlan(
+        image=shape.image,
+        cpus=shape.cpus,
+        memory_mb=shape.memory_mb,
+        disk_mb=shape.disk_mb,
+        ttl_seconds=shape.ttl_seconds,
+        network_preset=shape.network.preset,
+        network_allow=tuple(shape.network.allow),
+        ports=tuple((p.host, p.host_port, p.guest_port, p.allow_wildcard) for p in shape.ports),
+        mounts=tuple(mounts),
+        secrets=tuple(sorted(set(shape.secret_env.values()))),
+    )
+
+
 def plan_from_create(req: CreateSandbox) -> SandboxPlan:
     """The plan of an API create request (``mounts`` taken as given: resolve them first)."""
-    return SandboxPlan(
-        image=req.image,
-        cpus=req.cpus,
-        memory_mb=req.memory_mb,
-        disk_mb=req.disk_mb,
-        ttl_seconds=req.ttl_seconds,
-        network_preset=req.network.preset,
-        network_allow=tuple(req.network.allow),
-        ports=tuple((p.host, p.host_port, p.guest_port, p.allow_wildcard) for p in req.ports),
-        mounts=tuple(req.mounts),
-        secrets=tuple(sorted(set(req.secret_env.values()))),
-    )
+    return plan_from_shape(req, req.mounts)
 
 
 def denied_error(decision: Decision, what: str = "the launch") -> errors.PolicyDenied:

@@ -139,7 +139,7 @@ class Core:
         pol = (
             policy
             if policy is not None
-            else await policy_for(rec.network_preset, rec.network_allow)
+            else await policy_for(rec.network.preset, list(rec.network.allow))
         )
         if not pol.enabled:
             return False

@@ -67,7 +67,7 @@ def info(live: Live) -> M.SandboxInfo:
         boot_seconds=live.vm.boot_seconds if live.vm else None,
         forwards=list(live.forwards),
         audit_id=live.audit_id,
-        network=M.NetworkSpec(preset=r.network_preset, allow=list(r.network_allow)),
+        network=M.NetworkSpec(preset=r.network.preset, allow=list(r.network.allow)),
         workload_id=r.workload_id,
         tags=dict(r.tags),
     )

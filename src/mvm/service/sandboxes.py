@@ -17,6 +17,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import msgspec
+
 from mvm import names, paths, state
 from mvm.api import models as M
 from mvm.daemon.egress import policy_for, proxy_env
@@ -41,27 +43,6 @@ log = logging.getLogger(__name__)
 #: How often the reaper checks TTLs and QEMU liveness (seconds).
 REAP_INTERVAL = 1.0
 MIN_DISK_MB = 16
-#: Bounds on the caller's labels (workload_id, tags): the one limit, SDK and mvmd alike.
-MAX_TAGS = 32
-MAX_LABEL = 256
-
-
-def check_labels(workload_id: str | None, tags: dict[str, str]) -> None:
-    """Labels are the caller's, stored and returned as given: bound them."""
-    if workload_id is not None and not 0 < len(workload_id) <= MAX_LABEL:
-        raise InvalidArgument(f"workload_id must be 1 to {MAX_LABEL} characters")
-    if len(tags) > MAX_TAGS:
-        raise InvalidArgument(f"at most {MAX_TAGS} tags (got {len(tags)})")
-    for k, v in tags.items():
-        if not 0 < len(k) <= MAX_LABEL or len(v) > MAX_LABEL:
-            raise InvalidArgument(
-                f"tag {k[:40]!r}: keys must be 1 to {MAX_LABEL} characters, values at most {MAX_LABEL}"
-            )
-
-
-def check_ttl(ttl: float) -> None:
-    if not 0 < ttl <= M.MAX_TTL:
-        raise InvalidArgument(f"TTL must be between 0 and {M.MAX_TTL:.0f} seconds (got {ttl:g})")
 
 
 class Sandboxes:
@@ -129,8 +110,7 @@ class Sandboxes:
         plan = dataclasses.replace(plan, mounts=tuple(os.path.realpath(m) for m in plan.mounts))
         core.gate.launch(name, plan)  # before anything boots
         core.gate.uploads(name, [os.path.realpath(p) for p in req.uploads])
-        check_ttl(req.ttl_seconds)
-        check_labels(req.workload_id, req.tags)
+        M.check_shape(req)
         core.resolve_secrets(None, req.secret_env)  # unknown names fail before booting
         ports = [check_spec(p) for p in req.ports]  # refuse bad forwards before booting
         netpolicy = await policy_for(req.network.preset, list(req.network.allow))
@@ -139,25 +119,20 @@ class Sandboxes:
             raise InvalidArgument(f"disk must be at least {MIN_DISK_MB} MiB")
         image = await asyncio.to_thread(core.store.ensure, req.image)
         now = time.time()
+        shape = M.shape_fields(req) | {
+            "image": image.name,
+            "disk_mb": disk_mb,
+            "env": {**image.env, **(proxy_env() if netpolicy.enabled else {}), **req.env},
+        }
         rec = SandboxRecord(
+            **shape,  # type: ignore[arg-type]
             id=vm_id,
             name=name,
-            image=image.name,
             image_id=image.id,
             state=state.CREATING,
-            cpus=req.cpus,
-            memory_mb=req.memory_mb,
-            disk_mb=disk_mb,
-            env={**image.env, **(proxy_env() if netpolicy.enabled else {}), **req.env},
-            secret_env=dict(req.secret_env),
             created=now,
-            ttl_seconds=req.ttl_seconds,
             expires_at=now + req.ttl_seconds,
             run_dir=str(paths.run_dir() / vm_id),
-            network_preset=req.network.preset,
-            network_allow=list(req.network.allow),
-            workload_id=req.workload_id,
-            tags=dict(req.tags),
         )
         live = await self.insert(rec)
         core.resolve_secrets(live, req.secret_env)
@@ -290,8 +265,8 @@ class Sandboxes:
         return live
 
     def set_ttl(self, name: str, ttl: float) -> Live:
-        check_ttl(ttl)
         live = self.core.get(name)
+        M.check_shape(msgspec.structs.replace(live.rec, ttl_seconds=ttl))
         self.core.gate.ttl(live.name, ttl)
         live.rec = self.core.db.update(live.rec, ttl_seconds=ttl, expires_at=time.time() + ttl)
         return live

@@ -73,30 +73,23 @@ class Snapshots:
             shutil.rmtree(d, ignore_errors=True)
             tmp.rename(d)
             r = live.rec
+            ports = [
+                M.PortSpec(
+                    guest_port=f.guest_port,
+                    host_port=f.host_port,
+                    host=f.host,
+                    allow_wildcard=f.wildcard,
+                )
+                for f in core.db.forwards(r.id)
+            ]
             srec = SnapshotRecord(
+                **M.shape_fields(r) | {"secret_env": {}, "ports": ports},  # type: ignore[arg-type]
                 sandbox=r.name,
                 name=snap,
                 path=str(d),
                 created=time.time(),
                 size=(d / "state").stat().st_size,
-                image=r.image,
                 image_id=r.image_id,
-                cpus=r.cpus,
-                memory_mb=r.memory_mb,
-                disk_mb=r.disk_mb,
-                env=r.env,
-                ttl_seconds=r.ttl_seconds,
-                network_preset=r.network_preset,
-                network_allow=list(r.network_allow),
-                ports=[
-                    M.PortSpec(
-                        guest_port=f.guest_port,
-                        host_port=f.host_port,
-                        host=f.host,
-                        allow_wildcard=f.wildcard,
-                    )
-                    for f in core.db.forwards(r.id)
-                ],
             )
             (d / "snapshot.json").write_bytes(msgspec.json.encode(srec))
             core.db.add_snapshot(srec)
@@ -154,37 +147,20 @@ class Snapshots:
 
     async def _recreate_from(self, srec: SnapshotRecord) -> tuple[Live, list[str]]:
         core = self.core
-        ttl = srec.ttl_seconds or M.DEFAULT_TTL
-        plan = admission.SandboxPlan(
-            image=srec.image,
-            cpus=srec.cpus,
-            memory_mb=srec.memory_mb,
-            disk_mb=srec.disk_mb,
-            ttl_seconds=ttl,
-            network_preset=srec.network_preset,
-            network_allow=tuple(srec.network_allow),
-            ports=tuple((p.host, p.host_port, p.guest_port, p.allow_wildcard) for p in srec.ports),
-        )
-        core.gate.launch(srec.sandbox, plan)  # a recreate is a launch: the same admission
+        # A recreate is a launch: the same admission as a create, from the same shape.
+        core.gate.launch(srec.sandbox, admission.plan_from_shape(srec))
         image = self._image_for_snapshot(srec)
         vm_id = new_id()
         now = time.time()
         rec = SandboxRecord(
+            **M.shape_fields(srec),  # type: ignore[arg-type]
             id=vm_id,
             name=srec.sandbox,
-            image=srec.image,
             image_id=srec.image_id,
             state=state.CREATING,
-            cpus=srec.cpus,
-            memory_mb=srec.memory_mb,
-            disk_mb=srec.disk_mb,
-            env=dict(srec.env),
             created=now,
-            ttl_seconds=ttl,
-            expires_at=now + ttl,
+            expires_at=now + srec.ttl_seconds,
             run_dir=str(paths.run_dir() / vm_id),
-            network_preset=srec.network_preset,
-            network_allow=list(srec.network_allow),
         )
         live = await self.sandboxes.insert(rec)
         async with live.lock:
