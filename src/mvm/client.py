@@ -44,10 +44,7 @@ def _raise_for(resp: httpx.Response) -> None:
 
 
 def error_from_body(body: M.ErrorBody) -> errors.MvmError:
-    cls = getattr(errors, body.error, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.MvmError)):
-        cls = errors.MvmError
-    return cls(body.message, hint=body.hint, **body.data)
+    return errors.from_name(body.error, body.message, body.hint, dict(body.data))
 
 
 def check_socket_owner(path: Path) -> None:

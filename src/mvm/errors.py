@@ -1,4 +1,10 @@
-"""One error hierarchy. Each error carries data, a message, and a hint with the fix."""
+"""One error hierarchy. Each error carries data, a message, and a hint with the fix.
+
+Each class says how it leaves mvm: ``http_status`` (what mvmd answers) and
+``exit_code`` (what the CLI exits with). mvmd sends the class name; the client
+rebuilds the same class (``from_name``), so a caller catches the same type in-process
+and over the socket.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ class MvmError(Exception):
 
     #: Exit status the CLI uses for this error.
     exit_code = 125
+    #: HTTP status mvmd answers with for this error.
+    http_status = 500
 
     def __init__(self, message: str, *, hint: str | None = None, **data: Any) -> None:
         super().__init__(message)
@@ -46,11 +54,11 @@ class ImageError(MvmError):
 
 
 class ImageNotFound(ImageError):
-    pass
+    http_status = 404
 
 
 class UnknownPreset(ImageError):
-    pass
+    http_status = 404
 
 
 class ManifestError(ImageError):
@@ -63,6 +71,8 @@ class ImageBuildError(ImageError):
 
 class VMError(MvmError):
     """The VM could not be started, or it died."""
+
+    http_status = 502
 
 
 class VMBootTimeout(VMError):
@@ -83,6 +93,7 @@ class AgentProtocolError(VMError):
 
 class CommandTimeout(MvmError):
     exit_code = 124
+    http_status = 504
 
 
 class CommandFailed(MvmError):
@@ -94,34 +105,43 @@ class CommandFailed(MvmError):
 
 class InvalidArgument(MvmError):
     exit_code = 2
+    http_status = 400
 
 
 class SandboxNotFound(MvmError):
-    pass
+    http_status = 404
 
 
 class SandboxExists(MvmError):
     """The name is taken by another sandbox."""
 
+    http_status = 409
+
 
 class SandboxStateError(MvmError):
     """The sandbox is in a state that does not allow this (e.g. exec while paused)."""
 
+    http_status = 409
+
 
 class SnapshotNotFound(MvmError):
-    pass
+    http_status = 404
 
 
 class SnapshotExists(MvmError):
-    pass
+    http_status = 409
 
 
 class ForwardNotFound(MvmError):
     """No port forward with that id on that sandbox."""
 
+    http_status = 404
+
 
 class PolicyDenied(MvmError):
     """Admission refused a launch (data: rules, denials)."""
+
+    http_status = 403
 
 
 class PolicyFileError(MvmError):
@@ -136,3 +156,45 @@ class SecretError(MvmError):
 
 class SecretNotFound(SecretError):
     """No secret of that name (data: name, known)."""
+
+
+class InvalidTransition(SandboxStateError):
+    """A state change the sandbox state machine does not allow (data: sandbox, state)."""
+
+
+class StateLoadError(VMError):
+    """QEMU could not load a saved state (a template or a snapshot): the file is at fault,
+    not a connection."""
+
+
+class AuditError(MvmError):
+    """The audit log could not be written or read, or a record is malformed."""
+
+
+#: mvm's answers to the guest agent's error codes (an AgentError carries ``code``).
+AGENT_HTTP_STATUS = {
+    "not_found": 404,
+    "exists": 409,
+    "too_large": 413,
+    "bad_request": 400,
+    "permission_denied": 403,
+    "is_a_directory": 400,
+    "not_a_directory": 400,
+    "not_empty": 409,
+    "no_space": 507,
+}
+
+
+def http_status(exc: MvmError) -> int:
+    """The HTTP status of an error: its class's, or for an agent error, its code's."""
+    if isinstance(exc, AgentError):
+        return AGENT_HTTP_STATUS.get(str(exc.data.get("code")), 400)
+    return exc.http_status
+
+
+def from_name(name: str, message: str, hint: str | None, data: dict[str, Any]) -> MvmError:
+    """Rebuild an error sent by name (mvmd's ErrorBody): the same class, or MvmError."""
+    cls = globals().get(name)
+    if not (isinstance(cls, type) and issubclass(cls, MvmError)):
+        cls = MvmError
+    return cls(message, hint=hint, **data)

@@ -7,24 +7,44 @@ or undo it (reattach to a running QEMU, mark a vanished one failed).
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 
-# Sandbox states and the transitions the daemon makes between them.
-CREATING = "creating"
-RUNNING = "running"
-PAUSED = "paused"
-STOPPING = "stopping"
-STOPPED = "stopped"
-FAILED = "failed"
+from mvm.api.models import SandboxShape
+from mvm.errors import InvalidTransition
+
+R = TypeVar("R", bound=SandboxShape)
+
+
+class SandboxState(enum.StrEnum):
+    """Where a sandbox is in its life. Changed only by ``StateDB.transition``."""
+
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+CREATING = SandboxState.CREATING
+RUNNING = SandboxState.RUNNING
+PAUSED = SandboxState.PAUSED
+STOPPING = SandboxState.STOPPING
+STOPPED = SandboxState.STOPPED
+FAILED = SandboxState.FAILED
 LIVE_STATES = frozenset({CREATING, RUNNING, PAUSED, STOPPING})
-TRANSITIONS: dict[str, frozenset[str]] = {
+#: The whole state machine: every change the daemon may make (RUNNING -> RUNNING is a
+#: snapshot restore into a running sandbox; a failure can happen in every live state).
+TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
     CREATING: frozenset({RUNNING, FAILED, STOPPING}),
     RUNNING: frozenset({PAUSED, STOPPING, FAILED, RUNNING}),
     PAUSED: frozenset({RUNNING, STOPPING, FAILED}),
@@ -32,6 +52,21 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     STOPPED: frozenset(),
     FAILED: frozenset({STOPPING}),
 }
+
+
+def check_transition(name: str, old: str, new: str) -> SandboxState:
+    """The new state if ``old -> new`` is in the table; else InvalidTransition (HTTP 409)
+    naming the sandbox's state. Pure."""
+    target = SandboxState(new)
+    if target not in TRANSITIONS.get(SandboxState(old), frozenset()):
+        raise InvalidTransition(
+            f"sandbox {name} is {old}: it cannot become {new}",
+            sandbox=name,
+            state=str(old),
+            target=str(new),
+        )
+    return target
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -55,57 +90,59 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 
-class SandboxRecord(msgspec.Struct, kw_only=True):
-    """What the daemon knows about one sandbox (everything needed to reattach)."""
+class SandboxRecord(SandboxShape, kw_only=True):
+    """What the daemon knows about one sandbox (everything needed to reattach): its shape
+    as created (image resolved, disk sized, env merged) and the facts of its life."""
 
     id: str
     name: str
-    image: str
     image_id: str
-    state: str
-    cpus: int
-    memory_mb: int
-    disk_mb: int
-    env: dict[str, str] = {}
-    #: Secret environment by secret NAME (values are resolved at each exec, never stored).
-    secret_env: dict[str, str] = {}
+    state: SandboxState
+    disk_mb: int = 0
     created: float
-    ttl_seconds: float
     expires_at: float
     pid: int | None = None
     run_dir: str = ""
     memory_file: str | None = None  # the template RAM file a clone maps (for snapshots)
     reason: str = ""
-    #: Network policy as asked (preset + allow patterns); the proxy is rebuilt from it.
-    network_preset: str = "none"
-    network_allow: list[str] = []
-    #: The caller's labels, returned as given (bounded by the daemon).
-    workload_id: str | None = None
-    tags: dict[str, str] = {}
 
     def ttl_left(self, now: float | None = None) -> float:
         return max(0.0, self.expires_at - (now if now is not None else time.time()))
 
 
-class SnapshotRecord(msgspec.Struct, kw_only=True):
+class SnapshotRecord(SandboxShape, kw_only=True):
+    """A saved sandbox: its shape (secret names are not kept: a recreated sandbox gets
+    only what the snapshot's caller gives again) and where the state file is."""
+
     sandbox: str  # sandbox name
     name: str
     path: str  # directory holding the state file and meta
     created: float
     size: int
-    image: str
     image_id: str
-    cpus: int
-    memory_mb: int
-    disk_mb: int
+    disk_mb: int = 0
     memory_file: str | None = None
-    #: What a sandbox recreated from this snapshot gets back (secret values are never here:
-    #: only names live in records).
-    env: dict[str, str] = {}
-    ttl_seconds: float | None = None
-    #: The sandbox's network policy (a NIC is part of the saved device state).
-    network_preset: str = "none"
-    network_allow: list[str] = []
+
+
+def _upgraded(doc: dict[str, Any]) -> dict[str, Any]:
+    """A record written before the shape was one struct: network_preset/network_allow
+    become ``network``; a snapshot's unknown TTL becomes the default."""
+    if "network_preset" in doc or "network_allow" in doc:
+        doc["network"] = {
+            "preset": doc.pop("network_preset", "none"),
+            "allow": doc.pop("network_allow", []),
+        }
+    if doc.get("ttl_seconds", 0) is None:
+        del doc["ttl_seconds"]
+    return doc
+
+
+def decode_record(raw: bytes | str, typ: type[R]) -> R:
+    """A stored record (SQLite row or snapshot.json), older layouts included."""
+    doc = msgspec.json.decode(raw)
+    if not isinstance(doc, dict):
+        raise msgspec.ValidationError("a record must be a JSON object")
+    return msgspec.convert(_upgraded(doc), typ)
 
 
 class ForwardRecord(msgspec.Struct, kw_only=True):
@@ -120,10 +157,6 @@ class ForwardRecord(msgspec.Struct, kw_only=True):
     wildcard: bool = False
     created: float = 0.0
     audit_id: str | None = None
-
-
-class InvalidTransition(Exception):
-    pass
 
 
 class StateDB:
@@ -163,19 +196,29 @@ class StateDB:
                 (rec.id, rec.name, rec.state, msgspec.json.encode(rec), time.time()),
             )
 
-    def save(self, rec: SandboxRecord) -> None:
+    def _save(self, rec: SandboxRecord) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE sandboxes SET state = ?, doc = ?, updated = ? WHERE id = ?",
                 (rec.state, msgspec.json.encode(rec), time.time(), rec.id),
             )
 
-    def transition(self, rec: SandboxRecord, new_state: str, reason: str = "") -> SandboxRecord:
-        """Record a state change (checked against TRANSITIONS) and return the new record."""
-        if new_state not in TRANSITIONS.get(rec.state, frozenset()):
-            raise InvalidTransition(f"{rec.name}: cannot go from {rec.state} to {new_state}")
-        new = msgspec.structs.replace(rec, state=new_state, reason=reason or rec.reason)
-        self.save(new)
+    def transition(
+        self, rec: SandboxRecord, new_state: str, reason: str = "", **changes: Any
+    ) -> SandboxRecord:
+        """The one way a sandbox changes state: checked against TRANSITIONS, written, and
+        returned as the new record (with ``changes`` to other fields, e.g. its pid)."""
+        target = check_transition(rec.name, rec.state, new_state)
+        new = msgspec.structs.replace(rec, **changes, state=target, reason=reason or rec.reason)
+        self._save(new)
+        return new
+
+    def update(self, rec: SandboxRecord, **changes: Any) -> SandboxRecord:
+        """Change fields other than the state (TTL, pid after a restore) and write them."""
+        if "state" in changes:
+            raise TypeError("state changes go through transition()")
+        new = msgspec.structs.replace(rec, **changes)
+        self._save(new)
         return new
 
     def delete(self, sandbox_id: str) -> None:
@@ -187,12 +230,12 @@ class StateDB:
             row = self._db.execute(
                 "SELECT doc FROM sandboxes WHERE name = ? OR id = ?", (name, name)
             ).fetchone()
-        return msgspec.json.decode(row[0], type=SandboxRecord) if row else None
+        return decode_record(row[0], SandboxRecord) if row else None
 
     def all(self) -> list[SandboxRecord]:
         with self._lock:
             rows = self._db.execute("SELECT doc FROM sandboxes ORDER BY name").fetchall()
-        return [msgspec.json.decode(r[0], type=SandboxRecord) for r in rows]
+        return [decode_record(r[0], SandboxRecord) for r in rows]
 
     # -- port forwards ------------------------------------------------------------
     def add_forward(self, fwd: ForwardRecord) -> None:
@@ -230,14 +273,14 @@ class StateDB:
             rows = self._db.execute(
                 "SELECT doc FROM snapshots WHERE sandbox = ? ORDER BY name", (sandbox,)
             ).fetchall()
-        return [msgspec.json.decode(r[0], type=SnapshotRecord) for r in rows]
+        return [decode_record(r[0], SnapshotRecord) for r in rows]
 
     def snapshot(self, sandbox: str, name: str) -> SnapshotRecord | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT doc FROM snapshots WHERE sandbox = ? AND name = ?", (sandbox, name)
             ).fetchone()
-        return msgspec.json.decode(row[0], type=SnapshotRecord) if row else None
+        return decode_record(row[0], SnapshotRecord) if row else None
 
     def remove_snapshot(self, sandbox: str, name: str) -> None:
         with self._tx() as db:

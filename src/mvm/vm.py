@@ -1,4 +1,9 @@
-"""A booted microVM with a connected agent: the unit every higher layer builds on."""
+"""A booted microVM with a connected agent: the unit every higher layer builds on.
+
+``MicroVM`` is the QEMU microvm implementation of ``mvm.vmm.backend.VmmBackend``: the
+service starts, attaches, pauses, resumes, saves and restores VMs only through those
+methods, never through QEMU's sockets or this module's private parts.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +26,7 @@ from mvm.errors import (
     AgentProtocolError,
     CommandTimeout,
     InvalidArgument,
+    StateLoadError,
     VMBootTimeout,
     VMDied,
     VMError,
@@ -35,11 +42,6 @@ log = logging.getLogger(__name__)
 #: Seconds from QEMU start to the agent's handshake before the boot counts as failed.
 #: TCG cold boots take ~5 s on 2 cores; parallel boots share the CPU. ``MVM_BOOT_TIMEOUT``.
 BOOT_TIMEOUT = float(os.environ.get("MVM_BOOT_TIMEOUT", "120"))
-
-
-class StateLoadError(VMError):
-    """QEMU could not load a saved state (a template or a snapshot): the file is at fault,
-    not a connection."""
 
 
 def new_id() -> str:
@@ -58,7 +60,7 @@ class VMSpec:
 
 def egress_relay_argv() -> tuple[str, ...]:
     """The program QEMU runs per guest connection to the egress address (stdlib only)."""
-    from mvm.daemon import egress_relay
+    from mvm.vmm import egress_relay
 
     return (sys.executable, "-I", str(Path(egress_relay.__file__).resolve()))
 
@@ -254,16 +256,45 @@ class MicroVM:
         return vm
 
     @classmethod
-    async def attach(
-        cls, vm_id: str, spec: VMSpec, cfg: VMConfig, pid: int, timeout: float = 30.0
+    async def load(
+        cls,
+        spec: VMSpec,
+        state: Path,
+        *,
+        store: ImageStore,
+        vm_id: str,
+        run_dir: Path,
+        boot_timeout: float = BOOT_TIMEOUT,
     ) -> MicroVM:
-        """Reconnect to a VM whose QEMU outlived the process that started it."""
+        """Start a new VM of ``spec`` from a saved state (a snapshot of the same shape)."""
+        cfg = replace(base_config(spec, store, run_dir), incoming=True)
+        return await cls._start(vm_id, spec, cfg, boot_timeout, restore=state)
+
+    @classmethod
+    async def attach(
+        cls,
+        vm_id: str,
+        spec: VMSpec,
+        *,
+        store: ImageStore,
+        run_dir: Path,
+        pid: int,
+        paused: bool = False,
+        timeout: float = 30.0,
+    ) -> MicroVM:
+        """Reconnect to a VM whose QEMU outlived the process that started it (a paused one
+        runs for the handshake and is paused again)."""
+        cfg = base_config(spec, store, run_dir)
         qemu = QemuProcess(cfg)
         qemu.adopt(pid)
         vm = cls(vm_id, spec, qemu)
         try:
+            if paused:
+                await vm.resume()  # the handshake needs a running guest
             vm.agent = await AgentClient.connect(cfg.agent_socket)
             await vm.agent.hello(timeout, alive=qemu.alive)
+            if paused:
+                await vm.pause()
         except BaseException:
             if vm.agent is not None:
                 await vm.agent.close()
@@ -281,6 +312,44 @@ class MicroVM:
         fresh = await MicroVM._start(self.id, self.spec, cfg, boot_timeout, restore=state)
         self.qemu, self.agent = fresh.qemu, fresh.agent
         self.boot_seconds = fresh.boot_seconds
+
+    async def pause(self) -> None:
+        """Stop the guest's CPUs (its memory and connections stay)."""
+        async with Qmp(self.qemu.cfg.qmp_socket) as qmp:
+            await qmp.execute("stop")
+
+    async def resume(self) -> None:
+        async with Qmp(self.qemu.cfg.qmp_socket) as qmp:
+            await qmp.execute("cont")
+
+    async def save(self, path: Path, *, keep_running: bool) -> None:
+        """Write the VM's device and memory state to ``path`` (the guest is stopped while it
+        is written; ``keep_running`` lets it run again afterwards)."""
+        async with Qmp(self.qemu.cfg.qmp_socket) as qmp:
+            await qmp.save_state(path)
+            if keep_running:
+                await qmp.execute("cont")
+
+    def alive(self) -> bool:
+        return self.qemu.alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self.qemu.pid
+
+    def console(self, listener: Callable[[bytes], None]) -> None:
+        """Send the VM's console output to ``listener`` from now on."""
+        self.qemu.console_listener = listener
+
+    def failure(self) -> str:
+        """What the console says about why the VM stopped."""
+        return self.qemu.boot_failure()
+
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it (mvmd exits; the next one attaches)."""
+        if self.agent is not None:
+            await self.agent.close()
+        await self.qemu.stop_capture()
 
     def require_agent(self) -> AgentClient:
         if self.agent is None:

@@ -216,11 +216,18 @@ def test_nobody_listening_closes_cleanly_and_the_forward_keeps_working(
         echo(dead["host_port"], b"x")
 
 
-def test_wildcard_needs_the_flag(ctl: Ctl, sandbox: dict[str, object]) -> None:
+def test_wildcard_needs_the_flag(ctl: Ctl, sandbox: dict[str, object], home: Path) -> None:
     port = free_port()
     r = ctl("forward", NAME, f"{port}:8000", "--host", "0.0.0.0")
     assert r.rc != 0 and "wildcard" in r.err and "--allow-wildcard" in r.err, str(r)
-    fwd = ctl.json("forward", NAME, f"{port}:8000", "--host", "0.0.0.0", "--allow-wildcard")
+    # the flag is not enough: the policy must allow wildcard forwards too
+    r = ctl("forward", NAME, f"{port}:8000", "--host", "0.0.0.0", "--allow-wildcard")
+    assert r.rc != 0 and "[ports.wildcard]" in r.err, str(r)
+    (home / "policy.toml").write_text("allow_wildcard_ports = true\n")
+    try:
+        fwd = ctl.json("forward", NAME, f"{port}:8000", "--host", "0.0.0.0", "--allow-wildcard")
+    finally:
+        (home / "policy.toml").unlink()
     assert fwd["host"] == "0.0.0.0" and re.fullmatch(r"\d+-[0-9a-f]{12}", fwd["audit_id"])
     assert_listens(ctl, port, "0.0.0.0")
     assert get(port, "/").status_code == 200

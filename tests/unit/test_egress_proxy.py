@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mvm.audit import log as audit_log
-from mvm.daemon import egress
+from mvm.daemon import egress, egress_splice
 from mvm.policy import network as N
 
 UPSTREAM = "127.0.0.2"
@@ -307,7 +307,7 @@ def test_idle_connection_is_closed_after_the_idle_timeout(
 ) -> None:
     """Nothing moves either way: the proxy ends the tunnel (the guest reads EOF and the
     upstream sees its side closed) instead of holding it open forever."""
-    monkeypatch.setattr(egress, "IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(egress_splice, "IDLE_TIMEOUT", 0.5)
     upstream_closed = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

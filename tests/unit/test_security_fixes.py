@@ -137,7 +137,7 @@ def test_mvmd_reattaches_all_sandboxes_at_once(tmp_path: Path, monkeypatch: Any)
     before any of them finishes."""
     import asyncio
 
-    from mvm.daemon.manager import Manager
+    from mvm.service.sandboxes import Sandboxes
 
     monkeypatch.setenv("MVM_HOME", str(tmp_path))
     records = [f"rec-{i}" for i in range(5)]
@@ -147,7 +147,12 @@ def test_mvmd_reattaches_all_sandboxes_at_once(tmp_path: Path, monkeypatch: Any)
         def all(self) -> list[str]:
             return records
 
-    async def reattach(self: Manager, rec: str) -> None:
+    class FakeCore:
+        def __init__(self) -> None:
+            self.db = Records()
+            self.live: dict[str, object] = {}
+
+    async def reattach(self: Sandboxes, rec: str) -> None:
         active["now"] += 1
         active["max"] = max(active["max"], active["now"])
         for _ in range(3):
@@ -155,13 +160,9 @@ def test_mvmd_reattaches_all_sandboxes_at_once(tmp_path: Path, monkeypatch: Any)
         active["now"] -= 1
 
     async def run() -> None:
-        m = Manager.__new__(Manager)
-        m.db = Records()  # type: ignore[assignment]
-        m.live = {}
-        m._reaper = None
-        m.ready = asyncio.Event()
-        monkeypatch.setattr(Manager, "_reattach", reattach)
-        monkeypatch.setattr(Manager, "_reap_forever", lambda self: asyncio.sleep(0))
+        monkeypatch.setattr(Sandboxes, "_reattach", reattach)
+        monkeypatch.setattr(Sandboxes, "_reap_forever", lambda self: asyncio.sleep(0))
+        m = Sandboxes(FakeCore(), None)  # type: ignore[arg-type]
         await m.start()
         assert m.ready.is_set()  # the API stops holding requests only now
         assert m._reaper is not None

@@ -713,3 +713,9 @@ class TcpStream:
     def _finish(self) -> None:
         self._done = True
         self._client._pending.pop(self._rid, None)
+
+
+def exec_reply(frame: P.Frame) -> ExecReply:
+    """The guest's final exec frame, validated (for callers streaming ``exec_stream``)."""
+    reply: ExecReply = _convert(frame, ExecReply, "exec")
+    return reply

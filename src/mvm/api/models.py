@@ -7,7 +7,11 @@ line, bytes base64-encoded in ``data``.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, Callable, Iterable
+
 import msgspec
+
+from mvm import errors
 
 API_VERSION = "v1"
 
@@ -20,6 +24,11 @@ MAX_FILE_READ = 64 * 1024 * 1024
 #: Default and largest TTL of a sandbox (seconds).
 DEFAULT_TTL = 30 * 60.0
 MAX_TTL = 7 * 24 * 3600.0
+#: Bounds on the caller's labels (workload_id, tags): one value for the SDK and mvmd.
+MAX_TAGS = 32
+MAX_LABEL = 256
+#: The kinds of sandbox mvm runs (more come with browser, desktop and builder VMs).
+KINDS = ("sandbox",)
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):
@@ -56,22 +65,65 @@ class ForwardInfo(msgspec.Struct, kw_only=True):
     audit_id: str | None = None
 
 
-class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    name: str | None = None
+class SandboxShape(msgspec.Struct, kw_only=True):
+    """The one shape of a sandbox: what it runs, on what, for how long, reaching what.
+
+    The API's create body is this plus a name; the state record and the snapshot record
+    extend it with their facts (id, state, pid, path); admission's plan and the VM spec
+    are made from it (``admission.plan_from_shape``, ``service.core.spec_for``).
+    """
+
     image: str = "python"
     cpus: int = 1
     memory_mb: int = 512
     disk_mb: int | None = None  # size of the writable layer; default half the memory
     ttl_seconds: float = DEFAULT_TTL
     env: dict[str, str] = {}
-    #: Environment variables whose values are secrets, by secret name (resolved by mvmd).
+    #: Environment variables whose values are secrets, by secret NAME (resolved by mvmd
+    #: at each command; values are never stored).
     secret_env: dict[str, str] = {}
     network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
     ports: list[PortSpec] = []
-    #: Host directories whose contents enter the guest (checked by admission).
-    mounts: list[str] = []
+    #: The caller's labels, returned as given (bounded: MAX_LABEL, MAX_TAGS).
     workload_id: str | None = None
     tags: dict[str, str] = {}
+    kind: str = "sandbox"
+
+
+def shape_fields(obj: SandboxShape) -> dict[str, object]:
+    """The shape part of anything that extends it, as keyword arguments."""
+    return {f: getattr(obj, f) for f in SandboxShape.__struct_fields__}
+
+
+def check_shape(shape: SandboxShape) -> None:
+    """The rules of a shape that are not policy (policy is admission's): labels, kind, TTL."""
+    if shape.kind not in KINDS:
+        raise errors.InvalidArgument(
+            f"unknown sandbox kind {shape.kind!r}", hint="kinds: " + ", ".join(KINDS)
+        )
+    if not 0 < shape.ttl_seconds <= MAX_TTL:
+        raise errors.InvalidArgument(
+            f"TTL must be between 0 and {MAX_TTL:.0f} seconds (got {shape.ttl_seconds:g})"
+        )
+    if shape.workload_id is not None and not 0 < len(shape.workload_id) <= MAX_LABEL:
+        raise errors.InvalidArgument(f"workload_id must be 1 to {MAX_LABEL} characters")
+    if len(shape.tags) > MAX_TAGS:
+        raise errors.InvalidArgument(f"at most {MAX_TAGS} tags (got {len(shape.tags)})")
+    for k, v in shape.tags.items():
+        if not 0 < len(k) <= MAX_LABEL or len(v) > MAX_LABEL:
+            raise errors.InvalidArgument(
+                f"tag {k[:40]!r}: keys must be 1 to {MAX_LABEL} characters, "
+                f"values at most {MAX_LABEL}"
+            )
+
+
+class CreateSandbox(SandboxShape, kw_only=True, forbid_unknown_fields=True):
+    name: str | None = None
+    #: Host directories whose contents enter the guest (checked by admission).
+    mounts: list[str] = []
+    #: Host paths whose files the client will copy in after create (SDK ``include=``,
+    #: ``up DIR``): checked against the policy's ``mount_roots``.
+    uploads: list[str] = []
 
 
 class SandboxInfo(msgspec.Struct, kw_only=True):
@@ -93,6 +145,8 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     workload_id: str | None = None
     tags: dict[str, str] = {}
     audit_id: str | None = None
+    #: What a call could not do and why (e.g. a forward not restored with a snapshot).
+    warnings: list[str] = []
 
 
 class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -120,6 +174,83 @@ class ExecEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     truncated_stderr: bool = False
     error: ErrorBody | None = None
     audit_id: str | None = None
+
+
+class ExecResult(msgspec.Struct, kw_only=True):
+    """The one result of a finished command, whoever gathered it (CLI, SDK, ``mvmctl run``)."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+    signal: int | None = None
+    duration: float = 0.0
+    truncated_stdout: bool = False
+    truncated_stderr: bool = False
+    audit_id: str | None = None
+
+
+OutputSink = Callable[[str, bytes], None]
+
+
+class ExecGatherer:
+    """Folds an exec event stream into an ``ExecResult``: output to ``on_output`` as it
+    comes (and kept, when ``keep``), the exit event's facts, an error event raised as the
+    error class mvmd named."""
+
+    def __init__(self, on_output: OutputSink | None = None, keep: bool = True) -> None:
+        self.on_output = on_output
+        self.keep = keep
+        self.out = {"stdout": bytearray(), "stderr": bytearray()}
+        self.end: ExecEvent | None = None
+
+    def feed(self, ev: ExecEvent) -> None:
+        if ev.type in self.out:
+            if self.keep:
+                self.out[ev.type] += ev.data
+            if self.on_output is not None:
+                self.on_output(ev.type, ev.data)
+        elif ev.type == "exit":
+            self.end = ev
+        elif ev.type == "error":
+            body = ev.error or ErrorBody(error="MvmError", message="exec failed")
+            raise errors.from_name(body.error, body.message, body.hint, dict(body.data))
+
+    def result(self) -> ExecResult:
+        end = self.end
+        if end is None:
+            raise errors.MvmError("the exec stream ended without an exit event")
+        return ExecResult(
+            exit_code=end.exit_code if end.exit_code is not None else -1,
+            stdout=bytes(self.out["stdout"]),
+            stderr=bytes(self.out["stderr"]),
+            timed_out=end.timed_out,
+            signal=end.signal,
+            duration=end.duration,
+            truncated_stdout=end.truncated_stdout,
+            truncated_stderr=end.truncated_stderr,
+            audit_id=end.audit_id,
+        )
+
+
+def gather_exec(
+    events: Iterable[ExecEvent], on_output: OutputSink | None = None, keep: bool = True
+) -> ExecResult:
+    """An exec event stream as one ``ExecResult`` (see ``ExecGatherer``)."""
+    g = ExecGatherer(on_output, keep)
+    for ev in events:
+        g.feed(ev)
+    return g.result()
+
+
+async def agather_exec(
+    events: AsyncIterable[ExecEvent], on_output: OutputSink | None = None, keep: bool = True
+) -> ExecResult:
+    """``gather_exec`` for an async stream (the service in-process)."""
+    g = ExecGatherer(on_output, keep)
+    async for ev in events:
+        g.feed(ev)
+    return g.result()
 
 
 class ProcStart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -179,6 +310,12 @@ class SnapshotInfo(msgspec.Struct, kw_only=True):
     size: int
     image: str
     audit_id: str | None = None
+
+
+class UploadCheck(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Host paths a client is about to copy into a running sandbox (policy: mount_roots)."""
+
+    paths: list[str]
 
 
 class TtlRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

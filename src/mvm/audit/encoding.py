@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from mvm.errors import MvmError
+from mvm.errors import AuditError as AuditError  # defined in errors.py; re-exported here
 
 #: The ``prev`` of the first record of a log.
 GENESIS = "0" * 64
@@ -21,10 +21,6 @@ MAX_RECORD_BYTES = 64 * 1024
 
 #: Deepest nesting of lists/dicts accepted in fields.
 MAX_DEPTH = 8
-
-
-class AuditError(MvmError):
-    """The audit log could not be written or read, or a record is malformed."""
 
 
 def sha256_hex(data: bytes) -> str:

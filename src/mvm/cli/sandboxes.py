@@ -21,7 +21,7 @@ from mvm.cli.ports import describe as describe_forward
 from mvm.cli.ports import port_specs
 from mvm.cli.ui import RichReporter, err_console, out_console, safe_text, stderr_is_tty
 from mvm.durations import parse_duration
-from mvm.errors import InvalidArgument, MvmError
+from mvm.errors import InvalidArgument
 from mvm.images import manifest as manifests
 from mvm.images.store import ImageStore
 from mvm.project import PRESETS, init_project, uploads
@@ -135,6 +135,7 @@ def up(
         secret_env=secret_envs,
         ports=port_list,
         network=M.NetworkSpec(preset=network_preset, allow=list(network_allow)),
+        uploads=[str(directory.resolve())] if directory is not None else [],
     )
     with connect() as c:
         info = c.create(req)
@@ -232,21 +233,17 @@ def exec_(
         stdin=stdin,
         timeout=parse_duration(timeout, "timeout"),
     )
-    out = {"stdout": bytearray(), "stderr": bytearray()}
-    final: M.ExecEvent | None = None
+
+    def show(stream_name: str, data: bytes) -> None:
+        stream = sys.stdout.buffer if stream_name == "stdout" else sys.stderr.buffer
+        stream.write(data)
+        stream.flush()
+
     with connect() as c:
-        for ev in c.exec_stream(name, req):
-            if ev.type in out:
-                if as_json:
-                    out[ev.type] += ev.data
-                else:
-                    stream = sys.stdout.buffer if ev.type == "stdout" else sys.stderr.buffer
-                    stream.write(ev.data)
-                    stream.flush()
-            elif ev.type == "exit":
-                final = ev
-    if final is None:
-        raise MvmError("the command ended without an exit status")
+        final = M.gather_exec(
+            c.exec_stream(name, req), on_output=None if as_json else show, keep=as_json
+        )
+    out = {"stdout": final.stdout, "stderr": final.stderr}
     code = EXEC_TIMEOUT_EXIT if final.timed_out else (final.exit_code or 0)
     if as_json:
         emit_json(
@@ -690,6 +687,8 @@ def snapshot_restore(name: str, snap: str) -> None:
     with connect() as c:
         s = c.snapshot_restore(name, snap)
     click.echo(f"{s.name}: restored {snap} ({s.state})")
+    for w in s.warnings:
+        err_console.print(f"[yellow]mvm:[/] {w}")
 
 
 @snapshot.command(name="rm")

@@ -18,10 +18,10 @@ import sys
 from aiohttp import web
 
 from mvm import paths
-from mvm.daemon.manager import Manager
 from mvm.daemon.server import Api
 from mvm.images.store import ImageStore
 from mvm.redact import RedactingFilter
+from mvm.service import SandboxService
 from mvm.state import StateDB
 
 
@@ -29,12 +29,12 @@ async def serve() -> None:
     home = paths.home()
     sock = home / "mvmd.sock"
     db = StateDB(home / "state.db")
-    manager = Manager(db, ImageStore(home))
+    service = SandboxService(db, ImageStore(home))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    api = Api(manager, str(sock), stop.set)
+    api = Api(service, str(sock), stop.set)
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
     await runner.setup()
     sock.unlink(missing_ok=True)
@@ -45,13 +45,15 @@ async def serve() -> None:
     finally:
         os.umask(old_umask)
     try:
-        await manager.start()  # reattach; until done, requests other than status wait
-        logging.info("mvmd %d serving on %s (%d sandboxes)", os.getpid(), sock, len(manager.live))
+        await service.start()  # reattach; until done, requests other than status wait
+        logging.info(
+            "mvmd %d serving on %s (%d sandboxes)", os.getpid(), sock, len(service.core.live)
+        )
         await stop.wait()
     finally:
         sock.unlink(missing_ok=True)
         await runner.cleanup()
-        await manager.close()
+        await service.close()
         db.close()
         logging.info("mvmd %d stopped (sandboxes keep running)", os.getpid())
 

@@ -1,4 +1,5 @@
-"""mvmd's HTTP API (aiohttp on a Unix socket). Thin: parse, call the Manager, encode.
+"""mvmd's HTTP API (aiohttp on a Unix socket). Routing and (de)serialisation only: parse,
+call the sandbox service (``mvm.service``), encode. No agent calls, no audit, no policy.
 
 Malformed requests get a 400 with a JSON ErrorBody; every MvmError maps to a
 status code; nothing a client sends can take the daemon down.
@@ -16,51 +17,15 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from mvm import audit, errors, redact
+from mvm import errors, names, redact
 from mvm.api import models as M
-from mvm.daemon.manager import Manager, audit_after, info
-from mvm.state import SnapshotRecord
+from mvm.service import SandboxService, info
 
 log = logging.getLogger(__name__)
 #: Longest a request waits for mvmd to finish reattaching after a restart (seconds).
 READY_TIMEOUT = 90.0
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-STATUS: dict[type[errors.MvmError], int] = {
-    errors.InvalidArgument: 400,
-    errors.SandboxNotFound: 404,
-    errors.SnapshotNotFound: 404,
-    errors.ForwardNotFound: 404,
-    errors.ImageNotFound: 404,
-    errors.UnknownPreset: 404,
-    errors.SandboxExists: 409,
-    errors.SnapshotExists: 409,
-    errors.SandboxStateError: 409,
-    errors.PolicyDenied: 403,
-    errors.CommandTimeout: 504,
-    errors.VMError: 502,
-}
-AGENT_STATUS = {
-    "not_found": 404,
-    "exists": 409,
-    "too_large": 413,
-    "bad_request": 400,
-    "permission_denied": 403,
-    "is_a_directory": 400,
-    "not_a_directory": 400,
-    "not_empty": 409,
-    "no_space": 507,
-}
-
-
-def status_for(exc: errors.MvmError) -> int:
-    if isinstance(exc, errors.AgentError):
-        return AGENT_STATUS.get(str(exc.data.get("code")), 400)
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
 
 
 def error_body(exc: errors.MvmError) -> M.ErrorBody:
@@ -106,7 +71,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except errors.MvmError as exc:
-        return json_response(error_body(exc), status_for(exc))
+        return json_response(error_body(exc), errors.http_status(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -162,20 +127,11 @@ def q_int(request: web.Request, key: str, default: int) -> int:
         raise errors.InvalidArgument(f"{key!r} must be an integer") from None
 
 
-def snap_info(s: SnapshotRecord, audit_id: str | None = None) -> M.SnapshotInfo:
-    return M.SnapshotInfo(
-        sandbox=s.sandbox,
-        name=s.name,
-        created=s.created,
-        size=s.size,
-        image=s.image,
-        audit_id=audit_id,
-    )
-
-
 class Api:
-    def __init__(self, manager: Manager, socket: str, on_shutdown: Callable[[], None]) -> None:
-        self.m = manager
+    def __init__(
+        self, service: SandboxService, socket: str, on_shutdown: Callable[[], None]
+    ) -> None:
+        self.s = service
         self.socket = socket
         self.started = time.time()
         self.on_shutdown = on_shutdown
@@ -184,10 +140,10 @@ class Api:
     async def ready_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """mvmd serves its socket while it reattaches to running sandboxes (a stalling guest
         can take that long): ``status`` answers at once, everything else waits, bounded."""
-        if not self.m.ready.is_set() and request.path != f"/{M.API_VERSION}/status":
+        if not self.s.ready.is_set() and request.path != f"/{M.API_VERSION}/status":
             try:
                 async with asyncio.timeout(READY_TIMEOUT):
-                    await self.m.ready.wait()
+                    await self.s.ready.wait()
             except TimeoutError:
                 raise errors.MvmError(
                     f"mvmd is still reattaching to its sandboxes after {READY_TIMEOUT:.0f}s",
@@ -218,6 +174,7 @@ class Api:
         r.add_put(f"{s}/files", self.write_file)
         r.add_delete(f"{s}/files", self.remove)
         r.add_get(f"{s}/files/list", self.list_dir)
+        r.add_post(f"{s}/uploads", self.uploads)
         r.add_get(f"{s}/files/stat", self.stat)
         r.add_post(f"{s}/files/mkdir", self.mkdir)
         r.add_post(f"{s}/files/move", self.move)
@@ -246,7 +203,7 @@ class Api:
                 pid=os.getpid(),
                 version=version("mvm"),
                 started=self.started,
-                sandboxes=len(self.m.live),
+                sandboxes=len(self.s.core.live),
                 socket=self.socket,
             )
         )
@@ -257,219 +214,133 @@ class Api:
 
     # -- sandboxes ----------------------------------------------------------------------
     async def list(self, request: web.Request) -> web.Response:
-        return json_response(self.m.list_all())
+        return json_response(self.s.sandboxes.list_all())
 
     async def create(self, request: web.Request) -> web.Response:
         req = await body_as(request, M.CreateSandbox)
-        live = await self.m.create(req)
+        live = await self.s.sandboxes.create(req)
         return json_response(info(live), 201)
 
     async def get(self, request: web.Request) -> web.Response:
-        return json_response(info(self.m.get(request.match_info["name"])))
+        return json_response(info(self.s.core.get(name(request))))
 
     async def down(self, request: web.Request) -> web.Response:
-        return json_response(await self.m.down(request.match_info["name"]))
+        return json_response(await self.s.sandboxes.down(name(request)))
 
     async def pause(self, request: web.Request) -> web.Response:
-        return json_response(info(await self.m.pause(request.match_info["name"])))
+        return json_response(info(await self.s.sandboxes.pause(name(request))))
 
     async def resume(self, request: web.Request) -> web.Response:
-        return json_response(info(await self.m.resume(request.match_info["name"])))
+        return json_response(info(await self.s.sandboxes.resume(name(request))))
 
     async def ttl(self, request: web.Request) -> web.Response:
         req = await body_as(request, M.TtlRequest)
-        return json_response(info(self.m.set_ttl(request.match_info["name"], req.ttl_seconds)))
+        return json_response(info(self.s.sandboxes.set_ttl(name(request), req.ttl_seconds)))
 
     async def wait(self, request: web.Request) -> web.Response:
         timeout = q_float(request, "timeout", 60.0)
-        return json_response(await self.m.wait(request.match_info["name"], timeout))
+        return json_response(await self.s.sandboxes.wait(name(request), timeout))
 
     # -- exec ---------------------------------------------------------------------------
     async def exec(self, request: web.Request) -> web.StreamResponse:
+        """Refusals come as plain error answers; once the stream has started, an error
+        ends it with a final ``error`` event (never an HTTP answer inside a chunk)."""
         req = await body_as(request, M.ExecRequest)
-        if not req.argv:
-            raise errors.InvalidArgument("empty command")
-        if not 0 < req.timeout <= M.MAX_TTL:
-            raise errors.InvalidArgument("timeout must be positive and at most a week")
-        name = request.match_info["name"]
-        self.m.running(name)  # fail with a proper status before streaming starts
+        sb = name(request)
+        self.s.execs.prepare(sb, req)
         resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
         await resp.prepare(request)
         try:
-            async for event in self.m.exec_stream(name, req):
+            async for event in self.s.execs.stream(sb, req):
                 await resp.write(msgspec.json.encode(event) + b"\n")
         except errors.MvmError as exc:
             err = M.ExecEvent(type="error", error=error_body(exc))
             await resp.write(msgspec.json.encode(err) + b"\n")
+        except Exception as exc:  # a bug: still end the stream with an error event
+            log.exception("exec stream of %s failed", sb)
+            body = M.ErrorBody(error="MvmError", message=f"internal error: {type(exc).__name__}")
+            await resp.write(msgspec.json.encode(M.ExecEvent(type="error", error=body)) + b"\n")
         await resp.write_eof()
         return resp
 
     # -- files --------------------------------------------------------------------------
-    def _agent(self, request: web.Request) -> Any:
-        return self.m.running(request.match_info["name"])[1]
-
     async def read_file(self, request: web.Request) -> web.Response:
-        data = await self._agent(request).read_file(q_str(request, "path"), limit=M.MAX_FILE_READ)
+        data = await self.s.files.read(name(request), q_str(request, "path"))
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def write_file(self, request: web.Request) -> web.Response:
-        agent = self._agent(request)
-        path = q_str(request, "path")
-        mode = q_int(request, "mode", 0o644)
+        path, mode = q_str(request, "path"), q_int(request, "mode", 0o644)
         data = await request.read()
-        await agent.write_file(path, data, mode=mode)
-        aid = audit_after(
-            "fs.write",
-            request.match_info["name"],
-            path=path,
-            size=len(data),
-            sha256=audit.sha256_hex(data),
-            mode=mode,
-        )
-        st = await agent.stat(path)
-        return json_response(
-            M.FileStat(
-                type=st.type,
-                size=st.size,
-                mode=st.mode,
-                mtime=st.mtime,
-                uid=st.uid,
-                gid=st.gid,
-                audit_id=aid,
-            )
-        )
+        return json_response(await self.s.files.write(name(request), path, data, mode))
 
     async def remove(self, request: web.Request) -> web.Response:
         path, recursive = q_str(request, "path"), bool(q_int(request, "recursive", 0))
-        await self._agent(request).remove(path, recursive=recursive)
-        aid = audit_after("fs.remove", request.match_info["name"], path=path, recursive=recursive)
+        aid = await self.s.files.remove(name(request), path, recursive)
         return json_response({"ok": True, "audit_id": aid})
 
     async def list_dir(self, request: web.Request) -> web.Response:
-        entries = await self._agent(request).list_dir(q_str(request, "path"))
-        return json_response(
-            [
-                M.FileEntry(name=e.name, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime)
-                for e in entries
-            ]
-        )
+        return json_response(await self.s.files.list_dir(name(request), q_str(request, "path")))
 
     async def stat(self, request: web.Request) -> web.Response:
-        st = await self._agent(request).stat(q_str(request, "path"))
-        return json_response(
-            M.FileStat(
-                type=st.type, size=st.size, mode=st.mode, mtime=st.mtime, uid=st.uid, gid=st.gid
-            )
-        )
+        return json_response(await self.s.files.stat(name(request), q_str(request, "path")))
 
     async def mkdir(self, request: web.Request) -> web.Response:
         path, parents = q_str(request, "path"), bool(q_int(request, "parents", 0))
-        await self._agent(request).mkdir(path, parents=parents)
-        aid = audit_after("fs.mkdir", request.match_info["name"], path=path, parents=parents)
+        aid = await self.s.files.mkdir(name(request), path, parents)
         return json_response({"ok": True, "audit_id": aid})
 
     async def move(self, request: web.Request) -> web.Response:
         path, dest = q_str(request, "path"), q_str(request, "dest")
-        await self._agent(request).move(path, dest)
-        aid = audit_after("fs.move", request.match_info["name"], path=path, dest=dest)
+        aid = await self.s.files.move(name(request), path, dest)
         return json_response({"ok": True, "audit_id": aid})
 
+    async def uploads(self, request: web.Request) -> web.Response:
+        req = await body_as(request, M.UploadCheck)
+        self.s.files.uploads(name(request), req.paths)
+        return json_response({"ok": True})
+
     # -- processes ------------------------------------------------------------------------
-    def _proc(self, request: web.Request) -> int:
-        try:
-            return int(request.match_info["proc"])
-        except ValueError:
-            raise errors.InvalidArgument("process id must be an integer") from None
-
-    @staticmethod
-    def _view(p: Any) -> M.ProcView:
-        return msgspec.convert(msgspec.to_builtins(p), M.ProcView)
-
     async def proc_start(self, request: web.Request) -> web.Response:
         req = await body_as(request, M.ProcStart)
-        if not req.argv:
-            raise errors.InvalidArgument("empty command")
-        live, agent = self.m.running(request.match_info["name"])
-        p = await agent.proc_start(
-            req.argv,
-            env=self.m.exec_env(live, req.env, req.secret_env),
-            cwd=req.cwd,
-            user=req.user,
-            stdin=req.stdin,
-            stdin_open=req.stdin_open,
-        )
-        view = self._view(p)
-        view.audit_id = self.m.proc_started(live, view.proc, req.argv, [*live.rec.env, *req.env])
-        return json_response(view, 201)
+        return json_response(await self.s.procs.start(name(request), req), 201)
 
     async def proc_list(self, request: web.Request) -> web.Response:
-        return json_response([self._view(p) for p in await self._agent(request).proc_list()])
+        return json_response(await self.s.procs.all(name(request)))
 
     async def proc_wait(self, request: web.Request) -> web.Response:
-        timeout = max(0.0, min(q_float(request, "timeout", 30.0), 3600.0))
-        p = await self._agent(request).proc_wait(self._proc(request), timeout)
-        return json_response(self._exited_view(request, p))
+        timeout = q_float(request, "timeout", 30.0)
+        return json_response(await self.s.procs.wait(name(request), proc(request), timeout))
 
     async def proc_signal(self, request: web.Request) -> web.Response:
         sig = q_int(request, "signal", 15)
-        if not 1 <= sig <= 64:
-            raise errors.InvalidArgument("signal must be between 1 and 64")
-        p = await self._agent(request).proc_signal(self._proc(request), sig)
-        return json_response(self._exited_view(request, p))
-
-    def _exited_view(self, request: web.Request, p: Any) -> M.ProcView:
-        """The view, with the audit id of the exit record once the process has ended."""
-        view = self._view(p)
-        if not view.running:
-            live = self.m.get(request.match_info["name"])
-            view.audit_id = self.m.proc_exited(live, view.proc, view.exit_code, view.signal)
-        return view
+        return json_response(await self.s.procs.signal(name(request), proc(request), sig))
 
     async def proc_stdin(self, request: web.Request) -> web.Response:
         data = await request.read()
-        agent = self._agent(request)
-        view = memoryview(data)
         eof = bool(q_int(request, "eof", 0))
-        from mvm.agent.protocol import MAX_PAYLOAD
-
-        while len(view) > MAX_PAYLOAD:
-            await agent.proc_stdin(self._proc(request), bytes(view[:MAX_PAYLOAD]))
-            view = view[MAX_PAYLOAD:]
-        await agent.proc_stdin(self._proc(request), bytes(view), eof=eof)
+        await self.s.procs.stdin(name(request), proc(request), data, eof)
         return json_response({"ok": True})
 
     async def proc_output(self, request: web.Request) -> web.Response:
         stream = request.query.get("stream", "stdout")
-        live, agent = self.m.running(request.match_info["name"])
-        num = self._proc(request)
-        out = bytearray()
-        offset = 0
-        while True:
-            data, meta = await agent.proc_output(num, stream, offset)
-            if not data:
-                break
-            out += data
-            offset = meta.offset + len(data)
-            if offset >= meta.end:
-                break
-        body = live.redactor.redact_bytes(bytes(out))
+        body = await self.s.procs.output(name(request), proc(request), stream)
         return web.Response(body=body, content_type="application/octet-stream")
 
     # -- port forwards ---------------------------------------------------------------------
     async def forward_add(self, request: web.Request) -> web.Response:
         spec = await body_as(request, M.PortSpec)
-        return json_response(await self.m.forward_add(request.match_info["name"], spec), 201)
+        return json_response(await self.s.ports.add(name(request), spec), 201)
 
     async def forward_list(self, request: web.Request) -> web.Response:
-        return json_response(self.m.forward_list(request.match_info["name"]))
+        return json_response(self.s.ports.all(name(request)))
 
     async def forward_remove(self, request: web.Request) -> web.Response:
-        name, fid = request.match_info["name"], request.match_info["forward"]
-        return json_response(await self.m.forward_remove(name, fid))
+        fid = request.match_info["forward"]
+        return json_response(await self.s.ports.remove(name(request), fid))
 
     # -- logs -----------------------------------------------------------------------------
     async def logs(self, request: web.Request) -> web.StreamResponse:
-        live = self.m.get(request.match_info["name"])
+        live = self.s.core.get(name(request))
         follow = bool(q_int(request, "follow", 0))
         since = request.query.get("since")
         since_f = q_float(request, "since", 0.0) if since is not None else None
@@ -484,24 +355,28 @@ class Api:
 
     # -- snapshots ------------------------------------------------------------------------
     async def snapshot_list(self, request: web.Request) -> web.Response:
-        return json_response(
-            [snap_info(s) for s in self.m.snapshot_list(request.match_info["name"])]
-        )
+        return json_response(self.s.snapshots.all(name(request)))
 
     async def snapshot_save(self, request: web.Request) -> web.Response:
         req = await body_as(request, M.SnapshotRequest)
-        s = await self.m.snapshot_save(request.match_info["name"], req.name)
-        aid = audit_after("snapshot.saved", s.sandbox, snapshot=s.name, size=s.size, image=s.image)
-        return json_response(snap_info(s, aid), 201)
+        return json_response(await self.s.snapshots.save(name(request), req.name), 201)
 
     async def snapshot_restore(self, request: web.Request) -> web.Response:
         snap = request.match_info["snap"]
-        live = await self.m.snapshot_restore(request.match_info["name"], snap)
-        live.audit_id = audit_after("snapshot.restored", live.name, snapshot=snap, id=live.rec.id)
-        return json_response(info(live))
+        return json_response(await self.s.snapshots.restore(name(request), snap))
 
     async def snapshot_remove(self, request: web.Request) -> web.Response:
-        name, snap = request.match_info["name"], request.match_info["snap"]
-        await self.m.snapshot_remove(name, snap)
-        aid = audit_after("snapshot.removed", name, snapshot=snap)
+        aid = await self.s.snapshots.remove(name(request), request.match_info["snap"])
         return json_response({"ok": True, "audit_id": aid})
+
+
+def name(request: web.Request) -> str:
+    """The sandbox name of a route, checked by the one name rule."""
+    return names.check("sandbox", request.match_info["name"])
+
+
+def proc(request: web.Request) -> int:
+    try:
+        return int(request.match_info["proc"])
+    except ValueError:
+        raise errors.InvalidArgument("process id must be an integer") from None

@@ -1,11 +1,14 @@
-"""Admission: the one pure decision every launch goes through.
+"""Admission: the one pure decision every mutating verb goes through.
 
 ``admit(plan, policy)`` looks at what a sandbox would get (image, resources, network,
 ports, host directories, secret names) and at what the policy permits, and answers
 allow or deny with *every* broken rule, each named by a short stable string so users
-and programs can tell which limit stopped them. It does no I/O: callers build the plan
-(``plan_from_create`` for API requests, the SDK from its IR), load the policy
-(``load_policy``) and pass the facts they know (built images, project directory).
+and programs can tell which limit stopped them. The verbs after create are judged by
+the same rules: ``admit_forward`` (ports), ``admit_ttl`` (ttl), ``admit_exec`` (secrets,
+root), ``admit_uploads`` (host files copied in, as mounts). They do no I/O: callers
+build the plan (``plan_from_create`` for API requests, the SDK from its IR), take the
+policy from a ``PolicySource`` (one file, re-read when it changes) and pass the facts
+they know (built images, project directory).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import msgspec
 from mvm import errors, paths
 
 if TYPE_CHECKING:
-    from mvm.api.models import CreateSandbox
+    from mvm.api.models import CreateSandbox, SandboxShape
 
 #: The network presets mvm knows (egress owns what each one reaches).
 NETWORK_PRESETS = ("none", "registries", "dev", "unrestricted")
@@ -45,6 +48,7 @@ RULES = (
     "ports.range",
     "mounts",
     "secrets",
+    "exec.user",
 )
 
 
@@ -99,6 +103,8 @@ class Policy:
     max_ports: int = 16
     #: fnmatch patterns of secret names; None: any secret in the store.
     allowed_secrets: tuple[str, ...] | None = None
+    #: May a command run as root in the guest (exec/start with user="root")?
+    allow_root_exec: bool = True
 
 
 # ---------------------------------------------------------------- the decision
@@ -156,14 +162,18 @@ def _check_resources(plan: SandboxPlan, policy: Policy) -> list[Denial]:
                 "disk", f"{plan.disk_mb} MiB of disk is outside 1..max_disk_mb={policy.max_disk_mb}"
             )
         )
-    ttl = plan.ttl_seconds
+    out += _check_ttl(plan.ttl_seconds, policy)
+    return out
+
+
+def _check_ttl(ttl: float, policy: Policy) -> list[Denial]:
     if not (ttl == ttl and 0 < ttl <= policy.max_ttl_seconds):  # ttl == ttl: not NaN
-        out.append(
+        return [
             Denial(
                 "ttl", f"TTL {ttl:g}s is outside (0, max_ttl_seconds={policy.max_ttl_seconds:g}]"
             )
-        )
-    return out
+        ]
+    return []
 
 
 def _split_hostport(entry: str) -> tuple[str, int | None]:
@@ -242,13 +252,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_ports(plan: SandboxPlan, policy: Policy) -> list[Denial]:
+def _check_ports(plan: SandboxPlan, policy: Policy, existing: int = 0) -> list[Denial]:
     out: list[Denial] = []
-    if len(plan.ports) > policy.max_ports:
+    count = existing + len(plan.ports)
+    if count > policy.max_ports:
         out.append(
             Denial(
                 "ports.count",
-                f"{len(plan.ports)} port forwards exceeds max_ports={policy.max_ports}",
+                f"{count} port forwards exceeds max_ports={policy.max_ports}",
             )
         )
     for host, host_port, guest_port, allow_wildcard in plan.ports:
@@ -316,30 +327,76 @@ def _check_secrets(plan: SandboxPlan, policy: Policy) -> list[Denial]:
     ]
 
 
+# ---------------------------------------------------------------- the verbs after create
+
+
+def _decision(denials: list[Denial]) -> Decision:
+    return Decision(allowed=not denials, denials=tuple(denials))
+
+
+def admit_forward(port: tuple[str, int, int, bool], existing: int, policy: Policy) -> Decision:
+    """One more port forward ``(host, host_port, guest_port, allow_wildcard)`` on a sandbox
+    that has ``existing`` ones: the same port rules as at create."""
+    return _decision(_check_ports(SandboxPlan(image="", ports=(port,)), policy, existing))
+
+
+def admit_ttl(ttl_seconds: float, policy: Policy) -> Decision:
+    """A new TTL (set-ttl): the same ``max_ttl_seconds`` as at create."""
+    return _decision(_check_ttl(ttl_seconds, policy))
+
+
+def is_root(user: str | None) -> bool:
+    return user is not None and user.strip() in ("root", "0")
+
+
+def admit_exec(secrets: Collection[str], user: str | None, policy: Policy) -> Decision:
+    """One command (exec or a background process): the secret names it brings and the
+    user it runs as."""
+    denials = _check_secrets(SandboxPlan(image="", secrets=tuple(sorted(set(secrets)))), policy)
+    if is_root(user) and not policy.allow_root_exec:
+        denials.append(Denial("exec.user", "commands may not run as root: allow_root_exec=false"))
+    return _decision(denials)
+
+
+def admit_uploads(paths: Sequence[str], policy: Policy) -> Decision:
+    """Host paths whose files a client copies in (SDK ``include=``, ``up DIR``): checked as
+    mounts against ``mount_roots`` when the policy names any (callers resolve symlinks).
+    Without ``mount_roots`` the caller's own project files may enter, as before."""
+    if not policy.mount_roots:
+        return Decision(allowed=True)
+    return _decision(_check_mounts(SandboxPlan(image="", mounts=tuple(paths)), policy.mount_roots))
+
+
 # ---------------------------------------------------------------- plans and policies
+
+
+def plan_from_shape(shape: SandboxShape, mounts: Sequence[str] = ()) -> SandboxPlan:
+    """The plan of a sandbox shape (a create request, a snapshot being recreated);
+    ``mounts`` taken as given: resolve them first."""
+    return SandboxPlan(
+        image=shape.image,
+        cpus=shape.cpus,
+        memory_mb=shape.memory_mb,
+        disk_mb=shape.disk_mb,
+        ttl_seconds=shape.ttl_seconds,
+        network_preset=shape.network.preset,
+        network_allow=tuple(shape.network.allow),
+        ports=tuple((p.host, p.host_port, p.guest_port, p.allow_wildcard) for p in shape.ports),
+        mounts=tuple(mounts),
+        secrets=tuple(sorted(set(shape.secret_env.values()))),
+    )
 
 
 def plan_from_create(req: CreateSandbox) -> SandboxPlan:
     """The plan of an API create request (``mounts`` taken as given: resolve them first)."""
-    return SandboxPlan(
-        image=req.image,
-        cpus=req.cpus,
-        memory_mb=req.memory_mb,
-        disk_mb=req.disk_mb,
-        ttl_seconds=req.ttl_seconds,
-        network_preset=req.network.preset,
-        network_allow=tuple(req.network.allow),
-        ports=tuple((p.host, p.host_port, p.guest_port, p.allow_wildcard) for p in req.ports),
-        mounts=tuple(req.mounts),
-        secrets=tuple(sorted(set(req.secret_env.values()))),
-    )
+    return plan_from_shape(req, req.mounts)
 
 
-def denied_error(decision: Decision) -> errors.PolicyDenied:
+def denied_error(decision: Decision, what: str = "the launch") -> errors.PolicyDenied:
     """The error a denial raises: the message names each rule that denied."""
     parts = [f"[{d.rule}] {d.message}" for d in decision.denials]
     return errors.PolicyDenied(
-        "policy denied the launch: " + "; ".join(parts),
+        f"policy denied {what}: " + "; ".join(parts),
         hint="change the request, or the policy file (MVM_POLICY or $MVM_HOME/policy.toml)",
         rules=",".join(dict.fromkeys(d.rule for d in decision.denials)),
         denials=[{"rule": d.rule, "message": d.message} for d in decision.denials],
@@ -412,3 +469,32 @@ def load_policy(path: Path | None = None) -> Policy:
             f"cannot read policy file {p}: {exc}", hint="check its permissions", path=str(p)
         ) from None
     return parse_policy(text, str(p))
+
+
+class PolicySource:
+    """The one policy of a process (mvmd, or ``mvmctl run``) with one reload rule: the file
+    is chosen once (``path``, else ``MVM_POLICY``, else ``$MVM_HOME/policy.toml``) and read
+    again whenever it changes (mtime, size or inode), before every check."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.explicit = path is not None or bool(os.environ.get("MVM_POLICY"))
+        self.path = path if path is not None else policy_path()
+        self._key: tuple[int, int, int] | None = None
+        self._policy = Policy()
+
+    def current(self) -> Policy:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._key = None
+            self._policy = Policy()
+            return load_policy(self.path) if self.explicit else self._policy
+        except OSError as exc:
+            raise errors.PolicyFileError(
+                f"cannot read policy file {self.path}: {exc}", path=str(self.path)
+            ) from None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if key != self._key:
+            self._policy = load_policy(self.path)
+            self._key = key
+        return self._policy

@@ -50,8 +50,8 @@ class LiveBackend(Backend):
 
     # -- sandboxes --------------------------------------------------------------------
     def create(self, spec: SandboxSpec) -> M.SandboxInfo:
-        """Create, then copy the includes. ``mounts`` are not sent: mvmd cannot know the
-        script's directory, and the SDK itself keeps includes inside it (include.py)."""
+        """Create, then copy the includes. The included host paths are declared as
+        ``uploads``: mvmd decides on them (policy ``mount_roots``) before anything boots."""
         req = M.CreateSandbox(
             name=spec.name,
             image=spec.image,
@@ -64,6 +64,7 @@ class LiveBackend(Backend):
             network=spec.network,
             workload_id=spec.workload_id,
             tags=spec.tags,
+            uploads=list(spec.mounts),  # mvmd checks them against the policy's mount_roots
         )
         try:
             info = self.client.create(req)
@@ -145,21 +146,11 @@ class LiveBackend(Backend):
 
     # -- commands ---------------------------------------------------------------------
     def run(self, sb: str, req: M.ExecRequest, check: bool = False) -> CommandResult:
-        out, err = bytearray(), bytearray()
-        end: M.ExecEvent | None = None
-        for ev in self.client.exec_stream(sb, req):
-            if ev.type == "stdout":
-                out += ev.data
-            elif ev.type == "stderr":
-                err += ev.data
-            elif ev.type == "exit":
-                end = ev
-        if end is None:
-            raise errors.MvmError("mvmd ended the exec stream without an exit event")
+        end = M.gather_exec(self.client.exec_stream(sb, req))
         res = CommandResult(
-            exit_code=end.exit_code if end.exit_code is not None else -1,
-            stdout_bytes=bytes(out),
-            stderr_bytes=bytes(err),
+            exit_code=end.exit_code,
+            stdout_bytes=end.stdout,
+            stderr_bytes=end.stderr,
             audit_id=end.audit_id,
             truncated=end.truncated_stdout or end.truncated_stderr,
             timed_out=end.timed_out,

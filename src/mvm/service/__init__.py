@@ -1,0 +1,53 @@
+"""The sandbox service: the only code that creates, runs commands in, copies files into,
+forwards ports of, pauses, snapshots and removes sandboxes, and that owns admission,
+secrets, redaction, audit and egress for each of those verbs.
+
+mvmd's HTTP API (``mvm.daemon.server``) and ``mvmctl run`` (``mvm.oneshot``, an
+ephemeral sandbox in-process) are adapters over one ``SandboxService``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mvm.images.store import ImageStore
+from mvm.service.core import Core
+from mvm.service.execs import Execs
+from mvm.service.files import Files
+from mvm.service.gate import Gate
+from mvm.service.live import Live, info
+from mvm.service.ports import Ports
+from mvm.service.procs import Procs
+from mvm.service.sandboxes import Sandboxes
+from mvm.service.snapshots import Snapshots
+from mvm.state import StateDB
+
+
+class SandboxService:
+    """Every verb, grouped: ``sandboxes``, ``execs``, ``files``, ``procs``, ``ports``,
+    ``snapshots``; ``core`` holds what they share (live sandboxes, secrets, policy gate)."""
+
+    def __init__(
+        self, db: StateDB, store: ImageStore | None = None, gate: Gate | None = None
+    ) -> None:
+        self.core = Core(db, store, gate)
+        self.ports = Ports(self.core)
+        self.sandboxes = Sandboxes(self.core, self.ports)
+        self.execs = Execs(self.core)
+        self.files = Files(self.core)
+        self.procs = Procs(self.core)
+        self.snapshots = Snapshots(self.core, self.sandboxes, self.ports)
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once every recorded sandbox is reattached (or failed)."""
+        return self.sandboxes.ready
+
+    async def start(self) -> None:
+        await self.sandboxes.start()
+
+    async def close(self) -> None:
+        await self.sandboxes.close()
+
+
+__all__ = ["Gate", "Live", "SandboxService", "info"]
