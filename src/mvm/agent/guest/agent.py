@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mvm.agent import protocol as P
+    from mvm.agent.guest import cgroups as CG
 else:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
         import protocol as P  # in the guest: copied beside this file
     except ImportError:  # on the host (tests): the same module from the package
         from mvm.agent import protocol as P
+    import cgroups as CG  # beside this file, in the guest and in the package alike
 
 PORT_NAME = "org.mvm.agent"
 DEFAULT_USER = "user"
@@ -158,6 +160,23 @@ def want_path(h: dict[str, Any], key: str = "path") -> str:
     return p
 
 
+def with_spec(h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """A command too large for the header comes at the head of the payload (``"spec": N``,
+    see protocol.MAX_SPEC): merge its argv/env/cwd into the header, return the rest (stdin)."""
+    if "spec" not in h:
+        return h, payload
+    n = want_int(h, "spec", 0, 0, P.MAX_SPEC)
+    if n > len(payload):
+        raise RequestError(P.E_BAD_REQUEST, "'spec' is longer than the payload")
+    try:
+        spec = json.loads(payload[:n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        spec = None
+    if not isinstance(spec, dict) or not set(spec) <= {"argv", "env", "cwd"}:
+        raise RequestError(P.E_BAD_REQUEST, "'spec' must be a JSON object of argv, env, cwd")
+    return {**h, **spec}, payload[n:]
+
+
 def resolve_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
@@ -209,9 +228,10 @@ class SpawnError(Exception):
         self.message = message
 
 
-def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
+def spawn(h: dict[str, Any], group: CG.Group | None = None) -> subprocess.Popen[bytes]:
     """Start the command a request describes (argv, env, cwd, user), with pipes, in a
-    new session. Raises RequestError for a bad request, SpawnError if it cannot run."""
+    new session and (given one) in ``group``'s cgroup before it runs a single instruction
+    of its own. Raises RequestError for a bad request, SpawnError if it cannot run."""
     argv = h.get("argv")
     if (
         not isinstance(argv, list)
@@ -242,6 +262,27 @@ def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
     if not os.path.isdir(cwd):
         raise RequestError(P.E_NOT_FOUND, f"working directory {cwd} does not exist")
     other = pw.pw_uid != os.getuid()
+    procs_fd = group.procs_fd if group is not None else -1
+
+    def child_setup() -> None:
+        # Between fork and exec, still root: into the command's cgroup, OOM-killable
+        # again (the agent's -1000 is inherited), and only then the user's identity, so
+        # nothing the command forks can be outside its group or exempt from the OOM killer.
+        if procs_fd >= 0:
+            os.write(procs_fd, b"0")
+        try:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        if other:
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+
     try:
         proc = subprocess.Popen(
             argv,
@@ -250,17 +291,18 @@ def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
             stderr=subprocess.PIPE,
             cwd=cwd,
             env=env,
-            user=pw.pw_uid if other else None,
-            group=pw.pw_gid if other else None,
-            extra_groups=[] if other else None,
             start_new_session=True,
             close_fds=True,
+            preexec_fn=child_setup,
         )
+    except subprocess.SubprocessError as exc:  # child_setup failed (cgroup move, identity)
+        raise SpawnError(126, f"cannot start {argv[0]}: {exc}") from None
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise SpawnError(127, f"command not found: {argv[0]}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise SpawnError(126, f"cannot execute: {argv[0]}: {exc.strerror or exc}") from None
-    set_oom_score(proc.pid, 0)  # the agent is exempt from the OOM killer; its commands are not
+    if group is not None:
+        group.started(proc.pid)
     return proc
 
 
@@ -330,9 +372,12 @@ class Ring:
 class Background:
     """A process started with proc.start: its output is kept in rings in the guest."""
 
-    def __init__(self, num: int, proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+    def __init__(
+        self, num: int, proc: subprocess.Popen[bytes], argv: list[str], group: CG.Group
+    ) -> None:
         self.num = num
         self.proc = proc
+        self.group = group  # its own cgroup: not killed when an exec ends
         self.argv = argv
         self.started = time.time()
         self.ended: float | None = None
@@ -430,6 +475,16 @@ class Agent:
         self.tcp: dict[int, TcpConn] = {}
         self.tcp_lock = threading.Lock()
         self.session: str | None = None  # the host connection that owns the TCP relays
+        self.cg = CG.Cgroups()  # set up by serve_forever; until then process groups only
+        self.groups: dict[int, CG.Group] = {}  # exec id -> its group (under procs_lock)
+
+    def new_group(self, kind: str) -> CG.Group:
+        """A cgroup for one command, or a process-group-only one if that cannot be made."""
+        try:
+            return self.cg.group(kind)
+        except OSError as exc:
+            log(f"no cgroup for a {kind} (process-group kill only): {exc}")
+            return CG.Group(None)
 
     # -- dispatch ---------------------------------------------------------------
     def serve(self) -> None:
@@ -513,12 +568,19 @@ class Agent:
                 for conn in stale:
                     conn.abort()
             self.session = session
+        limits = h.get("limits")
+        if limits is not None:
+            try:
+                self.cg.configure(CG.check_limits(limits))
+            except ValueError as exc:
+                raise RequestError(P.E_BAD_REQUEST, str(exc)) from None
         nonce = h.get("nonce", "")
         return {
             "version": P.PROTOCOL_VERSION,
             "nonce": nonce if isinstance(nonce, str) else "",
             "python": sys.version.split()[0],
             "kernel": os.uname().release,
+            "cgroup": self.cg.describe(),
         }, b""
 
     def ping(self, rid: int, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
@@ -542,11 +604,18 @@ class Agent:
         ):
             raise RequestError(P.E_BAD_REQUEST, "'timeout' must be a positive number")
         limit = want_int(h, "output_limit", P.DEFAULT_OUTPUT_LIMIT, 0, 1 << 40)
+        h, payload = with_spec(h, payload)
         keep_stdin = want_bool(h, "stdin_open", False)
+        detach = want_bool(h, "detach", False)
         started = time.monotonic()
+        group = self.new_group("exec")
         try:
-            proc = spawn(h)
+            proc = spawn(h, group)
+        except RequestError:
+            self.cg.release(group, kill=False)
+            raise
         except SpawnError as exc:
+            self.cg.release(group, kill=False)
             msg = f"mvm: {exc.message}\n".encode()
             self.ch.send({"t": P.OUT, "id": rid, "stream": "stderr"}, msg)
             return {
@@ -561,6 +630,7 @@ class Agent:
         self.ch.send({"t": P.STARTED, "id": rid, "pid": proc.pid})
         with self.procs_lock:
             self.procs[rid] = proc
+            self.groups[rid] = group
         counts = {"stdout": 0, "stderr": 0}
         truncated = {"stdout": False, "stderr": False}
 
@@ -594,17 +664,18 @@ class Agent:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            group.kill()
             proc.wait()
+        if not detach:
+            group.kill()  # what the command left behind ends with it (its pipes close)
         deadline = time.monotonic() + DRAIN_AFTER_EXIT
         for th in pumps:
             th.join(max(0.0, deadline - time.monotonic()))
         stop.set()  # pumps still held open by a lingering child stop and close their pipes
         with self.procs_lock:
             self.procs.pop(rid, None)
+            self.groups.pop(rid, None)
+        self.cg.release(group, kill=not detach)
         try:
             proc.stdin.close()
         except OSError:
@@ -618,6 +689,7 @@ class Agent:
             "stdout_bytes": counts["stdout"],
             "stderr_bytes": counts["stderr"],
             "duration": time.monotonic() - started,
+            "contained": group.path is not None,
         }, b""
 
     @staticmethod
@@ -651,6 +723,10 @@ class Agent:
         proc = self._proc(h)
         sig = want_int(h, "signal", signal.SIGTERM, 1, 64)
         group = want_bool(h, "group", True)
+        with self.procs_lock:
+            cgroup = self.groups.get(h["ref"])
+        if group and sig == signal.SIGKILL and cgroup is not None:
+            cgroup.kill()  # the whole cgroup: forks racing the kill included
         try:
             if group:
                 os.killpg(proc.pid, sig)
@@ -664,21 +740,27 @@ class Agent:
     def proc_start(
         self, rid: int, h: dict[str, Any], payload: bytes
     ) -> tuple[dict[str, Any], bytes]:
+        h, payload = with_spec(h, payload)
         keep_stdin = want_bool(h, "stdin_open", False)
         with self.bg_lock:
             running = sum(1 for b in self.bg.values() if b.ended is None)
             if running >= P.MAX_PROCS:
                 raise RequestError(P.E_INTERNAL, f"too many background processes ({running})")
+        group = self.new_group("proc")
         try:
-            proc = spawn(h)
+            proc = spawn(h, group)
+        except RequestError:
+            self.cg.release(group, kill=False)
+            raise
         except SpawnError as exc:
+            self.cg.release(group, kill=False)
             code = P.E_NOT_FOUND if exc.exit_code == 127 else P.E_PERMISSION
             raise RequestError(code, exc.message) from None
         argv = [str(a) for a in h.get("argv", [])]
         with self.bg_lock:
             num = self.bg_next
             self.bg_next += 1
-            bg = Background(num, proc, argv)
+            bg = Background(num, proc, argv, group)
             self.bg[num] = bg
             finished = sorted(
                 (b for b in self.bg.values() if b.ended is not None), key=lambda b: b.num
@@ -713,6 +795,7 @@ class Agent:
             bg.ended = time.time()
             bg.cond.notify_all()
         bg.stop.set()
+        self.cg.release(bg.group, kill=False)  # its children may run on; removed once empty
         try:
             if bg.proc.stdin is not None:
                 bg.proc.stdin.close()
@@ -781,6 +864,8 @@ class Agent:
         bg = self._bg(h)
         sig = want_int(h, "signal", signal.SIGTERM, 1, 64)
         if bg.ended is None:
+            if sig == signal.SIGKILL:
+                bg.group.kill()
             try:
                 os.killpg(bg.proc.pid, sig)
             except ProcessLookupError:
@@ -1086,6 +1171,8 @@ def serve_forever() -> None:
     set_oom_score("self", -1000)  # a guest that runs out of memory must not lose its agent
     port = find_port()
     agent = Agent(Channel(port))
+    agent.cg.setup(os.getpid())  # its own cgroup; every command in one of its own
+    log(f"cgroups: {agent.cg.describe()}")
     log(f"serving on {port}")
     agent.serve()
 
