@@ -20,6 +20,7 @@ import httpx
 import msgspec
 
 from mvm import errors, names, paths
+from mvm.agent import protocol as P
 from mvm.api import models as M
 
 T = TypeVar("T")
@@ -44,6 +45,15 @@ def num(value: int) -> str:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise errors.InvalidArgument(f"invalid process id {value!r}")
     return str(value)
+
+
+def check_command(argv: list[str], env: dict[str, str], cwd: str | None) -> None:
+    """Refuse a command the guest agent could not take (sizes, NULs) before anything is
+    sent, with the limit named (the agent's own check stays: this is only the early one)."""
+    try:
+        P.command_spec(argv, env, cwd)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc), limit=P.MAX_SPEC) from None
 
 
 def socket_path() -> Path:
@@ -216,12 +226,14 @@ class Client:
     # -- exec -----------------------------------------------------------------------
     def exec_stream(self, name: str, req: M.ExecRequest) -> Iterator[M.ExecEvent]:
         """Yield output events as they come, then the ``exit`` event."""
+        check_command(req.argv, req.env, req.cwd)
+        path = f"/sandboxes/{seg('sandbox', name)}/exec"
         self.ensure_daemon()
         decoder = msgspec.json.Decoder(M.ExecEvent)
         try:
             with self._http.stream(
                 "POST",
-                f"/sandboxes/{seg('sandbox', name)}/exec",
+                path,
                 content=msgspec.json.encode(req),
                 headers={"content-type": "application/json"},
                 timeout=httpx.Timeout(req.timeout + 60.0, connect=5.0),
@@ -294,6 +306,7 @@ class Client:
 
     # -- processes ------------------------------------------------------------------
     def proc_start(self, name: str, req: M.ProcStart) -> M.ProcView:
+        check_command(req.argv, req.env, req.cwd)
         return self._post(f"/sandboxes/{seg('sandbox', name)}/procs", M.ProcView, req)
 
     def proc_list(self, name: str) -> list[M.ProcView]:

@@ -369,6 +369,20 @@ class Ring:
         return bytes(self.buf[i : i + length]), offset, lost
 
 
+def short_argv(argv: list[str], budget: int = 16 * 1024) -> list[str]:
+    """A command line to show in replies and events: at most 64 arguments of at most 256
+    characters, 16 KiB of JSON in all (a command may carry up to protocol.MAX_SPEC; a
+    header only 64 KiB)."""
+    out = []
+    for a in argv[:64]:
+        a = a if len(a) <= 256 else a[:253] + "..."
+        budget -= len(json.dumps(a))
+        if budget < 0:
+            break
+        out.append(a)
+    return out
+
+
 class Background:
     """A process started with proc.start: its output is kept in rings in the guest."""
 
@@ -391,7 +405,7 @@ class Background:
         return {
             "proc": self.num,
             "pid": self.proc.pid,
-            "argv": self.argv[:64],
+            "argv": short_argv(self.argv),
             "running": self.ended is None,
             "exit_code": None if rc is None else (rc if rc >= 0 else 128 - rc),
             "signal": -rc if rc is not None and rc < 0 else None,

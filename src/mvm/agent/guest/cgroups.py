@@ -38,8 +38,9 @@ AGENT_PIDS_RESERVE = 512
 #: CPU weights: the agent wins whenever it wants the CPU (cpu.weight range 1..10000).
 AGENT_CPU_WEIGHT = 10000
 WORK_CPU_WEIGHT = 100
-#: Bound on waiting for a killed group to empty.
-KILL_WAIT = 10.0
+#: Bound on waiting for a killed group to empty before an exec answers (after that the
+#: kernel finishes the kill on its own and the group is removed later).
+KILL_WAIT = 3.0
 #: Largest pids.max a sandbox may ask for per command.
 MAX_PIDS_MAX = 1 << 22
 #: Groups kept for later removal (detached commands, background processes).
