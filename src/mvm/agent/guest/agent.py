@@ -679,7 +679,10 @@ class Agent:
         except subprocess.TimeoutExpired:
             timed_out = True
             group.kill()
-            proc.wait()
+            try:  # among a thousand dying forks it may take a while to be reaped: answer
+                proc.wait(timeout=DRAIN_AFTER_EXIT)  # first, reap below in the background
+            except subprocess.TimeoutExpired:
+                pass
         if not detach:
             group.kill()  # what the command left behind ends with it (its pipes close)
         deadline = time.monotonic() + DRAIN_AFTER_EXIT
@@ -689,12 +692,17 @@ class Agent:
         with self.procs_lock:
             self.procs.pop(rid, None)
             self.groups.pop(rid, None)
-        self.cg.release(group, kill=not detach)
+
+        def finish() -> None:  # the answer does not wait for the killed to be gone
+            proc.wait()
+            self.cg.release(group, kill=not detach)
+
+        threading.Thread(target=finish, daemon=True).start()
         try:
             proc.stdin.close()
         except OSError:
             pass
-        rc = proc.returncode
+        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         return {
             "exit_code": rc if rc >= 0 else 128 - rc,
             "signal": -rc if rc < 0 else None,
