@@ -82,25 +82,6 @@ class Seconds(click.ParamType[float]):
         return seconds
 
 
-class Number(click.ParamType[int]):
-    """A plain decimal number (ASCII digits only) in ``[lo, hi]``: process ids, signals."""
-
-    name = "number"
-
-    def __init__(self, what: str, lo: int, hi: int) -> None:
-        self.what, self.lo, self.hi = what, lo, hi
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        text = str(value)
-        if not re.fullmatch(r"[0-9]{1,19}", text) or not self.lo <= int(text) <= self.hi:
-            self.fail(
-                f"{self.what} must be a number in {self.lo}..{self.hi}, not {text[:40]!r}",
-                param,
-                ctx,
-            )
-        return int(text)
-
-
 def check_name(kind: names.Kind) -> Callable[[click.Context, click.Parameter, Any], Any]:
     """A click callback: the value (or each of several) must follow ``names.check(kind)``."""
 
