@@ -80,9 +80,9 @@ def test_a_fork_bomb_ends_with_its_exec_and_the_agent_answers_during_it(
 
     async def scenario() -> tuple[int, int, ExecResult, int, ExecResult]:
         bomb = asyncio.create_task(
-            agent.exec(["bash", "-c", ":(){ :|:& };:; sleep 600"], timeout=90)
+            agent.exec(["bash", "-c", ":(){ :|:& };:; sleep 600"], timeout=60)
         )
-        peak = await bombing(agent, 200, timeout=80)
+        peak = await bombing(agent, 150, timeout=50)
         pings = 0
         for _ in range(3):  # each bounded; CommandTimeout fails the test
             await agent.ping(timeout=30)
@@ -93,7 +93,7 @@ def test_a_fork_bomb_ends_with_its_exec_and_the_agent_answers_during_it(
         return peak, pings, result, left, after
 
     peak, pings, result, left, after = call(scenario(), timeout=400)
-    assert peak >= 200, f"the bomb never got going ({peak} tasks)"
+    assert peak >= 150, f"the bomb never got going ({peak} tasks)"
     assert pings == 3
     assert result.timed_out
     assert left == 0, f"{left} bash processes outlived the exec"

@@ -38,7 +38,7 @@ QUEUE_FRAMES = 16
 #: Largest file ``read_file`` returns unless told otherwise.
 DEFAULT_READ_LIMIT = 64 * 1024 * 1024
 #: Seconds the host waits beyond a command's own timeout before giving up on the guest.
-TIMEOUT_GRACE = 10.0
+TIMEOUT_GRACE = 20.0
 #: Seconds between hellos after a reply with the wrong nonce.
 HELLO_RETRY_PAUSE = 0.05
 #: Default timeout for small requests (fs, ping).
