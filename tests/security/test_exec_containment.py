@@ -20,23 +20,31 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("run_dir_env")]
 
 Call = Callable[..., Any]
 
-#: Prints how many live processes run ``bash`` (none but a bomb's in this image).
-COUNT_BASH = [
-    "sh",
-    "-c",
-    'n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = bash ] && n=$((n+1));'
-    " done; echo $n",
-]
+#: Counts live (not zombie) processes whose command line starts with argv[1] (a regex).
+COUNTER = r"""
+import os, re, sys
+n = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        continue
+    n += bool(re.match(sys.argv[1], cmd))
+print(n)
+"""
 
 
-def count_cmdlines(prefix: str) -> list[str]:
-    """A command printing how many live processes have a command line starting ``prefix``."""
-    return [
-        "sh",
-        "-c",
-        'for f in /proc/[0-9]*/cmdline; do tr "\\0" " " < "$f" 2>/dev/null; echo; done'
-        f' | grep -c "^{prefix}" || true',
-    ]
+def count_cmdlines(pattern: str) -> list[str]:
+    """A command printing how many live processes have a command line matching ``pattern``."""
+    return ["python3", "-c", COUNTER, pattern]
+
+
+#: Live processes of a bash fork bomb (none but a bomb's run bash in this image).
+COUNT_BASH = count_cmdlines("bash ")
 
 
 async def poll_count(agent: AgentClient, argv: list[str], want: int, timeout: float) -> int:
