@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
+from pathlib import Path
 from typing import Any
 
 import click
@@ -112,7 +115,7 @@ def test_without_cgroups_the_agent_says_so_and_uses_process_groups() -> None:
     cg = CG.Cgroups(root="/nonexistent-mvm-test-root/cgroup")
     assert not cg.ok
     group = cg.group("exec")
-    assert group.path is None and group.procs_fd == -1
+    assert group.path is None
     assert cg.describe().startswith("unavailable")
 
 
@@ -131,3 +134,27 @@ def test_cli_types_parse_or_fail_as_usage_errors(
     for text in bad:
         with pytest.raises(click.BadParameter):
             typ.convert(text, None, None)
+
+
+def test_a_gated_command_is_moved_before_it_runs(tmp_path: Path) -> None:
+    """The gate: the command's pid is in the group's cgroup.procs (here a plain file)
+    before it runs, and it is the command itself (exec replaced the shell)."""
+    group = CG.Group(str(tmp_path))
+    (tmp_path / "cgroup.procs").write_text("")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    proc = A.spawn({"argv": ["sh", "-c", "echo $$; ls /proc/self/fd | wc -l"], "user": me}, group)
+    out, _ = proc.communicate(timeout=30)
+    pid, nfds = out.decode().split()
+    assert int(pid) == proc.pid
+    assert (tmp_path / "cgroup.procs").read_text() == str(proc.pid)
+    assert int(nfds) <= 5  # stdin, stdout, stderr, ls's own dir fd: the gate's fd 3 is closed
+    assert group.pgid == proc.pid
+    with pytest.raises(A.SpawnError) as ei:
+        A.spawn({"argv": ["no-such-command-mvm"], "user": me}, group)
+    assert ei.value.exit_code == 127
+    plain = tmp_path / "not-executable"
+    plain.write_text("data")
+    plain.chmod(0o644)
+    with pytest.raises(A.SpawnError) as ei:
+        A.spawn({"argv": [str(plain)], "user": me}, group)
+    assert ei.value.exit_code == 126

@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -262,48 +263,72 @@ def spawn(h: dict[str, Any], group: CG.Group | None = None) -> subprocess.Popen[
     if not os.path.isdir(cwd):
         raise RequestError(P.E_NOT_FOUND, f"working directory {cwd} does not exist")
     other = pw.pw_uid != os.getuid()
-    procs_fd = group.procs_fd if group is not None else -1
-
-    def child_setup() -> None:
-        # Between fork and exec, still root: into the command's cgroup, OOM-killable
-        # again (the agent's -1000 is inherited), and only then the user's identity, so
-        # nothing the command forks can be outside its group or exempt from the OOM killer.
-        if procs_fd >= 0:
-            os.write(procs_fd, b"0")
-        try:
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        if other:
-            os.setgroups([])
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
-
+    gated = group is not None and group.path is not None
+    cmd = argv
+    gate_r = gate_w = -1
+    if gated:
+        check_runnable(argv[0], env["PATH"], cwd)
+        gate_r, gate_w = os.pipe()
+        cmd = ["/bin/sh", "-c", GATE, argv[0], *argv]
     try:
         proc = subprocess.Popen(
-            argv,
+            cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,
             env=env,
+            user=pw.pw_uid if other else None,
+            group=pw.pw_gid if other else None,
+            extra_groups=[] if other else None,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=child_setup,
+            pass_fds=(gate_r,) if gated else (),
         )
-    except subprocess.SubprocessError as exc:  # child_setup failed (cgroup move, identity)
-        raise SpawnError(126, f"cannot start {argv[0]}: {exc}") from None
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise SpawnError(127, f"command not found: {argv[0]}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise SpawnError(126, f"cannot execute: {argv[0]}: {exc.strerror or exc}") from None
-    if group is not None:
-        group.started(proc.pid)
+    finally:
+        if gated:
+            os.close(gate_r)
+    # Still behind the gate (gated) or already running (not): OOM-killable again (the
+    # agent's -1000 is inherited), into its cgroup, then through the gate.
+    set_oom_score(proc.pid, 0)
+    try:
+        if group is not None:
+            try:
+                group.add(proc.pid)
+            except OSError as exc:
+                log(f"cannot move a command into its cgroup (process-group kill only): {exc}")
+                group.path = None
+    finally:
+        if gated:
+            try:
+                os.write(gate_w, b"go\n")
+            finally:
+                os.close(gate_w)
     return proc
+
+
+#: The gate a command waits behind (``sh -c GATE argv0 argv...``): until the agent has
+#: moved it into its cgroup and writes a line to fd 3; then fd 3 closes and the command
+#: replaces the shell (same pid, session, cgroup), so nothing it forks is outside.
+GATE = 'read -r _ <&3; exec 3<&-; exec "$@"'
+
+
+def check_runnable(prog: str, path: str, cwd: str) -> None:
+    """SpawnError (127 not found, 126 not executable) before a gated start, as a direct
+    exec would have said: behind the gate, the shell would report it in its own words."""
+    if "/" in prog:
+        full = os.path.join(cwd, prog)
+        if not os.path.exists(full):
+            raise SpawnError(127, f"command not found: {prog}")
+        if os.path.isdir(full) or not os.access(full, os.X_OK):
+            raise SpawnError(126, f"cannot execute: {prog}: Permission denied")
+        return
+    if shutil.which(prog, path=path) is None:
+        raise SpawnError(127, f"command not found: {prog}")
 
 
 def pipe_chunks(f: Any, stop: threading.Event) -> Iterator[bytes]:

@@ -8,9 +8,10 @@ Standard library only (it runs in the guest beside ``agent.py``). The layout::
         exec-N/, proc-N/       one per exec / background process: pids.max, memory.max,
                                memory.oom.group; killed whole with cgroup.kill
 
-A child enters its group between fork and exec (``Group.enter`` as ``preexec_fn``: it
-writes ``0`` to an fd of ``cgroup.procs`` the agent opened as root, so the move is allowed
-after the child dropped to its user), so nothing it forks can escape. Anything that fails
+A command starts behind a gate (``/bin/sh`` waiting on a pipe, see ``agent.spawn``); the
+agent moves it into its group (``Group.add``, as root) and only then opens the gate and
+lets it exec the command, so nothing it forks can escape. (A Python ``preexec_fn`` would
+do the same in the child, but makes every spawn a slow full fork of the agent.) Anything that fails
 here leaves ``Cgroups.ok`` False with a reason, and the agent falls back to killing the
 command's process group.
 """
@@ -89,22 +90,13 @@ class Group:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self.procs_fd = -1
         self.pgid: int | None = None
-        if path is not None:
-            self.procs_fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
 
-    def enter(self) -> None:
-        """In the child, between fork and exec: move this process into the group."""
-        if self.procs_fd >= 0:
-            os.write(self.procs_fd, b"0")
-
-    def started(self, pid: int) -> None:
-        """The command runs (its own session, so its pid is its process group)."""
+    def add(self, pid: int) -> None:
+        """Move ``pid`` (the gated command, its own session leader) into the group."""
         self.pgid = pid
-        if self.procs_fd >= 0:
-            os.close(self.procs_fd)
-            self.procs_fd = -1
+        if self.path is not None:
+            _write(os.path.join(self.path, "cgroup.procs"), str(pid))
 
     def pids(self) -> list[int]:
         if self.path is None:
@@ -154,14 +146,6 @@ class Group:
                 return False
             time.sleep(0.02)
         return True
-
-    def close(self) -> None:
-        if self.procs_fd >= 0:
-            try:
-                os.close(self.procs_fd)
-            except OSError:
-                pass
-            self.procs_fd = -1
 
 
 class Cgroups:
@@ -266,7 +250,6 @@ class Cgroups:
     def release(self, group: Group, *, kill: bool) -> None:
         """The command ended: kill what is left (unless detached) and remove the group
         once empty (later, if something still runs in it)."""
-        group.close()
         if kill:
             group.kill()
             group.wait_empty()
