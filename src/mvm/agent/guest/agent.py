@@ -265,10 +265,8 @@ def spawn(h: dict[str, Any], group: CG.Group | None = None) -> subprocess.Popen[
     other = pw.pw_uid != os.getuid()
     gated = group is not None and group.path is not None
     cmd = argv
-    gate_r = gate_w = -1
     if gated:
         check_runnable(argv[0], env["PATH"], cwd)
-        gate_r, gate_w = os.pipe()
         cmd = ["/bin/sh", "-c", GATE, argv[0], *argv]
     try:
         proc = subprocess.Popen(
@@ -283,15 +281,11 @@ def spawn(h: dict[str, Any], group: CG.Group | None = None) -> subprocess.Popen[
             extra_groups=[] if other else None,
             start_new_session=True,
             close_fds=True,
-            pass_fds=(gate_r,) if gated else (),
         )
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise SpawnError(127, f"command not found: {argv[0]}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise SpawnError(126, f"cannot execute: {argv[0]}: {exc.strerror or exc}") from None
-    finally:
-        if gated:
-            os.close(gate_r)
     # Still behind the gate (gated) or already running (not): OOM-killable again (the
     # agent's -1000 is inherited), into its cgroup, then through the gate.
     set_oom_score(proc.pid, 0)
@@ -303,18 +297,19 @@ def spawn(h: dict[str, Any], group: CG.Group | None = None) -> subprocess.Popen[
                 log(f"cannot move a command into its cgroup (process-group kill only): {exc}")
                 group.path = None
     finally:
-        if gated:
-            try:
-                os.write(gate_w, b"go\n")
-            finally:
-                os.close(gate_w)
+        if gated and proc.stdin is not None:
+            try:  # the gate's line, before any of the command's own stdin
+                os.write(proc.stdin.fileno(), b"\n")
+            except OSError:
+                pass
     return proc
 
 
 #: The gate a command waits behind (``sh -c GATE argv0 argv...``): until the agent has
-#: moved it into its cgroup and writes a line to fd 3; then fd 3 closes and the command
-#: replaces the shell (same pid, session, cgroup), so nothing it forks is outside.
-GATE = 'read -r _ <&3; exec 3<&-; exec "$@"'
+#: moved it into its cgroup and writes one line to its stdin (``read`` takes a pipe byte
+#: by byte, so nothing after the line is consumed); then the command replaces the shell
+#: (same pid, session, cgroup), so nothing it forks is outside.
+GATE = 'read -r _; exec "$@"'
 
 
 def check_runnable(prog: str, path: str, cwd: str) -> None:
