@@ -3,7 +3,7 @@
 Standard library only (it runs in the guest beside ``agent.py``). The layout::
 
     /sys/fs/cgroup/            PID 1 (the reaper) stays here
-      mvm-agent/               the serving agent: memory.min reserve, half the CPU
+      mvm-agent/               the serving agent: memory.min reserve, cpu.weight 10000
       mvm-work/                every command: pids.max and memory.max leave the agent room
         exec-N/, proc-N/       one per exec / background process: pids.max, memory.max,
                                memory.oom.group; killed whole with cgroup.kill
@@ -36,11 +36,8 @@ DEFAULT_MEMORY_PCT = 100
 AGENT_MEMORY_RESERVE = 48 * 1024 * 1024
 #: Tasks withheld from the commands' budget (pids.max of mvm-work) for the agent's threads.
 AGENT_PIDS_RESERVE = 512
-#: CPU weights: the agent's group against all commands' group, equal, so the agent gets
-#: half the CPU whenever it wants it however many processes the commands run. (A weight
-#: of 10000 made it preempt every command at each write: one frame per line of output,
-#: ten concurrent execs seven times slower.)
-AGENT_CPU_WEIGHT = 100
+#: CPU weights: the agent wins whenever it wants the CPU (cpu.weight range 1..10000).
+AGENT_CPU_WEIGHT = 10000
 WORK_CPU_WEIGHT = 100
 #: Bound on waiting for a killed group to empty before an exec answers (after that the
 #: kernel finishes the kill on its own and the group is removed later).
