@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import msgspec
 
-from mvm import errors, paths
+from mvm import errors, names, paths
+from mvm.agent import protocol as P
 from mvm.api import models as M
 
 T = TypeVar("T")
@@ -27,6 +29,31 @@ T = TypeVar("T")
 DAEMON_START_TIMEOUT = 15.0
 #: Default HTTP timeout for calls that do not run commands.
 HTTP_TIMEOUT = 120.0
+
+
+def seg(kind: names.Kind, name: str) -> str:
+    """A checked, quoted URL path segment for a caller-given name.
+
+    Checked by the one rule (so ``x/../victim`` or ``p2?x=1`` never becomes another
+    request), then quoted anyway, so a path segment can never carry ``/``, ``?`` or ``#``.
+    """
+    return quote(names.check(kind, name), safe="")
+
+
+def num(value: int) -> str:
+    """A URL path segment for a number (a process id): an int, never a string."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise errors.InvalidArgument(f"invalid process id {value!r}")
+    return str(value)
+
+
+def check_command(argv: list[str], env: dict[str, str], cwd: str | None) -> None:
+    """Refuse a command the guest agent could not take (sizes, NULs) before anything is
+    sent, with the limit named (the agent's own check stays: this is only the early one)."""
+    try:
+        P.command_spec(argv, env, cwd)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc), limit=P.MAX_SPEC) from None
 
 
 def socket_path() -> Path:
@@ -137,6 +164,8 @@ class Client:
             )
         except httpx.TimeoutException:
             raise errors.CommandTimeout(f"mvmd did not answer {method} {url} in time") from None
+        except httpx.InvalidURL as exc:
+            raise errors.InvalidArgument(f"cannot build a request from that: {exc}") from None
         except httpx.TransportError as exc:
             raise errors.MvmError(f"lost the connection to mvmd: {exc}") from None
         _raise_for(resp)
@@ -156,32 +185,36 @@ class Client:
 
     # -- sandboxes ------------------------------------------------------------------
     def create(self, req: M.CreateSandbox) -> M.SandboxInfo:
+        if req.name is not None:
+            names.check("sandbox", req.name)
         return self._post("/sandboxes", M.SandboxInfo, req, timeout=600.0)
 
     def list_sandboxes(self) -> list[M.SandboxInfo]:
         return self._get("/sandboxes", list[M.SandboxInfo])
 
     def get(self, name: str) -> M.SandboxInfo:
-        return self._get(f"/sandboxes/{name}", M.SandboxInfo)
+        return self._get(f"/sandboxes/{seg('sandbox', name)}", M.SandboxInfo)
 
     def down(self, name: str) -> M.SandboxInfo:
-        resp = self.request("DELETE", f"/sandboxes/{name}", timeout=60.0)
+        resp = self.request("DELETE", f"/sandboxes/{seg('sandbox', name)}", timeout=60.0)
         return msgspec.json.decode(resp.content, type=M.SandboxInfo)
 
     def pause(self, name: str) -> M.SandboxInfo:
-        return self._post(f"/sandboxes/{name}/pause", M.SandboxInfo)
+        return self._post(f"/sandboxes/{seg('sandbox', name)}/pause", M.SandboxInfo)
 
     def resume(self, name: str) -> M.SandboxInfo:
-        return self._post(f"/sandboxes/{name}/resume", M.SandboxInfo)
+        return self._post(f"/sandboxes/{seg('sandbox', name)}/resume", M.SandboxInfo)
 
     def set_ttl(self, name: str, ttl_seconds: float) -> M.SandboxInfo:
         return self._post(
-            f"/sandboxes/{name}/ttl", M.SandboxInfo, M.TtlRequest(ttl_seconds=ttl_seconds)
+            f"/sandboxes/{seg('sandbox', name)}/ttl",
+            M.SandboxInfo,
+            M.TtlRequest(ttl_seconds=ttl_seconds),
         )
 
     def wait(self, name: str, timeout: float) -> M.SandboxInfo:
         return self._post(
-            f"/sandboxes/{name}/wait",
+            f"/sandboxes/{seg('sandbox', name)}/wait",
             M.SandboxInfo,
             params={"timeout": timeout},
             timeout=timeout + 30.0,
@@ -190,12 +223,14 @@ class Client:
     # -- exec -----------------------------------------------------------------------
     def exec_stream(self, name: str, req: M.ExecRequest) -> Iterator[M.ExecEvent]:
         """Yield output events as they come, then the ``exit`` event."""
+        check_command(req.argv, req.env, req.cwd)
+        path = f"/sandboxes/{seg('sandbox', name)}/exec"
         self.ensure_daemon()
         decoder = msgspec.json.Decoder(M.ExecEvent)
         try:
             with self._http.stream(
                 "POST",
-                f"/sandboxes/{name}/exec",
+                path,
                 content=msgspec.json.encode(req),
                 headers={"content-type": "application/json"},
                 timeout=httpx.Timeout(req.timeout + 60.0, connect=5.0),
@@ -204,7 +239,12 @@ class Client:
                 for line in resp.iter_lines():
                     if not line:
                         continue
-                    event = decoder.decode(line)
+                    try:
+                        event = decoder.decode(line)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        raise errors.MvmError(
+                            f"mvmd sent a malformed exec event: {line[:200]!r}"
+                        ) from None
                     if event.type == "error" and event.error is not None:
                         raise error_from_body(event.error)
                     yield event
@@ -215,43 +255,63 @@ class Client:
 
     # -- files ----------------------------------------------------------------------
     def read_file(self, name: str, path: str) -> bytes:
-        return self.request("GET", f"/sandboxes/{name}/files", params={"path": path}).content
+        return self.request(
+            "GET", f"/sandboxes/{seg('sandbox', name)}/files", params={"path": path}
+        ).content
 
     def write_file(self, name: str, path: str, data: bytes, mode: int = 0o644) -> M.FileStat:
         resp = self.request(
-            "PUT", f"/sandboxes/{name}/files", params={"path": path, "mode": mode}, content=data
+            "PUT",
+            f"/sandboxes/{seg('sandbox', name)}/files",
+            params={"path": path, "mode": mode},
+            content=data,
         )
         return msgspec.json.decode(resp.content, type=M.FileStat)
 
     def list_dir(self, name: str, path: str) -> list[M.FileEntry]:
-        return self._get(f"/sandboxes/{name}/files/list", list[M.FileEntry], params={"path": path})
+        return self._get(
+            f"/sandboxes/{seg('sandbox', name)}/files/list",
+            list[M.FileEntry],
+            params={"path": path},
+        )
 
     def stat(self, name: str, path: str) -> M.FileStat:
-        return self._get(f"/sandboxes/{name}/files/stat", M.FileStat, params={"path": path})
+        return self._get(
+            f"/sandboxes/{seg('sandbox', name)}/files/stat", M.FileStat, params={"path": path}
+        )
 
     def mkdir(self, name: str, path: str, parents: bool = False) -> None:
         self.request(
-            "POST", f"/sandboxes/{name}/files/mkdir", params={"path": path, "parents": int(parents)}
+            "POST",
+            f"/sandboxes/{seg('sandbox', name)}/files/mkdir",
+            params={"path": path, "parents": int(parents)},
         )
 
     def remove(self, name: str, path: str, recursive: bool = False) -> None:
         self.request(
-            "DELETE", f"/sandboxes/{name}/files", params={"path": path, "recursive": int(recursive)}
+            "DELETE",
+            f"/sandboxes/{seg('sandbox', name)}/files",
+            params={"path": path, "recursive": int(recursive)},
         )
 
     def move(self, name: str, src: str, dest: str) -> None:
-        self.request("POST", f"/sandboxes/{name}/files/move", params={"path": src, "dest": dest})
+        self.request(
+            "POST",
+            f"/sandboxes/{seg('sandbox', name)}/files/move",
+            params={"path": src, "dest": dest},
+        )
 
     # -- processes ------------------------------------------------------------------
     def proc_start(self, name: str, req: M.ProcStart) -> M.ProcView:
-        return self._post(f"/sandboxes/{name}/procs", M.ProcView, req)
+        check_command(req.argv, req.env, req.cwd)
+        return self._post(f"/sandboxes/{seg('sandbox', name)}/procs", M.ProcView, req)
 
     def proc_list(self, name: str) -> list[M.ProcView]:
-        return self._get(f"/sandboxes/{name}/procs", list[M.ProcView])
+        return self._get(f"/sandboxes/{seg('sandbox', name)}/procs", list[M.ProcView])
 
     def proc_wait(self, name: str, proc: int, timeout: float) -> M.ProcView:
         return self._post(
-            f"/sandboxes/{name}/procs/{proc}/wait",
+            f"/sandboxes/{seg('sandbox', name)}/procs/{num(proc)}/wait",
             M.ProcView,
             params={"timeout": timeout},
             timeout=timeout + 30.0,
@@ -259,29 +319,38 @@ class Client:
 
     def proc_signal(self, name: str, proc: int, signal: int) -> M.ProcView:
         return self._post(
-            f"/sandboxes/{name}/procs/{proc}/signal", M.ProcView, params={"signal": signal}
+            f"/sandboxes/{seg('sandbox', name)}/procs/{num(proc)}/signal",
+            M.ProcView,
+            params={"signal": signal},
         )
 
     def proc_stdin(self, name: str, proc: int, data: bytes, eof: bool = False) -> None:
         self.request(
-            "POST", f"/sandboxes/{name}/procs/{proc}/stdin", params={"eof": int(eof)}, content=data
+            "POST",
+            f"/sandboxes/{seg('sandbox', name)}/procs/{num(proc)}/stdin",
+            params={"eof": int(eof)},
+            content=data,
         )
 
     def proc_output(self, name: str, proc: int, stream: str) -> bytes:
         return self.request(
-            "GET", f"/sandboxes/{name}/procs/{proc}/output", params={"stream": stream}
+            "GET",
+            f"/sandboxes/{seg('sandbox', name)}/procs/{num(proc)}/output",
+            params={"stream": stream},
         ).content
 
     # -- port forwards ---------------------------------------------------------------
     def forward(self, name: str, spec: M.PortSpec) -> M.ForwardInfo:
         """Forward ``spec.host:spec.host_port`` to ``spec.guest_port`` in the sandbox."""
-        return self._post(f"/sandboxes/{name}/forwards", M.ForwardInfo, spec)
+        return self._post(f"/sandboxes/{seg('sandbox', name)}/forwards", M.ForwardInfo, spec)
 
     def forwards(self, name: str) -> list[M.ForwardInfo]:
-        return self._get(f"/sandboxes/{name}/forwards", list[M.ForwardInfo])
+        return self._get(f"/sandboxes/{seg('sandbox', name)}/forwards", list[M.ForwardInfo])
 
     def unforward(self, name: str, forward_id: str) -> M.ForwardInfo:
-        resp = self.request("DELETE", f"/sandboxes/{name}/forwards/{forward_id}")
+        resp = self.request(
+            "DELETE", f"/sandboxes/{seg('sandbox', name)}/forwards/{seg('forward', forward_id)}"
+        )
         return msgspec.json.decode(resp.content, type=M.ForwardInfo)
 
     # -- logs -----------------------------------------------------------------------
@@ -296,36 +365,48 @@ class Client:
         try:
             with self._http.stream(
                 "GET",
-                f"/sandboxes/{name}/logs",
+                f"/sandboxes/{seg('sandbox', name)}/logs",
                 params=params,
                 timeout=httpx.Timeout(None, connect=5.0),
             ) as resp:
                 _raise_for(resp)
                 for line in resp.iter_lines():
-                    if line:
-                        yield decoder.decode(line)
+                    if not line:
+                        continue
+                    try:
+                        event = decoder.decode(line)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        raise errors.MvmError(
+                            f"mvmd sent a malformed log event: {line[:200]!r}"
+                        ) from None
+                    yield event
         except httpx.TransportError as exc:
             raise errors.MvmError(f"lost the connection to mvmd: {exc}") from None
 
     # -- snapshots ------------------------------------------------------------------
     def snapshot_save(self, name: str, snap: str) -> M.SnapshotInfo:
+        names.check("snapshot", snap)
         return self._post(
-            f"/sandboxes/{name}/snapshots",
+            f"/sandboxes/{seg('sandbox', name)}/snapshots",
             M.SnapshotInfo,
             M.SnapshotRequest(name=snap),
             timeout=600.0,
         )
 
     def snapshot_list(self, name: str) -> list[M.SnapshotInfo]:
-        return self._get(f"/sandboxes/{name}/snapshots", list[M.SnapshotInfo])
+        return self._get(f"/sandboxes/{seg('sandbox', name)}/snapshots", list[M.SnapshotInfo])
 
     def snapshot_restore(self, name: str, snap: str) -> M.SandboxInfo:
         return self._post(
-            f"/sandboxes/{name}/snapshots/{snap}/restore", M.SandboxInfo, timeout=600.0
+            f"/sandboxes/{seg('sandbox', name)}/snapshots/{seg('snapshot', snap)}/restore",
+            M.SandboxInfo,
+            timeout=600.0,
         )
 
     def snapshot_remove(self, name: str, snap: str) -> None:
-        self.request("DELETE", f"/sandboxes/{name}/snapshots/{snap}")
+        self.request(
+            "DELETE", f"/sandboxes/{seg('sandbox', name)}/snapshots/{seg('snapshot', snap)}"
+        )
 
 
 def start_daemon() -> None:

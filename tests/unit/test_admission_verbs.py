@@ -105,14 +105,16 @@ def test_exec_events_gather_into_one_result() -> None:
         M.gather_exec(events[:1])
 
 
-def test_a_command_too_large_for_the_agent_header_is_refused_naming_the_limit() -> None:
-    from mvm.service.execs import MAX_COMMAND_BYTES, check_command
+def test_a_command_too_large_for_the_agent_is_refused_naming_the_limit() -> None:
+    from mvm.agent import protocol as P
+    from mvm.service.execs import check_command
 
-    check_command(["echo", "x" * 1000], {"A": "b"}, "/work")
+    check_command(["echo", "x" * 100_000], {"A": "b"}, "/work")  # travels in the payload
     with pytest.raises(errors.InvalidArgument) as info:
-        check_command(["echo", "x" * MAX_COMMAND_BYTES], {}, None)
-    assert str(MAX_COMMAND_BYTES) in info.value.message
-    with pytest.raises(errors.InvalidArgument):  # escaped as the agent encodes it: 6x
-        check_command(["echo", "\u00e9" * (MAX_COMMAND_BYTES // 5)], {}, None)
+        check_command(["echo", "x" * (P.MAX_ARG + 1)], {}, None)
+    assert str(P.MAX_ARG) in info.value.message
+    with pytest.raises(errors.InvalidArgument) as info:
+        check_command(["echo", *["x" * 100_000] * 6], {}, None)
+    assert str(P.MAX_SPEC) in info.value.message
     with pytest.raises(errors.InvalidArgument, match="empty command"):
         check_command([], {}, None)

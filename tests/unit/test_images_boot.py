@@ -144,7 +144,7 @@ def test_newc_readable_by_cpio(tmp_path: Path) -> None:
 def test_agent_sources_shipped() -> None:
     """The initramfs carries the agent and the protocol module it imports."""
     src = I.agent_sources()
-    assert set(src) == {"agent.py", "protocol.py"}
+    assert set(src) == {"agent.py", "cgroups.py", "protocol.py"}
     assert b"import protocol as P" in src["agent.py"]
     assert b"class FrameDecoder" in src["protocol.py"]
     assert I.init_script().startswith(b"#!")

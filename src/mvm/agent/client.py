@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from mvm.agent import protocol as P
+from mvm.agent.guest import cgroups
 from mvm.errors import (
     AgentError,
     AgentProtocolError,
@@ -37,7 +38,7 @@ QUEUE_FRAMES = 16
 #: Largest file ``read_file`` returns unless told otherwise.
 DEFAULT_READ_LIMIT = 64 * 1024 * 1024
 #: Seconds the host waits beyond a command's own timeout before giving up on the guest.
-TIMEOUT_GRACE = 5.0
+TIMEOUT_GRACE = 20.0
 #: Seconds between hellos after a reply with the wrong nonce.
 HELLO_RETRY_PAUSE = 0.05
 #: Default timeout for small requests (fs, ping).
@@ -141,6 +142,31 @@ def bad_entry_name(name: str) -> str | None:
     return None
 
 
+def command_frame(
+    argv: list[str], env: dict[str, str] | None, cwd: str | None, stdin: bytes
+) -> tuple[dict[str, Any], bytes]:
+    """Header fields and payload of an exec/proc.start: the command in the header, or, when
+    it is too large for one, at the head of the payload (``"spec": N``) before stdin."""
+    try:
+        spec = P.command_spec(argv, env or {}, cwd)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), limit=P.MAX_SPEC) from None
+    if len(spec) <= P.SPEC_IN_HEADER:
+        header: dict[str, Any] = {"argv": argv, "env": env or {}}
+        if cwd is not None:
+            header["cwd"] = cwd
+        if len(stdin) > P.MAX_PAYLOAD:
+            raise InvalidArgument(f"stdin larger than {P.MAX_PAYLOAD} bytes", limit=P.MAX_PAYLOAD)
+        return header, stdin
+    if len(spec) + len(stdin) > P.MAX_PAYLOAD:
+        raise InvalidArgument(
+            f"a command of {len(spec)} bytes with {len(stdin)} bytes of stdin exceeds the "
+            f"{P.MAX_PAYLOAD // 1024} KiB frame; pass large data as a file",
+            limit=P.MAX_PAYLOAD,
+        )
+    return {"spec": len(spec)}, spec + stdin
+
+
 def _checked(frame: P.Frame, what: str) -> P.Frame:
     if frame.type == P.ERR:
         code = frame.header.get("code")
@@ -172,6 +198,9 @@ class AgentClient:
         self._task = asyncio.create_task(self._read_loop())
         self.dropped_frames = 0
         self.info: dict[str, Any] = {}
+        #: Per-sandbox limits of the guest's command cgroups, sent with every hello
+        #: (``{"pids_max": n, "memory_pct": p}``, see ``set_limits``); None: the defaults.
+        self.limits: dict[str, int] | None = None
         #: Fire-and-forget tasks (killing abandoned commands), kept so they are not collected.
         self._background: set[asyncio.Task[None]] = set()
         #: Called (synchronously, must not block) with each unsolicited event frame.
@@ -320,6 +349,17 @@ class AgentClient:
                 await self._writer.wait_closed()
 
     # -- handshake --------------------------------------------------------------
+    def set_limits(self, *, pids_max: int | None = None, memory_pct: int | None = None) -> None:
+        """Limits for each command's cgroup in the guest, applied from the next hello on:
+        ``pids_max`` tasks per command, ``memory_pct`` percent of the commands' memory."""
+        limits = {
+            k: v for k, v in (("pids_max", pids_max), ("memory_pct", memory_pct)) if v is not None
+        }
+        try:
+            self.limits = cgroups.check_limits(limits)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+
     async def hello(
         self, timeout: float, alive: Callable[[], bool] | None = None
     ) -> dict[str, Any]:
@@ -340,6 +380,8 @@ class AgentClient:
                 "seed": os.urandom(32).hex(),
                 "session": self.session,
             }
+            if self.limits:
+                header["limits"] = self.limits
             try:
                 frame = await self.call(
                     P.HELLO, header, timeout=min(1.0, deadline - time.monotonic())
@@ -375,15 +417,16 @@ class AgentClient:
         stdin: bytes = b"",
         timeout: float | None = None,
         output_limit: int = P.DEFAULT_OUTPUT_LIMIT,
+        detach: bool = False,
     ) -> AsyncIterator[P.Frame]:
-        """Start a command; yield OUT/STARTED frames, then the final OK frame."""
-        if not argv:
-            raise InvalidArgument("empty command")
-        if len(stdin) > P.MAX_PAYLOAD:
-            raise InvalidArgument(f"stdin larger than {P.MAX_PAYLOAD} bytes")
-        header: dict[str, Any] = {"argv": argv, "env": env or {}, "output_limit": output_limit}
-        if cwd is not None:
-            header["cwd"] = cwd
+        """Start a command; yield OUT/STARTED frames, then the final OK frame.
+
+        When it ends, the guest kills whatever it left running (its cgroup), unless
+        ``detach``: then those processes run on."""
+        header, stdin = command_frame(argv, env, cwd, stdin)
+        header["output_limit"] = output_limit
+        if detach:
+            header["detach"] = True
         if user is not None:
             header["user"] = user
         if timeout is not None:
@@ -434,6 +477,7 @@ class AgentClient:
         timeout: float | None = None,
         output_limit: int = P.DEFAULT_OUTPUT_LIMIT,
         on_output: OutputCallback | None = None,
+        detach: bool = False,
     ) -> ExecResult:
         """Run a command to completion; output is capped at ``output_limit`` per stream."""
         bufs = {"stdout": bytearray(), "stderr": bytearray()}
@@ -447,6 +491,7 @@ class AgentClient:
             stdin=stdin,
             timeout=timeout,
             output_limit=output_limit,
+            detach=detach,
         ):
             if frame.type == P.OUT:
                 stream = frame.header.get("stream")
@@ -558,9 +603,8 @@ class AgentClient:
         stdin: bytes = b"",
         stdin_open: bool = False,
     ) -> ProcInfo:
-        header: dict[str, Any] = {"argv": argv, "env": env or {}, "stdin_open": stdin_open}
-        if cwd is not None:
-            header["cwd"] = cwd
+        header, stdin = command_frame(argv, env, cwd, stdin)
+        header["stdin_open"] = stdin_open
         if user is not None:
             header["user"] = user
         frame = await self.call(P.PROC_START, header, stdin)

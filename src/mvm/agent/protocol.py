@@ -39,6 +39,13 @@ MAX_BODY = 4 + MAX_HEADER + MAX_PAYLOAD
 CHUNK = 256 * 1024
 #: Default cap on captured stdout and on stderr of one command (each).
 DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
+#: Largest command description (argv, env, cwd as compact JSON) of one exec/proc.start.
+#: One that does not fit the header travels at the head of the payload (``"spec": N``).
+MAX_SPEC = 512 * 1024
+#: Largest single argument or ``KEY=VALUE`` (Linux's MAX_ARG_STRLEN, 128 KiB, with its NUL).
+MAX_ARG = 128 * 1024 - 1
+#: Specs up to this size stay in the header (room left for the other fields).
+SPEC_IN_HEADER = MAX_HEADER - 4096
 
 # Message types. Requests (host -> guest):
 HELLO = "hello"
@@ -129,6 +136,36 @@ E_TOO_LARGE = "too_large"
 E_INTERNAL = "internal"
 E_UNKNOWN_REF = "unknown_ref"
 E_REFUSED = "connection_refused"
+
+
+def command_spec(argv: list[str], env: dict[str, str], cwd: str | None) -> bytes:
+    """The JSON of a command's argv, env and cwd, after checking them against the limits
+    (ValueError naming the limit): the host checks before it sends, the guest trusts none."""
+    if not argv:
+        raise ValueError("empty command")
+    for what, items in (
+        ("argument", argv),
+        ("environment entry", [f"{k}={v}" for k, v in env.items()]),
+    ):
+        for item in items:
+            n = len(item.encode("utf-8", "surrogatepass"))
+            if n > MAX_ARG:
+                raise ValueError(
+                    f"an {what} of {n} bytes exceeds the limit of {MAX_ARG} bytes "
+                    "(Linux's MAX_ARG_STRLEN); pass large data as a file or on stdin"
+                )
+            if "\x00" in item:
+                raise ValueError(f"an {what} contains a NUL byte")
+    spec: dict[str, Any] = {"argv": argv, "env": env}
+    if cwd is not None:
+        spec["cwd"] = cwd
+    data = json.dumps(spec, separators=(",", ":"), ensure_ascii=True).encode()
+    if len(data) > MAX_SPEC:
+        raise ValueError(
+            f"the command's arguments and environment take {len(data)} bytes; the limit is "
+            f"{MAX_SPEC} ({MAX_SPEC // 1024} KiB); pass large data as a file or on stdin"
+        )
+    return data
 
 
 class FrameError(ValueError):

@@ -159,6 +159,9 @@ class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     output_limit: int = 16 * 1024 * 1024
     #: Environment variables whose values are secrets, by secret name (resolved by mvmd).
     secret_env: dict[str, str] = {}
+    #: Keep what the command leaves running after it exits (by default the command's whole
+    #: process group, its cgroup in the guest, is killed when it ends).
+    detach: bool = False
 
 
 class ExecEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -1,9 +1,11 @@
-"""Pieces every mvmctl command shares: error reporting and KEY=VALUE parsing."""
+"""Pieces every mvmctl command shares: error reporting, option types, KEY=VALUE parsing."""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -11,6 +13,7 @@ from typing import Any, TypeVar
 import click
 from rich.markup import escape
 
+from mvm import names
 from mvm.cli.ui import err_console
 from mvm.errors import InvalidArgument, MvmError
 from mvm.policy.network import PRESETS as NETWORK_PRESETS
@@ -43,6 +46,55 @@ def fail_on_errors(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+class OctalMode(click.ParamType[int]):
+    """File permissions in octal (``644``, ``0755``): an int in 0..0o7777, or a usage error."""
+
+    name = "octal mode"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
+            return value
+        text = str(value)
+        if not re.fullmatch(r"0?[0-7]{1,4}", text):
+            self.fail(f"{text!r} is not an octal mode from 0 to 7777 (e.g. 644)", param, ctx)
+        return int(text, 8)
+
+
+class Seconds(click.ParamType[float]):
+    """A finite number of seconds in ``[lo, hi]`` (no nan, no inf), or a usage error."""
+
+    name = "seconds"
+
+    def __init__(self, lo: float, hi: float = 7 * 86400.0) -> None:
+        self.lo, self.hi = lo, hi
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{str(value)[:40]!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or not self.lo <= seconds <= self.hi:
+            self.fail(f"{seconds:g} is not in {self.lo:g}..{self.hi:g} seconds", param, ctx)
+        return seconds
+
+
+def check_name(kind: names.Kind) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback: the value (or each of several) must follow ``names.check(kind)``."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        for v in value if isinstance(value, tuple) else [value]:
+            if v is not None and not names.is_valid(kind, v):
+                try:
+                    names.check(kind, v)
+                except InvalidArgument as exc:
+                    raise click.BadParameter(f"{exc.message}; {exc.hint}") from None
+        return value
+
+    return callback
 
 
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:

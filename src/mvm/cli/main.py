@@ -26,7 +26,14 @@ from mvm.api.models import NetworkSpec
 from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.audit import write_run_receipt
 from mvm.cli.code import COMMANDS as CODE_COMMANDS
-from mvm.cli.common import fail_on_errors, network_options, parse_env, split_env
+from mvm.cli.common import (
+    Seconds,
+    check_name,
+    fail_on_errors,
+    network_options,
+    parse_env,
+    split_env,
+)
 from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
@@ -126,7 +133,13 @@ def images(as_json: bool) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
-@click.option("--image", default=manifests.DEFAULT_IMAGE, show_default=True, help="Image name.")
+@click.option(
+    "--image",
+    default=manifests.DEFAULT_IMAGE,
+    show_default=True,
+    help="Image name.",
+    callback=check_name("image"),
+)
 @click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 16))
 @click.option(
     "--memory",
@@ -139,7 +152,7 @@ def images(as_json: bool) -> None:
     "--timeout",
     default=DEFAULT_TIMEOUT,
     show_default=True,
-    type=click.FloatRange(0.1),
+    type=Seconds(0.1),
     help="Seconds the command may run; then it is killed, the VM destroyed, exit 124.",
 )
 @click.option(

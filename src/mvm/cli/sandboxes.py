@@ -4,6 +4,8 @@ pause, resume, snapshot, down, daemon. They talk to mvmd (started on demand)."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import signal as signals
 import sys
 import time
@@ -16,7 +18,7 @@ from rich.table import Table
 
 from mvm import client as mvmclient
 from mvm.api import models as M
-from mvm.cli.common import fail_on_errors, network_options, split_env
+from mvm.cli.common import OctalMode, check_name, fail_on_errors, network_options, split_env
 from mvm.cli.ports import describe as describe_forward
 from mvm.cli.ports import port_specs
 from mvm.cli.ui import RichReporter, err_console, out_console, safe_text, stderr_is_tty
@@ -61,7 +63,12 @@ def init(directory: Path, preset: str) -> None:
     "directory", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path)
 )
 @click.option("--name", help="Sandbox name (default: the project's image name, or a generated id).")
-@click.option("--image", help="Image to boot when no DIRECTORY is given.", default=None)
+@click.option(
+    "--image",
+    help="Image to boot when no DIRECTORY is given.",
+    default=None,
+    callback=check_name("image"),
+)
 @click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 16))
 @click.option(
     "--memory", default=512, show_default=True, type=click.IntRange(128, 16384), help="MiB."
@@ -205,6 +212,11 @@ def ls(as_json: bool) -> None:
     show_default=True,
     help="Kill the command after this long (exit 124).",
 )
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Keep what the command leaves running after it exits (killed by default).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @fail_on_errors
 def exec_(
@@ -215,6 +227,7 @@ def exec_(
     cwd: str | None,
     user: str | None,
     timeout: str,
+    detach: bool,
     as_json: bool,
 ) -> None:
     """Run COMMAND in sandbox NAME; streams output and exits with its status."""
@@ -232,6 +245,7 @@ def exec_(
         user=user,
         stdin=stdin,
         timeout=parse_duration(timeout, "timeout"),
+        detach=detach,
     )
 
     def show(stream_name: str, data: bytes) -> None:
@@ -275,14 +289,16 @@ def fs() -> None:
 @fs.command(name="write")
 @click.argument("name")
 @click.argument("path")
-@click.option("--mode", default="644", show_default=True, help="Octal permissions.")
+@click.option(
+    "--mode", default="644", show_default=True, type=OctalMode(), help="Octal permissions."
+)
 @fail_on_errors
-def fs_write(name: str, path: str, mode: str) -> None:
+def fs_write(name: str, path: str, mode: int) -> None:
     """Write stdin to PATH in sandbox NAME (up to 64 MiB)."""
     data = sys.stdin.buffer.read(M.MAX_FILE_WRITE + 1)
     check_size(len(data))
     with connect() as c:
-        st = c.write_file(name, path, data, mode=int(mode, 8))
+        st = c.write_file(name, path, data, mode=mode)
     click.echo(f"{path}: {st.size} bytes")
 
 
@@ -502,10 +518,9 @@ def proc_ls(name: str, as_json: bool) -> None:
 
 
 def _proc_id(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(f"process id must be a number, not {value!r}") from None
+    if not re.fullmatch(r"[0-9]{1,15}", value):
+        raise InvalidArgument(f"process id must be a number, not {value[:40]!r}")
+    return int(value)
 
 
 @proc.command(name="signal")
@@ -517,11 +532,11 @@ def proc_signal(name: str, proc_id: str, sig: str) -> None:
     """Send a signal (TERM, INT, KILL, HUP, or a number) to a background process."""
     num = (
         int(sig)
-        if sig.isdigit()
+        if re.fullmatch(r"[0-9]{1,2}", sig)
         else getattr(signals, "SIG" + sig.upper().removeprefix("SIG"), None)
     )
-    if not isinstance(num, int):
-        raise InvalidArgument(f"unknown signal {sig!r}")
+    if not isinstance(num, int) or not 1 <= num <= 64:
+        raise InvalidArgument(f"unknown signal {sig[:40]!r}", hint="TERM, INT, KILL, HUP or 1-64")
     with connect() as c:
         c.proc_signal(name, _proc_id(proc_id), int(num))
 
@@ -593,6 +608,8 @@ def logs(name: str, follow: bool, since: str | None, as_json: bool) -> None:
             since_ts = float(since)
         except ValueError:
             since_ts = time.time() - parse_duration(since, "--since")
+        if not math.isfinite(since_ts) or since_ts < 0:
+            raise InvalidArgument(f"invalid --since: {since[:40]!r}")
     with connect() as c:
         try:
             for ev in c.logs(name, follow=follow, since=since_ts):

@@ -51,7 +51,7 @@ mount -t overlay overlay -o lowerdir=/mnt/ro,upperdir=/mnt/rw/upper,workdir=/mnt
 mkdir -p /newroot/run /newroot/tmp /newroot/dev /newroot/proc /newroot/sys
 mount -t tmpfs -o mode=0755,size=64m tmpfs /newroot/run
 mkdir -p /newroot/run/mvm
-cp /mvm/agent.py /mvm/protocol.py /newroot/run/mvm/
+cp /mvm/*.py /newroot/run/mvm/
 chmod 0700 /newroot/run/mvm
 mkdir -p /newroot/run/mvm-code
 cp /mvm/code/*.py /newroot/run/mvm-code/

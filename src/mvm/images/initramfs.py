@@ -65,11 +65,16 @@ def newc(entries: Iterable[Entry]) -> bytes:
     return bytes(out)
 
 
+#: The agent's modules (``init.sh`` copies every ``/mvm/*.py`` beside ``agent.py``).
+GUEST_MODULES = ("agent.py", "cgroups.py")
+
+
 def agent_sources() -> dict[str, bytes]:
     """The guest agent files, as shipped in this package."""
-    agent = resources.files("mvm.agent.guest").joinpath("agent.py").read_bytes()
+    guest = resources.files("mvm.agent.guest")
     protocol = resources.files("mvm.agent").joinpath("protocol.py").read_bytes()
-    return {"agent.py": agent, "protocol.py": protocol}
+    files = {name: guest.joinpath(name).read_bytes() for name in GUEST_MODULES}
+    return {**files, "protocol.py": protocol}
 
 
 def code_sources() -> dict[str, bytes]:

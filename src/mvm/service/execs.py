@@ -4,7 +4,6 @@ capped and redacted as it streams, audited before it starts and after it ends.""
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -18,29 +17,20 @@ from mvm.errors import InvalidArgument
 from mvm.service.core import Core
 from mvm.service.live import audit_after, audit_before
 
-#: Room in the agent's frame header for what is not the command (kind, id, limits).
-HEADER_SLACK = 1024
-#: Most bytes argv + env + cwd + user may take in the header (JSON, ASCII-escaped).
-MAX_COMMAND_BYTES = P.MAX_HEADER - HEADER_SLACK
-
 
 def check_command(
     argv: list[str], env: dict[str, str], cwd: str | None, user: str | None = None
 ) -> None:
-    """Refuse, naming the limit, a command too large for the agent's one frame header
-    (measured as the agent will encode it), before anything is sent or audited."""
-    if not argv:
-        raise InvalidArgument("empty command")
-    doc = {"argv": argv, "env": env, "cwd": cwd, "user": user}
-    size = len(json.dumps(doc, separators=(",", ":"), ensure_ascii=True))
-    if size > MAX_COMMAND_BYTES:
+    """Refuse, naming the limit, a command the agent would refuse (``P.command_spec``:
+    one argument or ``KEY=VALUE`` at most ``P.MAX_ARG`` bytes, all of them at most
+    ``P.MAX_SPEC``), before anything is sent or audited. Large commands travel in the
+    frame's payload, so the header's size is not the limit."""
+    try:
+        P.command_spec(argv, env, cwd)
+    except ValueError as exc:
         raise InvalidArgument(
-            f"command, environment, cwd and user take {size} bytes encoded; at most "
-            f"{MAX_COMMAND_BYTES} fit in one request to the guest",
-            hint="pass large data through a file or stdin",
-            limit=MAX_COMMAND_BYTES,
-            size=size,
-        )
+            str(exc), hint="pass large data through a file or stdin", limit=P.MAX_SPEC
+        ) from None
 
 
 class Execs:
@@ -104,6 +94,7 @@ class Execs:
                 stdin=req.stdin,
                 timeout=req.timeout,
                 output_limit=req.output_limit,
+                detach=req.detach,
             ):
                 if frame.type == P.OUT:
                     stream = frame.header.get("stream")

@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -30,18 +31,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mvm.agent import protocol as P
+    from mvm.agent.guest import cgroups as CG
 else:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
         import protocol as P  # in the guest: copied beside this file
     except ImportError:  # on the host (tests): the same module from the package
         from mvm.agent import protocol as P
+    import cgroups as CG  # beside this file, in the guest and in the package alike
 
 PORT_NAME = "org.mvm.agent"
 DEFAULT_USER = "user"
 MAX_THREADS = 256
 MAX_LIST_ENTRIES = 10000
 DRAIN_AFTER_EXIT = 1.0  # seconds pipes may stay open after the command exited
+DRAIN_CONTAINED = 30.0  # bound on sending what a killed command group left in its pipes
 TCP_CONNECT_TIMEOUT = 10.0  # seconds for a relay's connect to 127.0.0.1:port
 TCP_WRITE_TIMEOUT = 60.0  # seconds a guest application may leave relayed bytes unread
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -158,6 +162,23 @@ def want_path(h: dict[str, Any], key: str = "path") -> str:
     return p
 
 
+def with_spec(h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """A command too large for the header comes at the head of the payload (``"spec": N``,
+    see protocol.MAX_SPEC): merge its argv/env/cwd into the header, return the rest (stdin)."""
+    if "spec" not in h:
+        return h, payload
+    n = want_int(h, "spec", 0, 0, P.MAX_SPEC)
+    if n > len(payload):
+        raise RequestError(P.E_BAD_REQUEST, "'spec' is longer than the payload")
+    try:
+        spec = json.loads(payload[:n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        spec = None
+    if not isinstance(spec, dict) or not set(spec) <= {"argv", "env", "cwd"}:
+        raise RequestError(P.E_BAD_REQUEST, "'spec' must be a JSON object of argv, env, cwd")
+    return {**h, **spec}, payload[n:]
+
+
 def resolve_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
@@ -209,9 +230,10 @@ class SpawnError(Exception):
         self.message = message
 
 
-def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
+def spawn(h: dict[str, Any], group: CG.Group | None = None) -> subprocess.Popen[bytes]:
     """Start the command a request describes (argv, env, cwd, user), with pipes, in a
-    new session. Raises RequestError for a bad request, SpawnError if it cannot run."""
+    new session and (given one) in ``group``'s cgroup before it runs a single instruction
+    of its own. Raises RequestError for a bad request, SpawnError if it cannot run."""
     argv = h.get("argv")
     if (
         not isinstance(argv, list)
@@ -242,9 +264,14 @@ def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
     if not os.path.isdir(cwd):
         raise RequestError(P.E_NOT_FOUND, f"working directory {cwd} does not exist")
     other = pw.pw_uid != os.getuid()
+    gated = group is not None and group.path is not None
+    cmd = argv
+    if gated:
+        check_runnable(argv[0], env["PATH"], cwd)
+        cmd = ["/bin/sh", "-c", GATE, argv[0], *argv]
     try:
         proc = subprocess.Popen(
-            argv,
+            cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -260,8 +287,44 @@ def spawn(h: dict[str, Any]) -> subprocess.Popen[bytes]:
         raise SpawnError(127, f"command not found: {argv[0]}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise SpawnError(126, f"cannot execute: {argv[0]}: {exc.strerror or exc}") from None
-    set_oom_score(proc.pid, 0)  # the agent is exempt from the OOM killer; its commands are not
+    # Still behind the gate (gated) or already running (not): OOM-killable again (the
+    # agent's -1000 is inherited), into its cgroup, then through the gate.
+    set_oom_score(proc.pid, 0)
+    try:
+        if group is not None:
+            try:
+                group.add(proc.pid)
+            except OSError as exc:
+                log(f"cannot move a command into its cgroup (process-group kill only): {exc}")
+                group.path = None
+    finally:
+        if gated and proc.stdin is not None:
+            try:  # the gate's line, before any of the command's own stdin
+                os.write(proc.stdin.fileno(), b"\n")
+            except OSError:
+                pass
     return proc
+
+
+#: The gate a command waits behind (``sh -c GATE argv0 argv...``): until the agent has
+#: moved it into its cgroup and writes one line to its stdin (``read`` takes a pipe byte
+#: by byte, so nothing after the line is consumed); then the command replaces the shell
+#: (same pid, session, cgroup), so nothing it forks is outside.
+GATE = 'read -r _; exec "$@"'
+
+
+def check_runnable(prog: str, path: str, cwd: str) -> None:
+    """SpawnError (127 not found, 126 not executable) before a gated start, as a direct
+    exec would have said: behind the gate, the shell would report it in its own words."""
+    if "/" in prog:
+        full = os.path.join(cwd, prog)
+        if not os.path.exists(full):
+            raise SpawnError(127, f"command not found: {prog}")
+        if os.path.isdir(full) or not os.access(full, os.X_OK):
+            raise SpawnError(126, f"cannot execute: {prog}: Permission denied")
+        return
+    if shutil.which(prog, path=path) is None:
+        raise SpawnError(127, f"command not found: {prog}")
 
 
 def pipe_chunks(f: Any, stop: threading.Event) -> Iterator[bytes]:
@@ -327,12 +390,29 @@ class Ring:
         return bytes(self.buf[i : i + length]), offset, lost
 
 
+def short_argv(argv: list[str], budget: int = 16 * 1024) -> list[str]:
+    """A command line to show in replies and events: at most 64 arguments of at most 256
+    characters, 16 KiB of JSON in all (a command may carry up to protocol.MAX_SPEC; a
+    header only 64 KiB)."""
+    out = []
+    for a in argv[:64]:
+        a = a if len(a) <= 256 else a[:253] + "..."
+        budget -= len(json.dumps(a))
+        if budget < 0:
+            break
+        out.append(a)
+    return out
+
+
 class Background:
     """A process started with proc.start: its output is kept in rings in the guest."""
 
-    def __init__(self, num: int, proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+    def __init__(
+        self, num: int, proc: subprocess.Popen[bytes], argv: list[str], group: CG.Group
+    ) -> None:
         self.num = num
         self.proc = proc
+        self.group = group  # its own cgroup: not killed when an exec ends
         self.argv = argv
         self.started = time.time()
         self.ended: float | None = None
@@ -346,7 +426,7 @@ class Background:
         return {
             "proc": self.num,
             "pid": self.proc.pid,
-            "argv": self.argv[:64],
+            "argv": short_argv(self.argv),
             "running": self.ended is None,
             "exit_code": None if rc is None else (rc if rc >= 0 else 128 - rc),
             "signal": -rc if rc is not None and rc < 0 else None,
@@ -430,6 +510,16 @@ class Agent:
         self.tcp: dict[int, TcpConn] = {}
         self.tcp_lock = threading.Lock()
         self.session: str | None = None  # the host connection that owns the TCP relays
+        self.cg = CG.Cgroups()  # set up by serve_forever; until then process groups only
+        self.groups: dict[int, CG.Group] = {}  # exec id -> its group (under procs_lock)
+
+    def new_group(self, kind: str) -> CG.Group:
+        """A cgroup for one command, or a process-group-only one if that cannot be made."""
+        try:
+            return self.cg.group(kind)
+        except OSError as exc:
+            log(f"no cgroup for a {kind} (process-group kill only): {exc}")
+            return CG.Group(None)
 
     # -- dispatch ---------------------------------------------------------------
     def serve(self) -> None:
@@ -513,12 +603,19 @@ class Agent:
                 for conn in stale:
                     conn.abort()
             self.session = session
+        limits = h.get("limits")
+        if limits is not None:
+            try:
+                self.cg.configure(CG.check_limits(limits))
+            except ValueError as exc:
+                raise RequestError(P.E_BAD_REQUEST, str(exc)) from None
         nonce = h.get("nonce", "")
         return {
             "version": P.PROTOCOL_VERSION,
             "nonce": nonce if isinstance(nonce, str) else "",
             "python": sys.version.split()[0],
             "kernel": os.uname().release,
+            "cgroup": self.cg.describe(),
         }, b""
 
     def ping(self, rid: int, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
@@ -542,11 +639,18 @@ class Agent:
         ):
             raise RequestError(P.E_BAD_REQUEST, "'timeout' must be a positive number")
         limit = want_int(h, "output_limit", P.DEFAULT_OUTPUT_LIMIT, 0, 1 << 40)
+        h, payload = with_spec(h, payload)
         keep_stdin = want_bool(h, "stdin_open", False)
+        detach = want_bool(h, "detach", False)
         started = time.monotonic()
+        group = self.new_group("exec")
         try:
-            proc = spawn(h)
+            proc = spawn(h, group)
+        except RequestError:
+            self.cg.release(group, kill=False)
+            raise
         except SpawnError as exc:
+            self.cg.release(group, kill=False)
             msg = f"mvm: {exc.message}\n".encode()
             self.ch.send({"t": P.OUT, "id": rid, "stream": "stderr"}, msg)
             return {
@@ -561,6 +665,7 @@ class Agent:
         self.ch.send({"t": P.STARTED, "id": rid, "pid": proc.pid})
         with self.procs_lock:
             self.procs[rid] = proc
+            self.groups[rid] = group
         counts = {"stdout": 0, "stderr": 0}
         truncated = {"stdout": False, "stderr": False}
 
@@ -594,22 +699,36 @@ class Agent:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
+            group.kill()
+            try:  # among a thousand dying forks it may take a while to be reaped: answer
+                proc.wait(timeout=DRAIN_AFTER_EXIT)  # first, reap below in the background
+            except subprocess.TimeoutExpired:
                 pass
-            proc.wait()
-        deadline = time.monotonic() + DRAIN_AFTER_EXIT
+        if not detach:
+            group.kill()  # what the command left behind ends with it (its pipes close)
+        # Once the whole group is killed nothing can hold the pipes open, so the pumps end
+        # at EOF: give them time to send what is still buffered (under load a pump waits
+        # on the channel's backpressure; a 1 s cut lost the tail of stderr). A detached or
+        # uncontained command may leave a child holding them: then only the short wait.
+        contained = group.path is not None and not detach
+        deadline = time.monotonic() + (DRAIN_CONTAINED if contained else DRAIN_AFTER_EXIT)
         for th in pumps:
             th.join(max(0.0, deadline - time.monotonic()))
         stop.set()  # pumps still held open by a lingering child stop and close their pipes
         with self.procs_lock:
             self.procs.pop(rid, None)
+            self.groups.pop(rid, None)
+
+        def finish() -> None:  # the answer does not wait for the killed to be gone
+            proc.wait()
+            self.cg.release(group, kill=not detach)
+
+        threading.Thread(target=finish, daemon=True).start()
         try:
             proc.stdin.close()
         except OSError:
             pass
-        rc = proc.returncode
+        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         return {
             "exit_code": rc if rc >= 0 else 128 - rc,
             "signal": -rc if rc < 0 else None,
@@ -618,6 +737,7 @@ class Agent:
             "stdout_bytes": counts["stdout"],
             "stderr_bytes": counts["stderr"],
             "duration": time.monotonic() - started,
+            "contained": group.path is not None,
         }, b""
 
     @staticmethod
@@ -651,6 +771,10 @@ class Agent:
         proc = self._proc(h)
         sig = want_int(h, "signal", signal.SIGTERM, 1, 64)
         group = want_bool(h, "group", True)
+        with self.procs_lock:
+            cgroup = self.groups.get(h["ref"])
+        if group and sig == signal.SIGKILL and cgroup is not None:
+            cgroup.kill()  # the whole cgroup: forks racing the kill included
         try:
             if group:
                 os.killpg(proc.pid, sig)
@@ -664,21 +788,27 @@ class Agent:
     def proc_start(
         self, rid: int, h: dict[str, Any], payload: bytes
     ) -> tuple[dict[str, Any], bytes]:
+        h, payload = with_spec(h, payload)
         keep_stdin = want_bool(h, "stdin_open", False)
         with self.bg_lock:
             running = sum(1 for b in self.bg.values() if b.ended is None)
             if running >= P.MAX_PROCS:
                 raise RequestError(P.E_INTERNAL, f"too many background processes ({running})")
+        group = self.new_group("proc")
         try:
-            proc = spawn(h)
+            proc = spawn(h, group)
+        except RequestError:
+            self.cg.release(group, kill=False)
+            raise
         except SpawnError as exc:
+            self.cg.release(group, kill=False)
             code = P.E_NOT_FOUND if exc.exit_code == 127 else P.E_PERMISSION
             raise RequestError(code, exc.message) from None
         argv = [str(a) for a in h.get("argv", [])]
         with self.bg_lock:
             num = self.bg_next
             self.bg_next += 1
-            bg = Background(num, proc, argv)
+            bg = Background(num, proc, argv, group)
             self.bg[num] = bg
             finished = sorted(
                 (b for b in self.bg.values() if b.ended is not None), key=lambda b: b.num
@@ -713,6 +843,7 @@ class Agent:
             bg.ended = time.time()
             bg.cond.notify_all()
         bg.stop.set()
+        self.cg.release(bg.group, kill=False)  # its children may run on; removed once empty
         try:
             if bg.proc.stdin is not None:
                 bg.proc.stdin.close()
@@ -781,6 +912,8 @@ class Agent:
         bg = self._bg(h)
         sig = want_int(h, "signal", signal.SIGTERM, 1, 64)
         if bg.ended is None:
+            if sig == signal.SIGKILL:
+                bg.group.kill()
             try:
                 os.killpg(bg.proc.pid, sig)
             except ProcessLookupError:
@@ -1086,6 +1219,8 @@ def serve_forever() -> None:
     set_oom_score("self", -1000)  # a guest that runs out of memory must not lose its agent
     port = find_port()
     agent = Agent(Channel(port))
+    agent.cg.setup(os.getpid())  # its own cgroup; every command in one of its own
+    log(f"cgroups: {agent.cg.describe()}")
     log(f"serving on {port}")
     agent.serve()
 
