@@ -30,6 +30,7 @@ from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
 from mvm.cli.secrets import COMMANDS as SECRET_COMMANDS
+from mvm.cli.serve import COMMANDS as SERVE_COMMANDS
 from mvm.cli.ui import RichReporter, err_console, out_console, stderr_is_tty
 from mvm.errors import InvalidArgument
 from mvm.images import manifest as manifests
@@ -251,7 +252,7 @@ def run(
     sys.exit(TIMEOUT_EXIT if result.timed_out else result.exit_code)
 
 
-for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS, *PORT_COMMANDS]:
+for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS, *PORT_COMMANDS, *SERVE_COMMANDS]:
     cli.add_command(_command)
 cli.add_command(compile_command)
 
