@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -176,6 +177,8 @@ def run_server(
     if tls_cert is not None and tls_key is not None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(tls_cert, tls_key)
+    # The server talks to its own mvmd, never to another server.
+    os.environ.pop("MVM_URL", None)
     with client.Client() as c:
         c.ensure_daemon()
     server = Server(Upstream(str(client.socket_path())))
