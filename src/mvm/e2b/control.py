@@ -43,7 +43,7 @@ def _iso(t: float) -> str:
 
 def sandbox_view(ident: Identity, info: M.SandboxInfo, *, detail: bool) -> dict[str, Any]:
     """A ``SandboxDetail`` / ``ListedSandbox`` body for one of the tenant's sandboxes."""
-    meta = {k[5:]: v for k, v in info.tags.items() if k.startswith("e2b.")}
+    meta = {k[4:]: v for k, v in info.tags.items() if k.startswith("e2b.")}
     out: dict[str, Any] = {
         "templateID": meta.pop("template", info.image),
         "sandboxID": tenancy.from_service(ident.tenant, info.name),
