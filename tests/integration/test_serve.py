@@ -248,6 +248,38 @@ def test_remote_mvmctl_up_exec_down(served: Served, tmp_path: Path) -> None:
     assert "remote1" not in {s["name"] for s in remote.json("ls")}
 
 
+SDK_SCRIPT = """
+import mvm
+from mvm.errors import SandboxNotFound
+sb = mvm.Sandbox.create("python-3.11", name="sdk-remote", ttl="10m")
+try:
+    r = sb.commands.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "out\\n", "err\\n"), r
+    sb.files.write("/tmp/r.txt", b"remote")
+    assert sb.files.read("/tmp/r.txt") == b"remote"
+    assert "sdk-remote" in [s.name for s in mvm.Sandbox.list()]
+finally:
+    try:
+        sb.destroy()
+    except SandboxNotFound:
+        pass  # destroy() lists snapshots of the sandbox it just removed (also locally)
+try:
+    mvm.Sandbox.connect("sdk-remote")
+except SandboxNotFound:
+    print("remote sdk ok")
+"""
+
+
+def test_remote_python_sdk(served: Served, tmp_path: Path) -> None:
+    env = {**os.environ, "MVM_URL": served.url, "MVM_TOKEN": served.acme}
+    env["MVM_HOME"] = str(tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-c", SDK_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().endswith("remote sdk ok")
+
+
 # ------------------------------------------------------------------------------ docs
 
 
