@@ -25,6 +25,8 @@ PREFIX: Final = "mvm_"
 #: What a token may do. ``admin`` is reserved for host-wide operations (status, shutdown).
 SCOPES: Final = ("sandboxes", "e2b", "admin")
 DEFAULT_SCOPES: Final = ("sandboxes", "e2b")
+#: The owner's own tenant (no name prefix: sees everything); see mvm.tenancy.
+LOCAL_TENANT: Final = "default"
 #: Longest token text accepted from a caller (anything longer is refused unread).
 MAX_TOKEN_LEN: Final = 200
 
@@ -79,6 +81,11 @@ class TokenStore:
         if ttl is not None and not ttl > 0:
             raise InvalidArgument("token ttl must be positive")
         scope_list = check_scopes(list(scopes) if scopes else list(DEFAULT_SCOPES))
+        if tenant == LOCAL_TENANT and "admin" not in scope_list:
+            raise InvalidArgument(
+                f"tenant {LOCAL_TENANT!r} is the host's owner (it sees every sandbox)",
+                hint="pick another tenant name, or pass --scope admin deliberately",
+            )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
         token_id = "t" + secrets.token_hex(6)

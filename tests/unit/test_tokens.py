@@ -65,6 +65,9 @@ def test_scopes_and_names_are_checked(tmp_path: Path) -> None:
         store.create("../etc")
     with pytest.raises(InvalidArgument):
         store.revoke("../x")
+    with pytest.raises(InvalidArgument):
+        store.create("default")  # the owner's tenant needs --scope admin
+    assert store.create("default", scopes=["admin", "sandboxes"])[1].tenant == "default"
     plain, _ = store.create("acme", scopes=["e2b"])
     ident = store.verify(plain)
     assert ident is not None and ident.scopes == ("e2b",)
