@@ -223,6 +223,15 @@ def test_tenant_audit_chain_has_the_token_as_actor(served: Served, sb: Sandbox) 
     assert wait_until(chain.exists, 10)
     recs = [json.loads(line) for line in chain.read_text().splitlines()]
     assert any(r["event"] == "serve.request" and r["actor"] == served.acme_id for r in recs)
+    # mvmd's own records of the tenant's sandbox (its creation, files, processes) too
+    mine = [r for r in recs if r["event"] != "serve.request"]
+    assert mine and all(r["actor"] == served.acme_id for r in mine)
+    assert any(r["sandbox"] and r["sandbox"].endswith("-" + sb.sandbox_id) for r in mine)
+    owner_log = served.home / "audit" / "default.jsonl"
+    owner = (
+        [json.loads(x) for x in owner_log.read_text().splitlines()] if owner_log.exists() else []
+    )
+    assert not any((r["sandbox"] or "").endswith("-" + sb.sandbox_id) for r in owner)
     assert all(r["tenant"] == "acme" for r in recs)
     assert served.acme not in chain.read_text()
 
