@@ -318,3 +318,85 @@ def test_failed_auth_is_rate_limited_per_address(served: Served) -> None:
         lambda: httpx.get(f"{served.url}/v1/status", headers=h).status_code == 200, 30, 0.5
     )
     assert ok, "the address never recovered"
+
+
+# ------------------------------------------------------------------------------ listening
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_p, key_p = tmp / "cert.pem", tmp / "key.pem"
+    cert_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_p.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_p, key_p
+
+
+def test_tls_listen(served: Served, tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    p = served.ctl.popen(
+        "serve", "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        url = f"https://127.0.0.1:{port}/v1/sandboxes"
+        h = {"Authorization": f"Bearer {served.acme}"}
+
+        def up() -> bool:
+            try:
+                return httpx.get(url, headers=h, verify=ctx, timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_until(up, 60)
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not spoken there
+            httpx.get(f"http://127.0.0.1:{port}/v1/sandboxes", headers=h, timeout=5)
+    finally:
+        p.terminate()
+        p.wait(20)
+
+
+def test_wildcard_needs_the_flag_and_bad_bodies_are_bounded(served: Served) -> None:
+    r = served.ctl("serve", "--listen", "0.0.0.0:1", timeout=60)
+    assert r.rc != 0 and "--allow-wildcard" in r.err
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"PUT /v1/sandboxes/x/files?path=/a HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {served.acme}\r\n".encode()
+            + b"Content-Length: 999999999999\r\n\r\n"
+        )
+        head = s.recv(200)
+    assert head.startswith(b"HTTP/1.1 413"), head
