@@ -198,6 +198,14 @@ def test_async_sandbox_end_to_end(served: Served) -> None:
     assert asyncio.run(main()) == ("async\n", "a", True)
 
 
+def test_server_survives_an_mvmd_restart(served: Served, sb: Sandbox) -> None:
+    old = served.ctl.daemon_pid()
+    served.ctl.ok("daemon", "stop", timeout=60)
+    assert Sandbox.get_info(sb.sandbox_id).state.value == "running"  # mvmd started again
+    assert sb.commands.run("echo still").stdout == "still\n"
+    assert served.ctl.daemon_pid() != old
+
+
 # ------------------------------------------------------------------------------ tenants
 
 

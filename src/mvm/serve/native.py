@@ -118,9 +118,9 @@ class NativeRelay:
             data: Any = body
         else:
             data = request.content if request.can_read_body else None
-        async with self.up.session.request(
+        async with await self.up.open(
             request.method,
-            self.up.url(path),
+            path,
             params=request.query,
             data=data,
             headers=self.up.headers(ident, headers),

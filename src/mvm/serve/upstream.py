@@ -7,6 +7,7 @@ the caller (:mod:`mvm.tenancy`).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,11 @@ def error_from(status: int, body: bytes) -> errors.MvmError:
         return errors.MvmError(f"mvmd answered HTTP {status}")
 
 
+def _ensure_daemon() -> None:
+    with client.Client() as c:
+        c.ensure_daemon()
+
+
 class Upstream:
     """One connection pool to mvmd, shared by every request of the server."""
 
@@ -42,6 +48,15 @@ class Upstream:
                 timeout=aiohttp.ClientTimeout(total=None, connect=10.0),
             )
         return self._session
+
+    async def open(self, method: str, path: str, **kw: Any) -> aiohttp.ClientResponse:
+        """Send one request to mvmd; if mvmd is not there (stopped, restarting), start it
+        (sandboxes keep running through that) and try once more."""
+        try:
+            return await self.session.request(method, self.url(path), **kw)
+        except (aiohttp.ClientConnectorError, FileNotFoundError):
+            await asyncio.to_thread(_ensure_daemon)
+            return await self.session.request(method, self.url(path), **kw)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -70,9 +85,9 @@ class Upstream:
         body = msgspec.json.encode(json) if json is not None else data
         extra = {"content-type": "application/json"} if json is not None else {}
         q = {k: str(v) for k, v in (params or {}).items()}
-        async with self.session.request(
+        async with await self.open(
             method,
-            self.url(path),
+            path,
             data=body,
             params=q,
             headers=self.headers(ident, extra),
