@@ -226,6 +226,18 @@ def test_tenants_are_isolated(served: Served, sb: Sandbox) -> None:
     assert any(n.endswith("-" + sb.sandbox_id) and n != sb.sandbox_id for n in local)
 
 
+def test_a_tenant_policy_applies_to_that_tenant_only(served: Served) -> None:
+    policies = served.home / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "other.toml").write_text("max_memory_mb = 256\n")
+    h = {"Authorization": f"Bearer {served.other}"}
+    r = httpx.post(f"{served.url}/v1/sandboxes", json={"name": "big", "memory_mb": 512}, headers=h)
+    assert r.status_code == 403 and r.json()["error"] == "PolicyDenied", r.text
+    assert "big" not in {
+        s["name"] for s in httpx.get(f"{served.url}/v1/sandboxes", headers=h).json()
+    }
+
+
 def test_tenant_audit_chain_has_the_token_as_actor(served: Served, sb: Sandbox) -> None:
     chain = served.home / "audit" / "acme.jsonl"
     assert wait_until(chain.exists, 10)

@@ -48,3 +48,18 @@ def test_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     owner = [json.loads(x) for x in (tmp_path / "audit" / "default.jsonl").read_text().splitlines()]
     assert [(r["tenant"], r["actor"]) for r in owner] == [("default", "mvmd")]
+
+
+def test_a_tenant_may_have_its_own_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.audit.log import acting_for
+    from mvm.policy.admission import load_policy
+
+    monkeypatch.setenv("MVM_HOME", str(tmp_path))
+    monkeypatch.delenv("MVM_POLICY", raising=False)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "acme.toml").write_text("max_memory_mb = 256\n")
+    assert load_policy().max_memory_mb == 8192
+    with acting_for("acme", "t1"):
+        assert load_policy().max_memory_mb == 256
+    with acting_for("other", "t2"):
+        assert load_policy().max_memory_mb == 8192  # no file: the host's policy

@@ -69,6 +69,11 @@ def acting_for(tenant_name: str, actor: str) -> Iterator[None]:
         _ACTING.reset(token)
 
 
+def acting() -> tuple[str, str] | None:
+    """``(tenant, actor)`` of the request being served for a tenant, if any."""
+    return _ACTING.get()
+
+
 def tenant() -> str:
     """The tenant whose log records go to: the request's (``acting_for``), else
     ``MVM_TENANT``, else ``default``."""

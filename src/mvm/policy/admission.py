@@ -347,7 +347,16 @@ def denied_error(decision: Decision) -> errors.PolicyDenied:
 
 
 def policy_path() -> Path:
-    """Where the policy comes from: ``MVM_POLICY``, else ``$MVM_HOME/policy.toml``."""
+    """Where the policy comes from: for a request served for a remote tenant,
+    ``$MVM_HOME/policies/<tenant>.toml`` when it exists; else ``MVM_POLICY``, else
+    ``$MVM_HOME/policy.toml``."""
+    from mvm.audit.log import acting
+
+    who = acting()
+    if who is not None:
+        own = paths.home() / "policies" / f"{who[0]}.toml"
+        if own.is_file():
+            return own
     env = os.environ.get("MVM_POLICY")
     return Path(env) if env else paths.home() / "policy.toml"
 
