@@ -25,6 +25,7 @@ from e2b import AsyncSandbox, AuthenticationException, Sandbox  # noqa: E402
 from e2b.exceptions import NotFoundException, SandboxNotFoundException  # noqa: E402
 from e2b.sandbox.commands.command_handle import CommandExitException  # noqa: E402
 
+from mvm import tenancy  # noqa: E402
 from tests.integration.mvmd_home import Ctl, private_home, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
@@ -269,6 +270,16 @@ def test_remote_mvmctl_up_exec_down(served: Served, tmp_path: Path) -> None:
         assert remote("exec", "remote1", "--", "sh", "-c", "exit 7").rc == 7
         names = {s["name"] for s in remote.json("ls")}
         assert "remote1" in names and not any(re.match(r"t[0-9a-f]{10}-", n) for n in names)
+        # Secrets: the tenant's `api` is the owner's `t<hash>-api`; the owner's own are not
+        # reachable, and values are redacted on the way out as for local callers.
+        value = "v-" + os.urandom(6).hex()
+        own = tenancy.to_service("acme", "api", "secret")
+        served.ctl.ok("secret", "put", own, input=value + "\n")
+        served.ctl.ok("secret", "put", "owner-only", input=value + "\n")
+        r = remote.ok("exec", "-e", "TOK=secret:api", "remote1", "--", "sh", "-c", "echo $TOK")
+        assert value not in r.out + r.err and "[REDACTED:" in r.out
+        r = remote("exec", "-e", "TOK=secret:owner-only", "remote1", "--", "true")
+        assert r.rc != 0 and value not in r.out + r.err
         bad = Ctl(served.home)
         bad.env.update(MVM_URL=served.url, MVM_TOKEN=served.other)
         assert bad("exec", "remote1", "--", "true").rc != 0
