@@ -108,6 +108,20 @@ def create_request(ident: Identity, body: dict[str, Any]) -> M.CreateSandbox:
     )
 
 
+def page(items: list[Any], limit: object, token: object) -> tuple[list[Any], str | None]:
+    """One page of ``items`` (``limit`` 1..1000, default 100) from the offset ``token``
+    names, and the token of the next page (None on the last)."""
+    try:
+        n = max(1, min(int(str(limit)), 1000)) if limit not in (None, "") else 100
+        start = int(str(token)) if token not in (None, "") else 0
+    except ValueError:
+        raise errors.InvalidArgument("limit and nextToken must be integers") from None
+    if start < 0:
+        raise errors.InvalidArgument("nextToken must not be negative")
+    end = start + n
+    return items[start:end], (str(end) if end < len(items) else None)
+
+
 class Control:
     def __init__(self, upstream: Upstream) -> None:
         self.up = upstream
@@ -134,7 +148,6 @@ class Control:
         )
         states = {s for s in str(query.get("state", "")).split(",") if s}
         wanted = dict(urllib.parse.parse_qsl(str(query.get("metadata", ""))))
-        limit = int(query.get("limit", "1000") or 1000)
         out = []
         for info in sorted(listed, key=lambda i: i.created):
             if not tenancy.owns(ident.tenant, info.name) or info.state not in (
@@ -148,7 +161,9 @@ class Control:
             if any(view["metadata"].get(k) != v for k, v in wanted.items()):
                 continue
             out.append(view)
-        return web.json_response(out[: max(1, min(limit, 1000))])
+        items, nxt = page(out, query.get("limit"), query.get("nextToken"))
+        headers = {"x-next-token": nxt} if nxt else None
+        return web.json_response(items, headers=headers)
 
     async def connect(
         self, ident: Identity, sid: str, body: dict[str, Any], token: str
