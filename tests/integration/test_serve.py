@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 e2b = pytest.importorskip("e2b")
-from e2b import AsyncSandbox, AuthenticationException, Sandbox  # noqa: E402
+from e2b import AsyncSandbox, AuthenticationException, Sandbox, SandboxQuery, SandboxState  # noqa: E402
 from e2b.exceptions import NotFoundException, SandboxNotFoundException  # noqa: E402
 from e2b.sandbox.commands.command_handle import CommandExitException  # noqa: E402
 
@@ -173,6 +173,10 @@ def test_info_list_and_set_timeout(sb: Sandbox) -> None:
     assert after.end_at > before.end_at
     ids = {s.sandbox_id for s in Sandbox.list().next_items()}
     assert sb.sandbox_id in ids
+    q = SandboxQuery(metadata={"suite": "serve"}, state=[SandboxState.RUNNING])
+    assert [s.sandbox_id for s in Sandbox.list(query=q).next_items()] == [sb.sandbox_id]
+    q = SandboxQuery(metadata={"suite": "other value/&"})
+    assert Sandbox.list(query=q).next_items() == []
 
 
 def test_pause_then_connect_keeps_state(sb: Sandbox) -> None:

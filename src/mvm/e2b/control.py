@@ -147,7 +147,9 @@ class Control:
             list[M.SandboxInfo], ident, "GET", "/sandboxes"
         )
         states = {s for s in str(query.get("state", "")).split(",") if s}
-        wanted = dict(urllib.parse.parse_qsl(str(query.get("metadata", ""))))
+        # The SDK quotes each key and value, then url-encodes the pairs.
+        pairs = urllib.parse.parse_qsl(str(query.get("metadata", "")))
+        wanted = {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in pairs}
         out = []
         for info in sorted(listed, key=lambda i: i.created):
             if not tenancy.owns(ident.tenant, info.name) or info.state not in (
