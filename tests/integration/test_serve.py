@@ -211,6 +211,16 @@ def test_server_survives_an_mvmd_restart(served: Served, sb: Sandbox) -> None:
     assert served.ctl.daemon_pid() != old
 
 
+def test_envd_routing_by_host_name(served: Served, sb: Sandbox) -> None:
+    """With only E2B_DOMAIN set, the SDK addresses envd as <port>-<id>.<domain>."""
+    r = httpx.post(
+        f"{served.url}/filesystem.Filesystem/Stat",
+        json={"path": "/tmp"},
+        headers={"Host": f"49983-{sb.sandbox_id}.mvm.test", "X-Access-Token": served.acme},
+    )
+    assert r.status_code == 200 and r.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY", r.text
+
+
 # ------------------------------------------------------------------------------ tenants
 
 

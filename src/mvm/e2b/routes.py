@@ -6,6 +6,7 @@ In-sandbox calls are told apart by the ``E2b-Sandbox-Id`` header the SDK sends w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,7 +23,15 @@ from mvm.tokens import Identity
 SANDBOX_HEADER = "E2b-Sandbox-Id"
 #: Largest RPC request body.
 MAX_RPC_BODY = 1024 * 1024
+_HOST_RE = re.compile(r"^\d{1,5}-([a-z0-9][a-z0-9_-]{0,62})\.")
 Route = Callable[[web.Request, Identity], Awaitable[web.StreamResponse]]
+
+
+def sandbox_from_host(host: str) -> str:
+    """The sandbox id of an E2B-style host ``<port>-<id>.<domain>`` ("" if it is not one):
+    how the SDK addresses envd when only ``E2B_DOMAIN`` is set (wildcard DNS + TLS)."""
+    m = _HOST_RE.match(host)
+    return m.group(1) if m else ""
 
 
 def _ident(request: web.Request) -> Identity:
@@ -118,7 +127,7 @@ class E2BFace:
     # -- envd -------------------------------------------------------------------------
     async def _sandbox(self, request: web.Request, ident: Identity) -> str:
         """mvmd's name of the sandbox this envd call is for (it must be running)."""
-        sid = request.headers.get(SANDBOX_HEADER, "")
+        sid = request.headers.get(SANDBOX_HEADER) or sandbox_from_host(request.host)
         name = tenancy.sandbox_for(ident.tenant, sid)
         info = await self.up.typed(M.SandboxInfo, ident, "GET", f"/sandboxes/{name}")
         if info.state != "running":
