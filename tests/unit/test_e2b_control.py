@@ -40,3 +40,13 @@ def test_create_maps_template_timeout_env_metadata_and_network() -> None:
     for bad in ({}, {"templateID": "x", "timeout": -1}, {"templateID": "x", "volumeMounts": [1]}):
         with pytest.raises(errors.InvalidArgument):
             create_request(ACME, bad)
+
+
+def test_running_output_goes_out_in_whole_lines() -> None:
+    from mvm.e2b.envd import MAX_PENDING, _ready
+
+    assert _ready(b"a\nb\npartial", running=True) == b"a\nb\n"
+    assert _ready(b"partial", running=True) == b""
+    assert _ready(b"partial", running=False) == b"partial"
+    long = b"x" * MAX_PENDING
+    assert _ready(long, running=True) == long

@@ -33,6 +33,8 @@ TYPES: Final = {
     "dir": "FILE_TYPE_DIRECTORY",
     "symlink": "FILE_TYPE_SYMLINK",
 }
+#: Output held back waiting for the end of its line, at most.
+MAX_PENDING: Final = 64 * 1024
 STREAM_CT: Final = "application/connect+json"
 _CODES: Final = {
     400: "invalid_argument",
@@ -259,7 +261,8 @@ class Envd:
     async def stream(self, ident: Identity, name: str, pid: int, resp: web.StreamResponse) -> None:
         """Write start, data and end events of process ``pid`` until it ends."""
         await resp.write(C.encode({"event": {"start": {"pid": pid}}}))
-        sent = {"stdout": 0, "stderr": 0}
+        sent = {"stdout": 0, "stderr": 0}  # bytes of (redacted) output sent
+        raw = {"stdout": 0, "stderr": 0}  # the guest's byte counts when last fetched
         base = f"/sandboxes/{name}/procs/{pid}"
         try:
             while True:
@@ -272,13 +275,14 @@ class Envd:
                     timeout=POLL + 60.0,
                 )
                 for stream, count in (("stdout", view.stdout_bytes), ("stderr", view.stderr_bytes)):
-                    if count > sent[stream] or not view.running:
+                    if count != raw[stream] or not view.running:
+                        raw[stream] = count
                         data = await self.up.call(
                             ident, "GET", f"{base}/output", params={"stream": stream}
                         )
-                        new = data[sent[stream] :]
+                        new = _ready(data[sent[stream] :], view.running)
                         if new:
-                            sent[stream] = len(data)
+                            sent[stream] += len(new)
                             b64 = base64.b64encode(new).decode()
                             await resp.write(C.encode({"event": {"data": {stream: b64}}}))
                 if not view.running:
@@ -294,6 +298,16 @@ class Envd:
         )
         await resp.write(C.encode({"event": {"end": end}}))
         await resp.write(C.end_frame())
+
+
+def _ready(new: bytes, running: bool) -> bytes:
+    """What of ``new`` output may be sent now. mvmd redacts secret values in the whole
+    output on every fetch; while the process runs, only complete lines are sent, so a
+    value cut by the end of a fetch is never sent half-redacted (a line longer than
+    :data:`MAX_PENDING` goes anyway)."""
+    if not running or len(new) >= MAX_PENDING:
+        return new
+    return new[: new.rfind(b"\n") + 1]
 
 
 def decode_request(raw: bytes, streaming: bool) -> dict[str, Any]:
