@@ -8,6 +8,7 @@ prefix taken out (NDJSON line by line; file bodies untouched).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -21,6 +22,8 @@ from mvm.tokens import Identity
 #: Largest JSON body (create, exec, procs) read and rewritten here.
 MAX_JSON_BODY = M.MAX_BODY
 _PASSTHROUGH = ("content-type",)
+#: What one segment of a relayed path may be (route words, names, ids).
+_PART = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def _decode_obj(raw: bytes) -> dict[str, Any]:
@@ -72,6 +75,10 @@ class NativeRelay:
     async def handle(self, request: web.Request, ident: Identity) -> web.StreamResponse:
         tail = request.match_info.get("tail", "")
         parts = tail.split("/")
+        if not all(_PART.fullmatch(p) and p not in (".", "..") for p in parts):
+            # "..", "%2e%2e", "?" or "#" in a path must never reach mvmd (or another
+            # tenant's sandbox, or /shutdown) after the name was mapped.
+            raise web.HTTPNotFound()
         tenant = ident.tenant
         if parts == ["status"]:
             return await self._status(request, ident)

@@ -36,8 +36,9 @@ def _ensure_daemon() -> None:
 class Upstream:
     """One connection pool to mvmd, shared by every request of the server."""
 
-    def __init__(self, socket: str) -> None:
+    def __init__(self, socket: str, *, autostart: bool = True) -> None:
         self.socket = socket
+        self.autostart = autostart
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -52,11 +53,14 @@ class Upstream:
     async def open(self, method: str, path: str, **kw: Any) -> aiohttp.ClientResponse:
         """Send one request to mvmd; if mvmd is not there (stopped, restarting), start it
         (sandboxes keep running through that) and try once more."""
-        try:
-            return await self.session.request(method, self.url(path), **kw)
-        except (aiohttp.ClientConnectorError, FileNotFoundError):
-            await asyncio.to_thread(_ensure_daemon)
-            return await self.session.request(method, self.url(path), **kw)
+        for attempt in (1, 2):
+            try:
+                return await self.session.request(method, self.url(path), **kw)
+            except (aiohttp.ClientConnectorError, FileNotFoundError):
+                if attempt == 2 or not self.autostart:
+                    break
+                await asyncio.to_thread(_ensure_daemon)
+        raise errors.MvmError("mvmd is not answering", hint="see $MVM_HOME/mvmd.log on the server")
 
     async def close(self) -> None:
         if self._session is not None:
