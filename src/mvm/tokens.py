@@ -22,7 +22,8 @@ from mvm import names, paths
 from mvm.errors import InvalidArgument
 
 PREFIX: Final = "mvm_"
-#: What a token may do. ``admin`` is reserved for host-wide operations (status, shutdown).
+#: What a token may do: the native API, the E2B face; ``admin`` is required to speak for
+#: the owner's tenant ``default`` (which sees every sandbox).
 SCOPES: Final = ("sandboxes", "e2b", "admin")
 DEFAULT_SCOPES: Final = ("sandboxes", "e2b")
 #: The owner's own tenant (no name prefix: sees everything); see mvm.tenancy.
