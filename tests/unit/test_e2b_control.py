@@ -37,7 +37,15 @@ def test_create_maps_template_timeout_env_metadata_and_network() -> None:
     assert req.network.preset == "none" and req.name and tenancy.owns("acme", req.name)
     net = create_request(ACME, {"templateID": "python-3.11", "allowInternetAccess": True})
     assert net.network.preset == "unrestricted" and net.ttl_seconds == 300
-    for bad in ({}, {"templateID": "x", "timeout": -1}, {"templateID": "x", "volumeMounts": [1]}):
+    hosts = create_request(ACME, {"templateID": "x", "network": {"allowOut": ["pypi.org"]}})
+    assert (hosts.network.preset, hosts.network.allow) == ("none", ["pypi.org"])
+    for bad in (
+        {},
+        {"templateID": "x", "timeout": -1},
+        {"templateID": "x", "volumeMounts": [1]},
+        {"templateID": "x", "network": {"denyOut": ["0.0.0.0/0"]}},
+        {"templateID": "x", "network": {"allowOut": [1]}},
+    ):
         with pytest.raises(errors.InvalidArgument):
             create_request(ACME, bad)
 

@@ -82,6 +82,28 @@ def _timeout(value: object, default: float) -> float:
     return min(float(value), M.MAX_TTL)
 
 
+def network_allow(network: object) -> list[str]:
+    """mvm allow-list entries for E2B's ``network`` options: ``allowOut`` hosts become
+    ``allow`` patterns (admission still checks them); what mvm cannot honour is refused,
+    never silently dropped."""
+    if network is None:
+        return []
+    if not isinstance(network, dict):
+        raise errors.InvalidArgument("network must be an object")
+    allow = network.get("allowOut") or []
+    if not isinstance(allow, list) or not all(isinstance(h, str) and h for h in allow):
+        raise errors.InvalidArgument("network.allowOut must be a list of host names")
+    unsupported = sorted(
+        k for k, v in network.items() if k not in ("allowOut", "allowPublicTraffic") and v
+    )
+    if unsupported:
+        raise errors.InvalidArgument(
+            f"network option(s) {', '.join(unsupported)} are not supported by mvm",
+            hint="mvm denies all egress unless allowed: list hosts in allowOut",
+        )
+    return list(allow)
+
+
 def create_request(ident: Identity, body: dict[str, Any]) -> M.CreateSandbox:
     """mvm's create request for an E2B ``NewSandbox`` body (names mapped for the tenant)."""
     template = body.get("templateID")
@@ -96,6 +118,7 @@ def create_request(ident: Identity, body: dict[str, Any]) -> M.CreateSandbox:
     tags["e2b.template"] = template
     # mvm denies the network unless asked: E2B's allowInternetAccess asks explicitly.
     preset = "unrestricted" if body.get("allowInternetAccess") is True else "none"
+    allow = network_allow(body.get("network"))
     if body.get("volumeMounts") or body.get("mcp"):
         raise errors.InvalidArgument("volumeMounts and mcp are not supported by mvm")
     return M.CreateSandbox(
@@ -103,7 +126,7 @@ def create_request(ident: Identity, body: dict[str, Any]) -> M.CreateSandbox:
         image=image,
         ttl_seconds=_timeout(body.get("timeout"), DEFAULT_TIMEOUT),
         env={str(k): str(v) for k, v in envs.items()},
-        network=M.NetworkSpec(preset=preset),
+        network=M.NetworkSpec(preset=preset, allow=allow),
         tags=tags,
     )
 
