@@ -9,8 +9,8 @@ transport in turn (Unix socket, TCP):
 1. ``--clients`` concurrent clients each create a sandbox, run ``--execs`` execs of
    ``true`` in it and kill it: latency of each call (p50/p99) and calls per second;
 2. 8 concurrent clients × 50 sandbox-info requests (the cost of the door itself);
-3. ``--burst`` concurrent connections (default 300, above the server's bound of 256 in
-   flight) each hold a request (``wait?timeout=3``, no guest work): every one must be
+3. ``--burst`` concurrent connections (default 300, above the server's bounds of 256 in
+   flight, 200 per tenant) each hold a request (``wait?timeout=3``, no guest work): every one must be
    answered 200 or 429 (nothing lost), and the server must answer afterwards.
 
 Everything is removed at the end (also on Ctrl-C / SIGTERM).

@@ -16,6 +16,7 @@ import logging
 import os
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -32,8 +33,10 @@ from mvm.tokens import Identity, TokenStore
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: Requests served at once; beyond it, 429.
+#: Requests served at once, in all and per tenant (one tenant cannot take every slot);
+#: beyond them, 429.
 MAX_INFLIGHT = 256
+MAX_INFLIGHT_TENANT = 200
 #: Requests a second per source address (and the burst it may save up).
 RATE, BURST = 200.0, 400.0
 #: Failed authentications per address: one a second, twenty in a burst.
@@ -60,6 +63,7 @@ class Server:
         self.rate = RateLimiter(RATE, BURST)
         self.fails = RateLimiter(FAIL_RATE, FAIL_BURST)
         self.inflight = 0
+        self.per_tenant: Counter[str] = Counter()
         self.native = NativeRelay(upstream)
 
     @web.middleware
@@ -78,12 +82,18 @@ class Server:
         if ident is None:
             self.fails.take(addr, now)
             return _plain(401, "unauthorized")
+        if self.per_tenant[ident.tenant] >= MAX_INFLIGHT_TENANT:
+            return _plain(429, "too many requests")
         request[IDENT_KEY] = ident
         self.inflight += 1
+        self.per_tenant[ident.tenant] += 1
         try:
             resp = await handler(request)
         finally:
             self.inflight -= 1
+            self.per_tenant[ident.tenant] -= 1
+            if not self.per_tenant[ident.tenant]:
+                del self.per_tenant[ident.tenant]
         if request.method not in ("GET", "HEAD"):
             asyncio.get_running_loop().run_in_executor(
                 None, self._audit, ident, request.method, request.path, resp.status
