@@ -148,6 +148,15 @@ def test_background_command_list_and_kill(sb: Sandbox) -> None:
     assert wait_until(lambda: h.pid not in {p.pid for p in sb.commands.list()}, 30)
 
 
+def test_stdin_and_connect_to_a_running_command(sb: Sandbox) -> None:
+    h = sb.commands.run("cat; echo done", background=True, stdin=True)
+    sb.commands.send_stdin(h.pid, "hello\n")
+    again = sb.commands.connect(h.pid)  # a second handle on the same process
+    sb.commands.close_stdin(h.pid)
+    r = again.wait()
+    assert (r.exit_code, r.stdout) == (0, "hello\ndone\n")
+
+
 def test_files_write_read_list_remove_make_dir_exists(sb: Sandbox) -> None:
     sb.files.make_dir("/tmp/e2b")
     sb.files.write("/tmp/e2b/a.txt", "hello")
