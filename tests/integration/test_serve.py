@@ -139,6 +139,8 @@ def test_commands_run_exit_code_stdout_stderr(sb: Sandbox) -> None:
     assert exc.value.exit_code == 3 and exc.value.stdout == "partial\n"
     r = sb.commands.run("echo $GREETING from $(pwd)", envs={"GREETING": "hello"}, cwd="/tmp")
     assert r.stdout == "hello from /tmp\n"
+    assert sb.commands.run("id -un").stdout == "user\n"
+    assert sb.commands.run("id -un", user="root").stdout == "root\n"
 
 
 def test_background_command_list_and_kill(sb: Sandbox) -> None:

@@ -233,7 +233,9 @@ class Envd:
         return {}
 
     # -- streams --------------------------------------------------------------------
-    async def start(self, ident: Identity, name: str, body: dict[str, Any]) -> int:
+    async def start(
+        self, ident: Identity, name: str, body: dict[str, Any], user: str | None = None
+    ) -> int:
         """Start ``body.process``; its mvm process number (the envd pid)."""
         proc = body.get("process")
         if not isinstance(proc, dict) or not isinstance(proc.get("cmd"), str):
@@ -249,6 +251,7 @@ class Envd:
             env={str(k): str(v) for k, v in envs.items()},
             cwd=proc.get("cwd") or None,
             stdin_open=bool(body.get("stdin", False)),
+            user=user,
         )
         try:
             view = await self.up.typed(

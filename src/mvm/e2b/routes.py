@@ -6,6 +6,7 @@ In-sandbox calls are told apart by the ``E2b-Sandbox-Id`` header the SDK sends w
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +33,19 @@ def sandbox_from_host(host: str) -> str:
     how the SDK addresses envd when only ``E2B_DOMAIN`` is set (wildcard DNS + TLS)."""
     m = _HOST_RE.match(host)
     return m.group(1) if m else ""
+
+
+def basic_user(request: web.Request) -> str | None:
+    """The user the SDK asks a command to run as (``Authorization: Basic <user:>``); mvm
+    itself decides what a user name may be."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:6].lower() != "basic ":
+        return None
+    try:
+        user = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")[0]
+    except (ValueError, UnicodeDecodeError):
+        raise RpcError("invalid_argument", "malformed Authorization header") from None
+    return user or None
 
 
 def _ident(request: web.Request) -> Identity:
@@ -149,7 +163,7 @@ class E2BFace:
         if not streaming:
             return web.json_response(await self.envd.unary(ident, name, method, body))
         if method == "process.Process/Start":
-            pid = await self.envd.start(ident, name, body)
+            pid = await self.envd.start(ident, name, body, user=basic_user(request))
         elif method == "process.Process/Connect":
             from mvm.e2b.envd import _pid
 
