@@ -60,6 +60,25 @@ def socket_path() -> Path:
     return paths.home() / "mvmd.sock"
 
 
+def remote_url() -> str | None:
+    """``MVM_URL`` (an `mvmctl serve` to talk to instead of the local socket), if set."""
+    url = os.environ.get("MVM_URL", "").strip().rstrip("/")
+    if not url:
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise errors.InvalidArgument(f"MVM_URL {url!r} must start with http:// or https://")
+    return url
+
+
+def remote_token() -> str:
+    token = os.environ.get("MVM_TOKEN", "").strip()
+    if not token:
+        raise errors.InvalidArgument(
+            "MVM_URL is set but MVM_TOKEN is not", hint="create one with `mvmctl token create`"
+        )
+    return token
+
+
 def _raise_for(resp: httpx.Response) -> None:
     if resp.status_code < 400:
         return
@@ -92,12 +111,22 @@ class Client:
     def __init__(self, *, autostart: bool = True, timeout: float = HTTP_TIMEOUT) -> None:
         self.socket = socket_path()
         self.autostart = autostart
-        check_socket_owner(self.socket)
-        self._http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)),
-            base_url=f"http://mvmd/{M.API_VERSION}",
-            timeout=httpx.Timeout(timeout, connect=5.0),
-        )
+        self.remote = remote_url()
+        if self.remote is not None:
+            # MVM_URL + MVM_TOKEN: a remote `mvmctl serve`, same API over HTTP(S).
+            self.autostart = False
+            self._http = httpx.Client(
+                base_url=f"{self.remote}/{M.API_VERSION}",
+                headers={"Authorization": f"Bearer {remote_token()}"},
+                timeout=httpx.Timeout(timeout, connect=10.0),
+            )
+        else:
+            check_socket_owner(self.socket)
+            self._http = httpx.Client(
+                transport=httpx.HTTPTransport(uds=str(self.socket)),
+                base_url=f"http://mvmd/{M.API_VERSION}",
+                timeout=httpx.Timeout(timeout, connect=5.0),
+            )
         self._ensured = False
 
     def close(self) -> None:
@@ -124,6 +153,10 @@ class Client:
         if self._ensured:
             return
         if self.ping() is None:
+            if self.remote is not None:
+                raise errors.MvmError(
+                    f"no mvm server answers at {self.remote}", hint="is `mvmctl serve` running?"
+                )
             if not self.autostart:
                 raise errors.MvmError(
                     "mvmd is not running", hint="start it with `mvmctl daemon start`"

@@ -14,6 +14,7 @@ several processes and threads never interleave or fork the chain.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import fcntl
 import json
@@ -48,8 +49,37 @@ _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _EVENT_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 
 
+#: The tenant and actor the current request acts for: set by mvmd around a request that
+#: `mvmctl serve` relayed for a tenant (``mvm.daemon.tenant_hook``); they win over
+#: ``MVM_TENANT`` and the default actor, for that request only.
+_ACTING: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "mvm_audit_acting", default=None
+)
+
+
+@contextlib.contextmanager
+def acting_for(tenant_name: str, actor: str) -> Iterator[None]:
+    """Records made inside go to ``tenant_name``'s chain, with ``actor`` as actor."""
+    if not _TENANT_RE.match(tenant_name):
+        raise AuditError(f"invalid tenant {tenant_name!r}")
+    token = _ACTING.set((tenant_name, actor[:64]))
+    try:
+        yield
+    finally:
+        _ACTING.reset(token)
+
+
+def acting() -> tuple[str, str] | None:
+    """``(tenant, actor)`` of the request being served for a tenant, if any."""
+    return _ACTING.get()
+
+
 def tenant() -> str:
-    """The tenant whose log records go to: ``MVM_TENANT`` or ``default``."""
+    """The tenant whose log records go to: the request's (``acting_for``), else
+    ``MVM_TENANT``, else ``default``."""
+    acting = _ACTING.get()
+    if acting is not None:
+        return acting[0]
     t = os.environ.get("MVM_TENANT", "") or "default"
     if not _TENANT_RE.match(t):
         raise AuditError(
@@ -113,6 +143,9 @@ class AuditLog:
         if not _EVENT_RE.match(event) or len(event) > 64:
             raise AuditError(f"invalid audit event name {event!r}", hint="use dotted.lower_case")
         data = check_fields(fields)
+        acting = _ACTING.get()
+        if actor == "mvmd" and acting is not None and acting[0] == self.tenant:
+            actor = acting[1]
         hk = keys.load_or_create(self.dir)
         with self._lock, self._locked() as f:
             last = last_line(f)

@@ -38,6 +38,7 @@ from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
 from mvm.cli.secrets import COMMANDS as SECRET_COMMANDS
+from mvm.cli.serve import COMMANDS as SERVE_COMMANDS
 from mvm.cli.ui import RichReporter, err_console, out_console, stderr_is_tty
 from mvm.errors import InvalidArgument
 from mvm.images import manifest as manifests
@@ -265,7 +266,14 @@ def run(
     sys.exit(TIMEOUT_EXIT if result.timed_out else result.exit_code)
 
 
-for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS, *PORT_COMMANDS, *CODE_COMMANDS]:
+for _command in [
+    *COMMANDS,
+    *AUDIT_COMMANDS,
+    *SECRET_COMMANDS,
+    *PORT_COMMANDS,
+    *CODE_COMMANDS,
+    *SERVE_COMMANDS,
+]:
     cli.add_command(_command)
 cli.add_command(compile_command)
 

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from mvm import paths
 from mvm.daemon.server import Api
+from mvm.daemon.tenant_hook import tenant_middleware
 from mvm.images.store import ImageStore
 from mvm.redact import RedactingFilter
 from mvm.service import SandboxService
@@ -35,7 +36,9 @@ async def serve() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     api = Api(service, str(sock), stop.set)
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    app = api.app()
+    app.middlewares.append(tenant_middleware)  # tenants relayed by `mvmctl serve`
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     sock.unlink(missing_ok=True)
     old_umask = os.umask(0o177)  # the socket is created 0600: only its owner may talk to mvmd

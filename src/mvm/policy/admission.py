@@ -404,7 +404,21 @@ def denied_error(decision: Decision, what: str = "the launch") -> errors.PolicyD
 
 
 def policy_path() -> Path:
-    """Where the policy comes from: ``MVM_POLICY``, else ``$MVM_HOME/policy.toml``."""
+    """Where the policy comes from: for a request served for a remote tenant,
+    ``$MVM_HOME/policies/<tenant>.toml`` when it exists; else ``MVM_POLICY``, else
+    ``$MVM_HOME/policy.toml``."""
+    from mvm.audit.log import acting
+
+    who = acting()
+    if who is not None:
+        own = paths.home() / "policies" / f"{who[0]}.toml"
+        if own.is_file():
+            return own
+    return _base_policy_path()
+
+
+def _base_policy_path() -> Path:
+    """``MVM_POLICY``, else ``$MVM_HOME/policy.toml``."""
     env = os.environ.get("MVM_POLICY")
     return Path(env) if env else paths.home() / "policy.toml"
 
@@ -474,27 +488,38 @@ def load_policy(path: Path | None = None) -> Policy:
 class PolicySource:
     """The one policy of a process (mvmd, or ``mvmctl run``) with one reload rule: the file
     is chosen once (``path``, else ``MVM_POLICY``, else ``$MVM_HOME/policy.toml``) and read
-    again whenever it changes (mtime, size or inode), before every check."""
+    again whenever it changes (mtime, size or inode), before every check. A request served
+    for a remote tenant (``audit.log.acting``) uses ``$MVM_HOME/policies/<tenant>.toml``
+    instead when that file exists, under the same rule."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.explicit = path is not None or bool(os.environ.get("MVM_POLICY"))
-        self.path = path if path is not None else policy_path()
-        self._key: tuple[int, int, int] | None = None
-        self._policy = Policy()
+        self.path = path if path is not None else _base_policy_path()
+        self._cache: dict[Path, tuple[tuple[int, int, int], Policy]] = {}
 
     def current(self) -> Policy:
+        from mvm.audit.log import acting
+
+        who = acting()
+        if who is not None:
+            own = paths.home() / "policies" / f"{who[0]}.toml"
+            if own.is_file():
+                return self._read(own, explicit=True)
+        return self._read(self.path, explicit=self.explicit)
+
+    def _read(self, path: Path, *, explicit: bool) -> Policy:
         try:
-            st = self.path.stat()
+            st = path.stat()
         except FileNotFoundError:
-            self._key = None
-            self._policy = Policy()
-            return load_policy(self.path) if self.explicit else self._policy
+            self._cache.pop(path, None)
+            return load_policy(path) if explicit else Policy()
         except OSError as exc:
             raise errors.PolicyFileError(
-                f"cannot read policy file {self.path}: {exc}", path=str(self.path)
+                f"cannot read policy file {path}: {exc}", path=str(path)
             ) from None
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if key != self._key:
-            self._policy = load_policy(self.path)
-            self._key = key
-        return self._policy
+        cached = self._cache.get(path)
+        if cached is None or cached[0] != key:
+            cached = (key, load_policy(path))
+            self._cache[path] = cached
+        return cached[1]
