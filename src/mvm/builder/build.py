@@ -44,11 +44,12 @@ DEBIAN_BASES = {
 
 
 def epoch() -> int:
-    """SOURCE_DATE_EPOCH when set, else 0: every timestamp in the image is clamped to it."""
+    """SOURCE_DATE_EPOCH when set, else 1: every timestamp in the image is clamped to it.
+    Never 0: e2fsprogs reads ``E2FSPROGS_FAKE_TIME=0`` as "not set" and stamps the clock."""
     try:
-        return max(0, int(os.environ.get("SOURCE_DATE_EPOCH", "0")))
+        return max(1, int(os.environ.get("SOURCE_DATE_EPOCH", "1")))
     except ValueError:
-        return 0
+        return 1
 
 
 def sha256_path(path: Path) -> str:
