@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -176,6 +177,76 @@ def debootstrap(spec: dict[str, Any]) -> None:
     sh(argv, input=src["sources"], env=env, timeout=7200)
 
 
+RT = "/.mvm/rt"
+SKIP_STDLIB = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "site-packages",
+    "dist-packages",
+}
+
+
+def has_python(root: str) -> bool:
+    return any(os.path.exists(root + p) for p in ("/usr/bin/python3", "/usr/local/bin/python3"))
+
+
+def bundle_runtime(root: str) -> None:
+    """An image without Python gets the builder's own (interpreter, stdlib, loader, libs)
+    under /.mvm/rt: /init starts the agent through that loader, never the image's."""
+    rt = root + RT
+    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    os.makedirs(rt + "/bin")
+    os.makedirs(rt + "/lib")
+    shutil.copy2(os.path.realpath(sys.executable), rt + "/bin/python3")
+    shutil.copytree(
+        f"/usr/lib/{ver}",
+        f"{rt}/lib/{ver}",
+        symlinks=True,
+        ignore=lambda d, n: [x for x in n if x in SKIP_STDLIB],
+    )
+    dynload = f"/usr/lib/{ver}/lib-dynload"
+    objs = [sys.executable] + [
+        os.path.join(dynload, n) for n in os.listdir(dynload) if n.endswith(".so")
+    ]
+    r = subprocess.run(["ldd", *objs], capture_output=True, text=True)
+    libs = {
+        w[2]
+        for w in (line.split() for line in r.stdout.splitlines())
+        if len(w) > 2 and w[1] == "=>" and w[2].startswith("/")
+    }
+    for lib in [*sorted(libs), "/lib64/ld-linux-x86-64.so.2"]:
+        shutil.copy2(os.path.realpath(lib), os.path.join(rt + "/lib", os.path.basename(lib)))
+
+
+def ensure_guest_user(root: str) -> None:
+    """The agent runs commands as ``user`` (uid 1000) in /work: add both when absent."""
+    os.makedirs(root + "/etc", exist_ok=True)
+    for path, line in (
+        ("/etc/passwd", "user:x:1000:1000::/work:/bin/sh\n"),
+        ("/etc/group", "user:x:1000:\n"),
+    ):
+        existing = ""
+        if os.path.lexists(root + path):
+            if os.path.islink(root + path):
+                continue  # not written through a link
+            with open(root + path) as f:
+                existing = f.read()
+        if path == "/etc/passwd" and not any(x.startswith("root:") for x in existing.splitlines()):
+            existing += "root:x:0:0:root:/root:/bin/sh\n"
+        if path == "/etc/group" and not any(x.startswith("root:") for x in existing.splitlines()):
+            existing += "root:x:0:\n"
+        if not any(x.split(":")[0] == "user" for x in existing.splitlines()):
+            with open(root + path, "w") as f:
+                f.write(existing + ("" if not existing or existing.endswith("\n") else "\n") + line)
+    if not os.path.lexists(root + "/work"):
+        os.makedirs(root + "/work")
+        os.chown(root + "/work", 1000, 1000)
+
+
 def build(spec: dict[str, Any]) -> dict[str, Any]:
     scratch = disk("mvmscratch")
     out = disk("mvmoutput")
@@ -213,6 +284,10 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         elif kind == "run":
             run_env = {**env, **spec.get("proxy_env", {})}
             run_step(args, run_env, workdir, user, step.get("line", 0))
+    if source == "oci":
+        ensure_guest_user(ROOT)
+    if not has_python(ROOT):
+        bundle_runtime(ROOT)
     packages: list[str] = []
     if os.path.exists(ROOT + "/var/lib/dpkg/status"):
         r = subprocess.run(
