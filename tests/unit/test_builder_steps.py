@@ -122,3 +122,18 @@ def test_builder_result_is_validated() -> None:
 
 def test_fixed_ids_are_stable() -> None:
     assert fixed_ids("x") == fixed_ids("x") != fixed_ids("y")
+
+
+def test_builder_config_is_reduced_to_bounded_fields() -> None:
+    from mvm.builder.vmrun import clean_config
+
+    got = clean_config(
+        {"env": {"OK": "1", "bad key": "x", "N": 5}, "user": 7, "cmd": ["a", 1], "evil": "x"}
+    )
+    assert got == {
+        "env": {"OK": "1"},
+        "workdir": "/",
+        "user": "root",
+        "cmd": ["a"],
+        "entrypoint": [],
+    }

@@ -90,6 +90,8 @@ def fix_inode_times(dev: str, inodes: int, epoch: int) -> None:
 def lookup_user(root: str, user: str) -> tuple[int, int]:
     name, _, group = user.partition(":")
     uid = gid = -1
+    if name in ("root", "0"):
+        uid = gid = 0
     if name.isdigit():
         uid, gid = int(name), int(name)
     try:
@@ -259,6 +261,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
     if source == "oci":
         with open(disk("mvminput"), "rb") as f:
             config = oci.import_archive(f, ROOT, spec["max_bytes"]).to_json()
+        ensure_guest_user(ROOT)
     elif source == "debian":
         debootstrap(spec)
     elif source == "image":
@@ -284,8 +287,6 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         elif kind == "run":
             run_env = {**env, **spec.get("proxy_env", {})}
             run_step(args, run_env, workdir, user, step.get("line", 0))
-    if source == "oci":
-        ensure_guest_user(ROOT)
     if not has_python(ROOT):
         bundle_runtime(ROOT)
     packages: list[str] = []

@@ -106,7 +106,39 @@ def check_result(raw: bytes, output_size: int) -> dict[str, Any]:
     pkgs = doc.get("packages", [])
     if not isinstance(cfg, dict) or not isinstance(pkgs, list):
         raise ImageBuildError("the builder's result has bad fields")
-    return {"bytes": n, "config": cfg, "packages": [str(p)[:200] for p in pkgs[:20000]]}
+    return {
+        "bytes": n,
+        "config": clean_config(cfg),
+        "packages": [str(p)[:200] for p in pkgs[:20000]],
+    }
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The image's run defaults as reported by the builder, reduced to known, bounded fields."""
+
+    def text(v: Any, limit: int = 4096) -> str:
+        return v[:limit] if isinstance(v, str) else ""
+
+    def words(v: Any) -> list[str]:
+        return [text(x) for x in v[:256] if isinstance(x, str)] if isinstance(v, list) else []
+
+    env = cfg.get("env")
+    return {
+        "env": {
+            k: text(v)
+            for k, v in list(env.items())[:256]
+            if isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str)
+        }
+        if isinstance(env, dict)
+        else {},
+        "workdir": text(cfg.get("workdir"), 1024) or "/",
+        "user": text(cfg.get("user"), 64) or "root",
+        "cmd": words(cfg.get("cmd")),
+        "entrypoint": words(cfg.get("entrypoint")),
+    }
 
 
 def check_ext4(path: Path) -> None:
