@@ -13,6 +13,7 @@ nested boot under TCG would cost minutes per build.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -159,8 +160,8 @@ def copy_step(context: str, sources: list[str], dest: str, workdir: str, chown: 
                 else:
                     rel = m.name if src == "." else m.name[len(src) + 1 :]
                     target = os.path.join(dest_abs, rel)
-                m2 = tar.getmember(m.name)
-                m2 = m2.replace(name=target.lstrip("/"), uid=uid, gid=gid, deep=False)
+                m2 = copy.copy(m)  # TarInfo.replace is newer than the builder's Python
+                m2.name, m2.uid, m2.gid = target.lstrip("/"), uid, gid
                 unpacker._member(tar, m2)
 
 
@@ -319,6 +320,9 @@ def main() -> int:
         result = build(spec)
     except (oci.OciError, OSError, subprocess.SubprocessError) as exc:
         print(json.dumps({"error": str(exc)[-4000:]}))
+        return 3
+    except Exception as exc:  # a bug here must still end in one JSON line
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"[-4000:]}))
         return 3
     print(json.dumps(result))
     return 0

@@ -208,6 +208,10 @@ async def run_job(job: Job, store: ImageStore, reporter: Reporter | None = None)
             )
         if r.timed_out:
             raise ImageBuildError(f"the build ran past {BUILD_TIMEOUT:g}s")
+        if not r.stdout.strip():
+            raise ImageBuildError(
+                f"the builder gave no result: {r.stderr[-2000:].decode(errors='replace')}"
+            )
         result = check_result(r.stdout, out_size)
         out = work / "output.img"
         os.truncate(out, result["bytes"])
