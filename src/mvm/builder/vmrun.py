@@ -22,8 +22,9 @@ from typing import Any
 from mvm.daemon.egress import policy_for, proxy_env
 from mvm.errors import ImageBuildError
 from mvm.images.rootfs import sha256_file
-from mvm.images.store import ImageStore
+from mvm.images.store import Image, ImageStore
 from mvm.oneshot import serve_egress
+from mvm.policy.network import Policy as NetPolicy
 from mvm.progress import NullReporter, Reporter
 from mvm.vm import MicroVM, VMSpec, new_id
 
@@ -155,6 +156,14 @@ async def run_job(job: Job, store: ImageStore, reporter: Reporter | None = None)
     builder = store.ensure(BUILDER_IMAGE, rep)  # the one image built on the host
     netpolicy = await policy_for(job.network_preset, list(job.network_allow))
     store.rootfs_dir.mkdir(parents=True, exist_ok=True)
+    with store.lock():  # one build at a time per MVM_HOME, as for host builds
+        store._clean_staging()  # what a killed build process left (no VM uses it now)
+        return await _run_locked(job, store, rep, builder, netpolicy)
+
+
+async def _run_locked(
+    job: Job, store: ImageStore, rep: Reporter, builder: Image, netpolicy: NetPolicy
+) -> Output:
     vm_id = new_id()
     work = store.rootfs_dir / f".tmp-build-{vm_id}"  # removed by the store after a crash
     work.mkdir()
