@@ -137,3 +137,35 @@ def test_builder_config_is_reduced_to_bounded_fields() -> None:
         "cmd": ["a"],
         "entrypoint": [],
     }
+
+
+def test_extra_disks_on_the_qemu_command_line(tmp_path: Path) -> None:
+    from mvm.vmm.argv import VMConfig, build_argv, validate
+
+    base = VMConfig(
+        kernel=tmp_path / "k", initrd=tmp_path / "i", rootfs=tmp_path / "r", run_dir=tmp_path
+    )
+    assert "serial=mvmscratch" not in " ".join(build_argv(base))
+    cfg = VMConfig(
+        kernel=tmp_path / "k",
+        initrd=tmp_path / "i",
+        rootfs=tmp_path / "r",
+        run_dir=tmp_path,
+        extra_disks=(
+            (tmp_path / "s.img", False, "mvmscratch"),
+            (tmp_path / "in.img", True, "mvminput"),
+        ),
+    )
+    argv = " ".join(build_argv(cfg))
+    assert f"id=x1,file={tmp_path}/s.img,format=raw,if=none,read-only=off" in argv
+    assert "virtio-blk-device,drive=x2,serial=mvminput" in argv
+    assert argv.index("drive=root") < argv.index("drive=x1")  # the root stays /dev/vda
+    assert validate(cfg) == []
+    bad = VMConfig(
+        kernel=tmp_path / "k",
+        initrd=tmp_path / "i",
+        rootfs=tmp_path / "r",
+        run_dir=tmp_path,
+        extra_disks=((tmp_path / "a,b.img", False, "x y"),),
+    )
+    assert validate(bad)
