@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mvm.builder import oci
 from tests.ocitools import Layer, Member, write_docker_save, write_oci
@@ -122,3 +125,33 @@ def test_member_path() -> None:
     for bad in ("/a", "a/../../b", "..", "a\0b"):
         with pytest.raises(oci.OciError):
             oci.member_path(bad)
+
+
+_PART = st.sampled_from(["a", "b", "..", ".", "", "etc", ".wh.a", ".wh..wh..opq"])
+_NAME = st.lists(_PART, min_size=1, max_size=4).map("/".join)
+_MEMBER = st.builds(
+    Member,
+    name=_NAME,
+    data=st.just(b"x"),
+    kind=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]),
+    link=st.sampled_from(["/", "..", "../..", "a", "/etc", "b/a"]),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.lists(_MEMBER, max_size=6).map(Layer), min_size=1, max_size=3))
+def test_random_layers_never_write_outside_the_root(tmp_path: Path, layers: list[Layer]) -> None:
+    """Whatever the members, the import succeeds or refuses; nothing lands outside root."""
+    case = Path(tempfile.mkdtemp(dir=tmp_path))
+    arch = write_oci(case / "x.tar", layers, {}, gz=False)
+    root = case / "sub" / "root"
+    root.mkdir(parents=True)
+    with arch.open("rb") as f:
+        try:
+            oci.import_archive(f, str(root))
+        except oci.OciError:
+            pass
+    assert sorted(os.listdir(case)) == ["sub", "x.tar"]
+    assert os.listdir(case / "sub") == ["root"]
