@@ -82,7 +82,11 @@ def test_busybox_oci_import_runs_and_rebuilds_identically(
     assert second.rootfs_sha256 == first.rootfs_sha256
     assert second.id == first.id
     recs = [json.loads(line) for line in audit.default_path().read_text().splitlines()[-50:]]
-    built = [x for x in recs if x.get("event") == "image.built" and x.get("image_id") == first.id]
+    built = [
+        x
+        for x in recs
+        if x.get("event") == "image.built" and x.get("data", {}).get("image_id") == first.id
+    ]
     assert built and "archive" in json.dumps(built[-1])
 
 
