@@ -56,6 +56,8 @@ class VMSpec:
     overlay_size: str = "50%"
     #: A NIC whose only way out is the sandbox's egress proxy (part of the VM's shape).
     network: bool = False
+    #: Extra virtio-blk disks (builder VMs only): (raw file, read-only, serial).
+    disks: tuple[tuple[Path, bool, str], ...] = ()
 
 
 def egress_relay_argv() -> tuple[str, ...]:
@@ -94,6 +96,7 @@ def base_config(spec: VMSpec, store: ImageStore, run_dir: Path) -> VMConfig:
         qemu=qemu_binary(),
         network=spec.network,
         egress_relay=egress_relay_argv() if spec.network else (),
+        extra_disks=spec.disks,
     )
 
 
@@ -172,6 +175,8 @@ class MicroVM:
         store = store or ImageStore()
         vm_id = vm_id or new_id()
         base = base_config(spec, store, paths.run_dir() / vm_id)
+        if spec.disks:
+            fast = False  # per-build disks are no part of a template's shape
         if fast if fast is not None else templates.enabled():
             tstore = templates.TemplateStore()
             key = template_key_for(spec, base)

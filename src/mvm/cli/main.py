@@ -25,6 +25,8 @@ from mvm.agent import protocol as P
 from mvm.api.models import NetworkSpec
 from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.audit import write_run_receipt
+from mvm.cli.builder import COMMANDS as BUILDER_COMMANDS
+from mvm.cli.builder import build_in_builder
 from mvm.cli.code import COMMANDS as CODE_COMMANDS
 from mvm.cli.common import (
     Seconds,
@@ -42,7 +44,7 @@ from mvm.cli.serve import COMMANDS as SERVE_COMMANDS
 from mvm.cli.ui import RichReporter, err_console, out_console, stderr_is_tty
 from mvm.errors import InvalidArgument
 from mvm.images import manifest as manifests
-from mvm.images.store import ImageStore
+from mvm.images.store import Image, ImageStore
 from mvm.oneshot import DEFAULT_TIMEOUT, TIMEOUT_EXIT, RunResult, run_once
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -89,20 +91,52 @@ def doctor(as_json: bool) -> None:
 @click.option("--preset", help=f"Build a preset ({', '.join(manifests.preset_names())}).")
 @click.option("--rebuild", is_flag=True, help="Rebuild even if a cached image matches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the image record as JSON.")
+@click.option(
+    "-f",
+    "--file",
+    "dockerfile",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Build a Dockerfile (the common subset) in the builder VM; DIRECTORY is the context.",
+)
+@click.option(
+    "--oci",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Import an OCI image layout or docker save archive (tar) in the builder VM.",
+)
+@click.option("--name", help="Image name (for --oci and -f).")
+@click.option("--locked", is_flag=True, help="Install exactly the versions in mvm.lock.")
 @fail_on_errors
-def build(directory: Path | None, preset: str | None, rebuild: bool, as_json: bool) -> None:
+def build(
+    directory: Path | None,
+    preset: str | None,
+    rebuild: bool,
+    as_json: bool,
+    dockerfile: Path | None,
+    oci: Path | None,
+    name: str | None,
+    locked: bool,
+) -> None:
     """Build (or reuse) an image from a preset or a directory with mvm.toml.
 
-    With neither, builds the default preset (python).
+    With neither, builds the default preset (python). A Dockerfile (-f), an OCI archive
+    (--oci) or an mvm.toml with a [build] table is built inside the builder VM.
     """
     if directory is not None and preset is not None:
         raise InvalidArgument("give a DIRECTORY or --preset, not both")
+    built = build_in_builder(directory, dockerfile, oci, name, locked, as_json)
+    if built is not None:
+        _print_image(built, as_json)
+        return
     if directory is not None:
         m = manifests.load_dir(directory)
     else:
         m = manifests.load_preset(preset or manifests.DEFAULT_IMAGE)
     with RichReporter(enabled=stderr_is_tty() and not as_json) as rep:
         img = ImageStore().build(m, reporter=rep, rebuild=rebuild)
+    _print_image(img, as_json)
+
+
+def _print_image(img: Image, as_json: bool) -> None:
     if as_json:
         click.echo(msgspec.json.encode(img).decode())
     else:
@@ -269,6 +303,7 @@ def run(
 for _command in [
     *COMMANDS,
     *AUDIT_COMMANDS,
+    *BUILDER_COMMANDS,
     *SECRET_COMMANDS,
     *PORT_COMMANDS,
     *CODE_COMMANDS,

@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -441,3 +441,18 @@ __all__ = [
     "policy_for",
     "proxy_env",
 ]
+
+
+@contextlib.asynccontextmanager
+async def serve_egress(vm_id: str, policy: N.Policy) -> AsyncIterator[None]:
+    """For a VM booted outside the sandbox service (the image builder): its egress proxy,
+    served by this process for the VM's life, at the socket its QEMU command line names."""
+    if not policy.enabled:
+        yield
+        return
+    proxy = EgressProxy(vm_id, policy, paths.run_dir() / vm_id / "egress.sock")
+    await proxy.start()
+    try:
+        yield
+    finally:
+        await proxy.close()

@@ -82,4 +82,11 @@ for py in /usr/bin/python3 /usr/local/bin/python3; do
         exec switch_root /newroot "$py" -I /run/mvm/agent.py
     fi
 done
+# An image without Python (busybox, Alpine): the builder bundled its own interpreter,
+# stdlib, loader and libraries under /.mvm/rt; start the agent through that loader.
+rt=/.mvm/rt
+if [ -x "/newroot$rt/bin/python3" ] && [ -e "/newroot$rt/lib/ld-linux-x86-64.so.2" ]; then
+    exec switch_root /newroot "$rt/lib/ld-linux-x86-64.so.2" --library-path "$rt/lib" \
+        "$rt/bin/python3" -I /run/mvm/agent.py
+fi
 fail "no python3 in the image: every mvm image needs python3-minimal for the agent"

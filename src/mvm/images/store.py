@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -48,6 +49,9 @@ class Image(msgspec.Struct, frozen=True):
     rootfs_sha256: str
     rootfs_bytes: int
     built_at: float
+    #: For images made by the builder VM: the source's run defaults (cmd, entrypoint, user,
+    #: workdir) and the hashes of the build's inputs (see mvm.builder).
+    build: dict[str, Any] = {}
 
     def kernel(self) -> Kernel:
         return load_kernel(Path(self.kernel_dir))
@@ -210,6 +214,34 @@ class ImageStore:
             rep.finish(f"{m.name}: built ({ident[:12]})")
             _audit_built(img)
             return img
+
+    def register(self, m: Manifest, rootfs: Path, digest: str, build: dict[str, Any]) -> Image:
+        """Record an image whose rootfs the builder VM made (already in ``rootfs_dir``)."""
+        kernel = ensure_kernel(self.kernels)
+        ensure_initramfs(kernel, self.initramfs_dir)
+        doc = {"rootfs": digest, "kernel": kernel.version, "manifest": msgspec.to_builtins(m)}
+        doc["build"] = build
+        ident = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+        img = Image(
+            id=ident,
+            name=m.name,
+            aliases=list(m.aliases),
+            manifest=m,
+            kernel_dir=str(kernel.root),
+            kernel_release=kernel.release,
+            rootfs=str(rootfs),
+            rootfs_sha256=digest,
+            rootfs_bytes=rootfs.stat().st_size,
+            built_at=time.time(),
+            build=build,
+        )
+        self.records.mkdir(parents=True, exist_ok=True)
+        data = msgspec.json.encode(img)
+        for n in [m.name, *m.aliases]:
+            tmp = self.records / f".{n}.json.tmp"
+            tmp.write_bytes(data)
+            tmp.rename(self.records / f"{n}.json")
+        return img
 
     def _clean_staging(self) -> None:
         """Remove what interrupted builds left (we hold the build lock, so none is running)."""

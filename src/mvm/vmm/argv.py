@@ -36,6 +36,9 @@ class VMConfig:
     #: Program (argv) QEMU runs for each guest connection to the egress address; its
     #: stdin/stdout are the connection, its last argument the proxy's Unix socket.
     egress_relay: tuple[str, ...] = ()
+    #: Extra virtio-blk disks after the root (the builder's input, scratch and output):
+    #: (raw file, read-only, serial); the guest finds them by serial in /sys/block/*/serial.
+    extra_disks: tuple[tuple[Path, bool, str], ...] = ()
 
     @property
     def qmp_socket(self) -> Path:
@@ -72,7 +75,20 @@ def validate(cfg: VMConfig) -> list[str]:
             # QEMU hands the command to a shell-like splitter: keep every word plain.
             if not arg or not set(arg) <= _PLAIN:
                 errs.append(f"egress relay argument {arg!r} has characters QEMU cannot pass")
+    for path, _ro, serial in cfg.extra_disks:
+        if not serial.isalnum() or len(serial) > 20 or not set(str(path)) <= _PLAIN:
+            errs.append(f"extra disk {path} ({serial!r}) has characters QEMU cannot pass")
     return errs
+
+
+def disk_args(cfg: VMConfig) -> list[str]:
+    """``-drive``/``-device`` pairs for the extra disks (none for ordinary sandboxes)."""
+    out: list[str] = []
+    for i, (path, ro, serial) in enumerate(cfg.extra_disks, 1):
+        mode = "on" if ro else "off"
+        out += ["-drive", f"id=x{i},file={path},format=raw,if=none,read-only={mode}"]
+        out += ["-device", f"virtio-blk-device,drive=x{i},serial={serial}"]
+    return out
 
 
 #: Characters allowed in a guestfwd command word (no spaces, quotes, commas, shell syntax).
@@ -159,5 +175,6 @@ def build_argv(cfg: VMConfig) -> list[str]:
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off",
         *netdev_args(cfg),
+        *disk_args(cfg),
         *incoming,
     ]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Builds inside a builder VM: Dockerfiles, [build] steps, OCI imports (see docs/images.md)."""

@@ -1,0 +1,72 @@
+"""``mvm.lock``: the exact inputs of a build, next to its manifest or Dockerfile.
+
+A lock records the input hashes (manifest, Dockerfile, context, archive), every Debian
+package as ``name=version``, and the resulting rootfs hash and image id. ``build
+--locked`` installs exactly those versions; when the mirror no longer serves one, apt in
+the builder fails and the error says which lock it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from mvm.errors import ManifestError
+
+LOCK_NAME = "mvm.lock"
+VERSION = 1
+_PIN = re.compile(r"^[a-z0-9][a-z0-9+.-]*(:[a-z0-9]+)?=[A-Za-z0-9.+~:-]+$")
+
+
+class Lock(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+    image: str
+    inputs: dict[str, str]
+    packages: list[str]
+    rootfs_sha256: str
+    image_id: str
+
+    def pins(self) -> list[str]:
+        return list(self.packages)
+
+
+def dumps(lock: Lock) -> str:
+    """Stable text: sorted keys, one package per line, so diffs of a lock read well."""
+    doc: dict[str, Any] = msgspec.to_builtins(lock)
+    doc["packages"] = sorted(doc["packages"])
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def loads(text: str, origin: str) -> Lock:
+    try:
+        lock = msgspec.json.decode(text.encode(), type=Lock)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ManifestError(f"{origin}: not a valid lock file: {exc}") from None
+    if lock.version != VERSION:
+        raise ManifestError(f"{origin}: lock version {lock.version} is not {VERSION}")
+    bad = [p for p in lock.packages if not _PIN.match(p)]
+    if bad:
+        raise ManifestError(f"{origin}: bad package pins: {', '.join(bad[:5])}")
+    return lock
+
+
+def read(directory: Path) -> Lock:
+    f = directory / LOCK_NAME
+    if not f.is_file():
+        raise ManifestError(
+            f"--locked: no {LOCK_NAME} in {directory}",
+            hint="build once without --locked to write it",
+        )
+    return loads(f.read_text(), str(f))
+
+
+def write(directory: Path, lock: Lock) -> Path:
+    f = directory / LOCK_NAME
+    tmp = directory / f".{LOCK_NAME}.tmp"
+    tmp.write_text(dumps(lock))
+    tmp.replace(f)
+    return f
