@@ -19,9 +19,12 @@ from mvm.sdk import (
     resources,
     secret,
 )
+from mvm.sdk.browser import AsyncBrowserSandbox, BrowserSandbox
 
 __all__ = [
+    "AsyncBrowserSandbox",
     "AsyncSandbox",
+    "BrowserSandbox",
     "CommandResult",
     "Network",
     "Resources",
