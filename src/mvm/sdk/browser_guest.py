@@ -20,6 +20,8 @@ import urllib.request
 from typing import Any
 
 PORT = 9222
+#: The viewport of a screenshot (``full_page`` keeps the width, takes the page's height).
+WIDTH, HEIGHT = 1280, 720
 MAX_MSG = 64 << 20
 
 
@@ -134,6 +136,14 @@ def main() -> int:
     try:
         ws.call("Page.enable", deadline)
         ws.call("Network.enable", deadline)
+        ws.call(
+            "Emulation.setDeviceMetricsOverride",
+            deadline,
+            width=WIDTH,
+            height=HEIGHT,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         if url:
             nav = ws.call("Page.navigate", deadline, url=url)
             if nav.get("errorText"):
