@@ -20,12 +20,15 @@ from mvm.sdk import (
     secret,
 )
 from mvm.sdk.browser import AsyncBrowserSandbox, BrowserSandbox
+from mvm.sdk.desktop import AsyncDesktopSandbox, DesktopSandbox
 
 __all__ = [
     "AsyncBrowserSandbox",
+    "AsyncDesktopSandbox",
     "AsyncSandbox",
     "BrowserSandbox",
     "CommandResult",
+    "DesktopSandbox",
     "Network",
     "Resources",
     "Sandbox",

@@ -13,10 +13,8 @@ import json
 import os
 import re
 import secrets
-import struct
 import subprocess
 import sys
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import pytest
 
 from mvm import paths
 from mvm.images.store import ImageStore
+from tests.integration import png
 from tests.integration.mvmd_home import private_home, wait_until
 from tests.integration.standin_internet import serve
 
@@ -107,25 +106,6 @@ def pw() -> Iterator[Any]:
         yield p
 
 
-def png_size(data: bytes) -> tuple[int, int]:
-    """Decode a PNG (IHDR + all IDAT inflated to the size its rows need): (width, height)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    pos, idat, width, height, bpp = 8, b"", 0, 0, 0
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
-        assert zlib.crc32(kind + body) == struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])[0]
-        if kind == b"IHDR":
-            width, height, depth, color = struct.unpack(">IIBB", body[:10])
-            assert depth == 8
-            bpp = {0: 1, 2: 3, 4: 2, 6: 4}[color]
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + n
-    assert len(zlib.decompress(idat)) == height * (1 + width * bpp)
-    return width, height
-
-
 def audit(home: Path, event: str) -> list[dict[str, Any]]:
     out = []
     for f in sorted((home / "audit").glob("*.jsonl")):
@@ -155,7 +135,7 @@ def test_form_and_screenshot_through_playwright(sb: Any, pw: Any) -> None:
         page.click("#go")
         page.wait_for_function("document.getElementById('result').textContent !== ''")
         assert page.text_content("#result") == "Hello, microVM!"
-        assert png_size(page.screenshot()) == (800, 600)
+        assert png.size(page.screenshot()) == (800, 600)
         ctx.close()
     finally:
         browser.close()
@@ -187,7 +167,7 @@ def test_refused_navigation_fails_and_is_audited(sb: Any, pw: Any, home: Path) -
 
 def test_sdk_screenshot_is_a_png_and_only_hashed_in_audit(sb: Any, home: Path) -> None:
     png = sb.screenshot(f"http://{SITE}/")
-    assert png_size(png) == (1280, 720)
+    assert png.size(png) == (1280, 720)
     import hashlib
 
     digest = hashlib.sha256(png).hexdigest()

@@ -27,6 +27,7 @@ from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.audit import write_run_receipt
 from mvm.cli.browser import COMMANDS as BROWSER_COMMANDS
 from mvm.cli.common import fail_on_errors, network_options, parse_env, split_env
+from mvm.cli.desktop import COMMANDS as DESKTOP_COMMANDS
 from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
@@ -252,7 +253,14 @@ def run(
     sys.exit(TIMEOUT_EXIT if result.timed_out else result.exit_code)
 
 
-for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS, *PORT_COMMANDS, *BROWSER_COMMANDS]:
+for _command in [
+    *COMMANDS,
+    *AUDIT_COMMANDS,
+    *SECRET_COMMANDS,
+    *PORT_COMMANDS,
+    *BROWSER_COMMANDS,
+    *DESKTOP_COMMANDS,
+]:
     cli.add_command(_command)
 cli.add_command(compile_command)
 
