@@ -28,6 +28,8 @@ from tests.integration.mvmd_home import private_home, wait_until
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "desktop.md"
+#: An xterm whose title stays what -T says (bash would retitle it "user@mvm: /work").
+XTERM = ["xterm", "-xrm", "XTerm*allowTitleOps: false"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_screen_and_screenshot(desk: Any) -> None:
 
 
 def test_typing_shows_where_the_text_went(desk: Any) -> None:
-    desk.launch(["xterm", "-T", "typing", "-geometry", "60x10+0+0"])
+    desk.launch([*XTERM, "-T", "typing", "-geometry", "60x10+0+0"])
     desk.wait_window("typing")
     desk.left_click(100, 60)
     assert wait_until(lambda: active_title(desk) == "typing", 60)
@@ -92,10 +94,8 @@ def test_typing_shows_where_the_text_went(desk: Any) -> None:
 
 
 def test_click_focuses_drag_moves_scroll_scrolls(desk: Any) -> None:
-    desk.launch(
-        ["xterm", "-T", "left", "-geometry", "40x10+500+100", "-e", "seq 1 300; sleep 3600"]
-    )
-    desk.launch(["xterm", "-T", "right", "-geometry", "40x10+500+400"])
+    desk.launch([*XTERM, "-T", "left", "-geometry", "40x10+500+100", "-e", "seq 1 300; sleep 3600"])
+    desk.launch([*XTERM, "-T", "right", "-geometry", "40x10+500+400"])
     desk.wait_window("left")
     desk.wait_window("right")
     desk.left_click(600, 450)
