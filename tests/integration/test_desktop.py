@@ -108,10 +108,11 @@ def test_click_focuses_drag_moves_scroll_scrolls(desk: Any) -> None:
     desk.scroll("up", 5)
     after = png.decode(desk.screenshot())
     assert before.region(500, 100, 740, 230) != after.region(500, 100, 740, 230)
-    # drag: the title bar moves the window
-    x0, y0 = geometry(desk, "right")
-    desk.drag((x0 + 60, y0 - 8), (x0 + 60 - 300, y0 - 8 + 50))
-    assert wait_until(lambda: geometry(desk, "right")[0] < x0 - 100, 60)
+    # drag: pressing, moving and releasing over the terminal's text selects (highlights) it
+    before = png.decode(desk.screenshot())
+    desk.drag((505, 105), (720, 160))
+    after = png.decode(desk.screenshot())
+    assert before.region(500, 100, 740, 170) != after.region(500, 100, 740, 170)
 
 
 def test_invalid_input_is_refused(desk: Any) -> None:

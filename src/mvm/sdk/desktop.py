@@ -217,8 +217,9 @@ class DesktopSandbox(Sandbox):
 
     def drag(self, fr: tuple[int, int], to: tuple[int, int]) -> None:
         a, b = self._xy(*fr), self._xy(*to)
-        move = ["xdotool", "mousemove", "--sync"]
-        self._x([*move, *a, "mousedown", "1", *move[1:], *b, "mouseup", "1"])
+        mid = (str((int(a[0]) + int(b[0])) // 2), str((int(a[1]) + int(b[1])) // 2))
+        move = ["mousemove", "--sync"]  # through a midpoint: some programs need the motion
+        self._x(["xdotool", *move, *a, "mousedown", "1", *move, *mid, *move, *b, "mouseup", "1"])
 
     def scroll(self, direction: str = "down", amount: int = 1) -> None:
         if direction not in SCROLL:
