@@ -36,6 +36,9 @@ MAX_DOWNLOAD = 16 << 20
 MAX_SCREENSHOT = 16 << 20
 #: What a browser needs by default (Chromium under TCG wants 1 GiB).
 DEFAULT_MEMORY_MB = 1024
+#: Seconds Chromium's ``/json/version`` may take to answer (a restored clone under TCG
+#: translates the browser's code afresh; on a loaded host that takes a while).
+CDP_TIMEOUT = 180.0
 #: Seconds a page may take to load for ``screenshot``.
 LOAD_TIMEOUT = 60.0
 WS_PATH_RE = re.compile(r"^/devtools/browser/[A-Za-z0-9-]{1,64}$")
@@ -148,12 +151,13 @@ class BrowserSandbox(Sandbox):
         if self._cdp is None:
             port = self.cdp_port()
             try:
-                resp = httpx.get(f"http://127.0.0.1:{port}/json/version", timeout=30.0)
+                resp = httpx.get(f"http://127.0.0.1:{port}/json/version", timeout=CDP_TIMEOUT)
                 body = json.loads(resp.content[: 1 << 16])
             except (httpx.HTTPError, ValueError) as exc:
                 raise BrowserUnavailable(
-                    f"Chromium's DevTools endpoint in {self.name} did not answer: {exc}",
-                    hint="is this a sandbox of the browser image?",
+                    f"Chromium's DevTools endpoint in {self.name} did not answer within "
+                    f"{CDP_TIMEOUT:g}s: {exc!r}",
+                    hint="is this a sandbox of the browser image? (a loaded TCG host is slow)",
                 ) from None
             self._cdp = ws_url(body, port)
         return self._cdp
