@@ -16,6 +16,7 @@ import asyncio
 import importlib.resources
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +151,21 @@ class BrowserSandbox(Sandbox):
         """``ws://127.0.0.1:PORT/devtools/browser/<id>``: the browser-level CDP endpoint."""
         if self._cdp is None:
             port = self.cdp_port()
-            try:
-                resp = httpx.get(f"http://127.0.0.1:{port}/json/version", timeout=CDP_TIMEOUT)
-                body = json.loads(resp.content[: 1 << 16])
-            except (httpx.HTTPError, ValueError) as exc:
-                raise BrowserUnavailable(
-                    f"Chromium's DevTools endpoint in {self.name} did not answer within "
-                    f"{CDP_TIMEOUT:g}s: {exc!r}",
-                    hint="is this a sandbox of the browser image? (a loaded TCG host is slow)",
-                ) from None
+            deadline = time.monotonic() + CDP_TIMEOUT
+            while True:  # bounded: a busy clone may drop the first connections
+                left = deadline - time.monotonic()
+                try:
+                    resp = httpx.get(f"http://127.0.0.1:{port}/json/version", timeout=left)
+                    body = json.loads(resp.content[: 1 << 16])
+                    break
+                except (httpx.HTTPError, ValueError) as exc:
+                    if time.monotonic() + 1.0 >= deadline:
+                        raise BrowserUnavailable(
+                            f"Chromium's DevTools endpoint in {self.name} did not answer "
+                            f"within {CDP_TIMEOUT:g}s: {exc!r}",
+                            hint="is this a sandbox of the browser image? (TCG under load is slow)",
+                        ) from None
+                    time.sleep(1.0)  # a poll interval, bounded by the deadline
             self._cdp = ws_url(body, port)
         return self._cdp
 
