@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from mvm.errors import ManifestError, VMError
+from mvm.errors import CommandTimeout, ManifestError, VMError
 
 if TYPE_CHECKING:
     from mvm.agent.client import AgentClient
@@ -87,12 +87,16 @@ async def prepare(agent: AgentClient, w: Warm) -> float:
                 hint="see the probe's last error in data['probe']; raise [warm] timeout",
                 probe=last[-500:],
             )
-        r = await agent.exec(
-            list(w.probe), user=w.user, timeout=min(PROBE_TIMEOUT, left), output_limit=4096
-        )
-        if r.exit_code == 0:
-            return time.monotonic() - started
-        last = r.stderr.decode(errors="replace") or r.stdout.decode(errors="replace")
+        try:
+            r = await agent.exec(
+                list(w.probe), user=w.user, timeout=min(PROBE_TIMEOUT, left), output_limit=4096
+            )
+        except CommandTimeout:  # a busy guest answers late: a failed try, not a failure
+            last = "probe timed out"
+        else:
+            if r.exit_code == 0:
+                return time.monotonic() - started
+            last = r.stderr.decode(errors="replace") or r.stdout.decode(errors="replace")
         info = await agent.proc_wait(proc.proc, 0)
         if not info.running:
             raise VMError(
