@@ -41,7 +41,7 @@ DEFAULT_MEMORY_MB = 1024
 #: translates the browser's code afresh; on a loaded host that takes a while).
 CDP_TIMEOUT = 180.0
 #: Seconds a page may take to load for ``screenshot``.
-LOAD_TIMEOUT = 60.0
+LOAD_TIMEOUT = 120.0
 WS_PATH_RE = re.compile(r"^/devtools/browser/[A-Za-z0-9-]{1,64}$")
 FILE_NAME_RE = re.compile(r"^[^/\0]{1,255}$")
 
@@ -186,7 +186,7 @@ class BrowserSandbox(Sandbox):
                 str(LOAD_TIMEOUT),
             ],
             output_limit=MAX_SCREENSHOT,
-            timeout_seconds=LOAD_TIMEOUT + 30,
+            timeout_seconds=LOAD_TIMEOUT + 90,
         )
         err = r.stderr.strip()[:500]
         if r.exit_code == 3:
