@@ -159,7 +159,7 @@ def test_refused_navigation_fails_and_is_audited(sb: Any, pw: Any, home: Path) -
         ctx.close()
     finally:
         browser.close()
-    with pytest.raises(PageError, match="refused"):
+    with pytest.raises(PageError, match=r"refused|failed"):
         sb.screenshot(f"http://denied.test:{PORT}/")
     denied = [r for r in audit(home, "egress.denied") if r.get("host") == "denied.test"]
     assert denied and all(r.get("sandbox") == "br-one" for r in denied), denied
