@@ -76,6 +76,7 @@ def template_key(
     accel: str,
     qemu: str,
     network: bool = False,
+    warm: str | None = None,
 ) -> str:
     doc: dict[str, object] = {
         "v": TEMPLATE_VERSION,
@@ -89,6 +90,8 @@ def template_key(
     }
     if network:  # a NIC is part of the device state (absent: keys stay as they were)
         doc["net"] = True
+    if warm is not None:  # the image's warm recipe (mvm.warm): its hash
+        doc["warm"] = warm
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
-from mvm import paths, templates
+from mvm import paths, templates, warm
 from mvm.agent.client import AgentClient
 from mvm.errors import (
     AgentProtocolError,
@@ -78,6 +78,7 @@ def template_key_for(spec: VMSpec, base: VMConfig) -> str:
         accel=base.accel,
         qemu=templates.qemu_identity(find_qemu(base.qemu)),
         network=spec.network,
+        warm=warm.key_part(spec.image.manifest.warm),
     )
 
 
@@ -108,7 +109,8 @@ async def make_template(
     boot_timeout: float,
 ) -> templates.Template:
     """Cold-boot a VM whose RAM is a shared file, wait for its agent, save its device state."""
-    async with tstore.lock(key, timeout=2 * boot_timeout + 60):
+    recipe = spec.image.manifest.warm
+    async with tstore.lock(key, timeout=2 * boot_timeout + 60 + (recipe.timeout if recipe else 0)):
         existing = tstore.get(key)
         if existing is not None:  # made by someone else while we waited
             return existing
@@ -122,6 +124,7 @@ async def make_template(
             )
             vm = await MicroVM._start(vm_id, spec, cfg, boot_timeout)
             try:
+                await vm.run_warm_recipe()  # before the snapshot: clones start warm
                 if vm.agent is not None:
                     await vm.agent.close()  # idle, no connection: what a clone starts from
                     vm.agent = None
@@ -191,7 +194,13 @@ class MicroVM:
             except VMError as exc:
                 # Something passing (load, a race): keep the template, boot cold this once.
                 log.warning("restoring template %s failed (%s); booting cold", key, exc)
-        return await cls._start(vm_id, spec, base, boot_timeout)
+        vm = await cls._start(vm_id, spec, base, boot_timeout)
+        try:
+            await vm.run_warm_recipe()  # a cold VM gets what a template clone has
+        except BaseException:
+            await vm.destroy()
+            raise
+        return vm
 
     @classmethod
     async def _start(
@@ -355,6 +364,12 @@ class MicroVM:
         if self.agent is not None:
             await self.agent.close()
         await self.qemu.stop_capture()
+
+    async def run_warm_recipe(self) -> None:
+        """Run the image's warm recipe (``mvm.warm``), if it has one."""
+        recipe = self.spec.image.manifest.warm
+        if recipe is not None:
+            await warm.prepare(self.require_agent(), recipe)
 
     def require_agent(self) -> AgentClient:
         if self.agent is None:

@@ -169,16 +169,19 @@ def default_home() -> Path:
 
 
 @contextlib.contextmanager
-def private_home(prefix: str = "mvmd-", *, share: tuple[str, ...] = SHARED) -> Iterator[Path]:
+def private_home(
+    prefix: str = "mvmd-", *, share: tuple[str, ...] = SHARED, source: Path | None = None
+) -> Iterator[Path]:
     """A fresh MVM_HOME under /tmp (short: Unix socket paths) for one test module.
 
     Skips when QEMU is missing; builds the default image into the default store if needed.
     ``share`` names what is linked to the default store (e.g. leave out "templates" for a
-    home with no boot templates, or "initramfs" to plant a different one).
+    home with no boot templates, or "initramfs" to plant a different one). ``source``: the
+    store to share instead of the default one.
     """
     if shutil.which(qemu_binary()) is None:
         pytest.skip(f"{qemu_binary()} not found: install qemu-system-x86")
-    default = default_home()
+    default = source or default_home()
     ImageStore(default).ensure("python")
     (default / "build.lock").touch()
     h = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

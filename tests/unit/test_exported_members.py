@@ -7,13 +7,17 @@ import mvm
 import mvm.sdk
 
 PUBLIC = [
+    "AsyncBrowserSandbox",
     "AsyncCommandHandle",
+    "AsyncDesktopSandbox",
     "AsyncSandbox",
+    "BrowserSandbox",
     "CodeContext",
     "CodeError",
     "CodeResult",
     "CommandHandle",
     "CommandResult",
+    "DesktopSandbox",
     "Forward",
     "Network",
     "RecordedBytes",

@@ -25,6 +25,7 @@ from mvm.agent import protocol as P
 from mvm.api.models import NetworkSpec
 from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.audit import write_run_receipt
+from mvm.cli.browser import COMMANDS as BROWSER_COMMANDS
 from mvm.cli.builder import COMMANDS as BUILDER_COMMANDS
 from mvm.cli.builder import build_in_builder
 from mvm.cli.code import COMMANDS as CODE_COMMANDS
@@ -36,6 +37,7 @@ from mvm.cli.common import (
     parse_env,
     split_env,
 )
+from mvm.cli.desktop import COMMANDS as DESKTOP_COMMANDS
 from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
@@ -308,6 +310,8 @@ for _command in [
     *PORT_COMMANDS,
     *CODE_COMMANDS,
     *SERVE_COMMANDS,
+    *BROWSER_COMMANDS,
+    *DESKTOP_COMMANDS,
 ]:
     cli.add_command(_command)
 cli.add_command(compile_command)

@@ -24,6 +24,15 @@ RECIPE_VERSION = 1
 DEFAULT_IMAGE = "python"
 
 
+class Warm(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A warm-template recipe (``[warm]``): see ``mvm.warm``."""
+
+    setup: list[str]
+    probe: list[str]
+    timeout: float = 240.0
+    user: str = "user"
+
+
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     suite: str = "bookworm"
@@ -31,6 +40,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     aliases: list[str] = []
     description: str = ""
     env: dict[str, str] = {}
+    warm: Warm | None = None
 
     def all_packages(self) -> list[str]:
         return sorted(set(BASE_PACKAGES) | set(self.packages))
@@ -60,6 +70,10 @@ def validate(m: Manifest, origin: str) -> Manifest:
     bad = [p for p in m.packages if not PACKAGE_RE.match(p)]
     if bad:
         raise ManifestError(f"{origin}: invalid Debian package names: {', '.join(bad)}")
+    if m.warm is not None:
+        from mvm.warm import check_recipe
+
+        check_recipe(m.warm, origin)
     for k in m.env:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
             raise ManifestError(f"{origin}: invalid environment variable name {k!r}")

@@ -8,20 +8,26 @@ use them, user code should not, and they change without notice.
 
 from mvm import errors
 from mvm.sdk.backend import CommandResult, RecordedBytes, RecordedStr, is_placeholder
+from mvm.sdk.browser import AsyncBrowserSandbox, BrowserSandbox
 from mvm.sdk.code import CodeContext, CodeError, CodeResult
 from mvm.sdk.commands import AsyncCommandHandle, CommandHandle
+from mvm.sdk.desktop import AsyncDesktopSandbox, DesktopSandbox
 from mvm.sdk.options import Network, Resources, SecretRef, network, resources, secret
 from mvm.sdk.ports import Forward
 from mvm.sdk.sandbox import AsyncSandbox, Sandbox, Snapshot
 
 __all__ = [
+    "AsyncBrowserSandbox",
     "AsyncCommandHandle",
+    "AsyncDesktopSandbox",
     "AsyncSandbox",
+    "BrowserSandbox",
     "CodeContext",
     "CodeError",
     "CodeResult",
     "CommandHandle",
     "CommandResult",
+    "DesktopSandbox",
     "Forward",
     "Network",
     "RecordedBytes",
