@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 demo=1
-extras=""
+extras="[mcp]"   # `mvmctl mcp` needs the official MCP SDK
 for arg in "$@"; do
     case "$arg" in
         --no-demo) demo=0 ;;
@@ -79,6 +79,15 @@ fi
 
 echo "==> building the default image (cached after the first time)"
 .venv/bin/mvmctl build --preset python
+
+if [ "$extras" = "[dev]" ]; then
+    # The test suite's other images: big, so built once per machine (cached by content
+    # hash in $MVM_HOME) rather than by the tests that need them.
+    for preset in python-data browser desktop builder; do
+        echo "==> building the $preset image (cached after the first time)"
+        .venv/bin/mvmctl build --preset "$preset"
+    done
+fi
 
 if [ "$demo" = 1 ]; then
     echo "==> running a sandbox: mvmctl run -- python3 -c ..."
