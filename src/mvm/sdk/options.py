@@ -8,10 +8,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from mvm import names
 from mvm.api import models as M
 from mvm.errors import InvalidArgument
 
-SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 #: Bounds of ``resources(...)`` (the daemon enforces its own too).
 MAX_CPUS = 16
@@ -106,11 +106,7 @@ class SecretRef:
     name: str = field()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not SECRET_NAME_RE.match(self.name):
-            raise InvalidArgument(
-                f"invalid secret name {self.name!r}",
-                hint="letters, digits, '.', '_' and '-' (max 64), starting with a letter or digit",
-            )
+        names.check("secret", self.name)
 
     def __repr__(self) -> str:
         return f"mvm.secret({self.name!r})"

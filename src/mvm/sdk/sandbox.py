@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mvm import names
 from mvm.api import models as M
 from mvm.durations import parse_duration
 from mvm.errors import InvalidArgument, MvmError, SandboxNotFound
@@ -29,11 +30,8 @@ from mvm.sdk.logs import logs as _logs
 from mvm.sdk.options import EnvValue, Network, Resources, split_env
 from mvm.sdk.ports import AsyncPorts, Ports
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-IMAGE_RE = NAME_RE
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
-MAX_TAGS = 64
-MAX_TAG_VALUE = 256
+MAX_TAG_VALUE = M.MAX_LABEL
 DEFAULT_TTL = "30m"
 
 
@@ -77,13 +75,9 @@ def build_spec(
     base: Path,
 ) -> SandboxSpec:
     """Validate everything ``create`` takes (InvalidArgument at the call) into a spec."""
-    if not isinstance(image, str) or not IMAGE_RE.match(image):
-        raise InvalidArgument(f"invalid image name {image!r}")
-    if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
-        raise InvalidArgument(
-            f"invalid sandbox name {name!r}",
-            hint="lower-case letters, digits, '.', '_' and '-' (max 63)",
-        )
+    names.check("image", image)
+    if name is not None:
+        names.check("sandbox", name)
     if workload_id is not None and (
         not isinstance(workload_id, str) or not LABEL_RE.match(workload_id)
     ):
@@ -92,8 +86,8 @@ def build_spec(
     if ttl_seconds > M.MAX_TTL:
         raise InvalidArgument(f"ttl is at most {M.MAX_TTL:g}s (7 days)", max=M.MAX_TTL)
     tag_map = dict(tags or {})
-    if len(tag_map) > MAX_TAGS:
-        raise InvalidArgument(f"at most {MAX_TAGS} tags")
+    if len(tag_map) > M.MAX_TAGS:
+        raise InvalidArgument(f"at most {M.MAX_TAGS} tags")
     for k, v in tag_map.items():
         if not isinstance(k, str) or not LABEL_RE.match(k):
             raise InvalidArgument(f"invalid tag name {k!r}")
@@ -190,8 +184,7 @@ class Sandbox:
     @classmethod
     def connect(cls, name: str) -> Sandbox:
         """Attach to an existing sandbox (e.g. one made by ``mvmctl up``)."""
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise InvalidArgument(f"invalid sandbox name {name!r}")
+        names.check("sandbox", name)
         be = mode.backend()
         return cls(be, be.connect(name))
 
@@ -226,15 +219,13 @@ class Sandbox:
             self._info = self._be.resume(self._key)
             return
         snap = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
-        if not isinstance(snap, str) or not NAME_RE.match(snap):
-            raise InvalidArgument(f"invalid snapshot id {snap!r}")
+        names.check("snapshot", snap)
         self._info = self._be.restore(self._key, snap)
 
     def snapshot(self, name: str) -> Snapshot:
         """Save memory, files and processes under ``name`` (kept after ``stop``; removed by
         ``destroy``). Snapshots may hold secrets the guest saw: delete them explicitly."""
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise InvalidArgument(f"invalid snapshot name {name!r}")
+        names.check("snapshot", name)
         s = self._be.snapshot(self._key, name)
         return Snapshot(s.name, s.name, s.sandbox, s.created, s.size, s.audit_id)
 
