@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from mvm import errors, paths
+from mvm.policy import network as N
 
 if TYPE_CHECKING:
     from mvm.api.models import CreateSandbox, SandboxShape
 
 #: The network presets mvm knows (egress owns what each one reaches).
-NETWORK_PRESETS = ("none", "registries", "dev", "unrestricted")
+NETWORK_PRESETS = N.PRESETS  # the one list (policy/network.py)
 
 #: The stable rule names a Denial can carry.
 RULES = (

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from mvm import names
 from mvm.api import models as M
 from mvm.errors import InvalidArgument
+from mvm.policy.network import PRESETS as NETWORK_PRESETS
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 #: Bounds of ``resources(...)`` (the daemon enforces its own too).
@@ -20,7 +21,7 @@ MIN_ROOTFS_MB, MAX_ROOTFS_MB = 16, 65536
 #: Most ``allow`` entries one network declaration may carry.
 MAX_ALLOW = 256
 NETWORK_MODES = ("deny", "allow")
-PRESETS = ("none", "registries", "dev", "unrestricted")
+PRESETS = NETWORK_PRESETS  # the one list (policy/network.py)
 
 
 @dataclass(frozen=True)
