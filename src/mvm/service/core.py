@@ -24,6 +24,7 @@ from mvm.errors import MvmError, SandboxNotFound, SandboxStateError
 from mvm.images.store import Image, ImageStore
 from mvm.policy.network import Policy as NetPolicy
 from mvm.secrets import SecretStore
+from mvm.service import postmortem
 from mvm.service.gate import Gate
 from mvm.service.live import Live, audit_after, reason_fields
 from mvm.state import SandboxRecord, StateDB
@@ -220,7 +221,10 @@ class Core:
         live.note(f"failed: {reason}")
         await self.forwards.remove_all(live.rec.id)
         live.forwards = []
+        postmortem.keep_log(live.logbook, live.rec)  # `logs` answers until it is removed
+        live.logbook = None
         await self.teardown(live)
+        live.logbook = postmortem.kept_book(live.rec)
         live.rec = self.db.transition(live.rec, state.FAILED, reason=reason[:2000], pid=None)
         live.audit_id = audit_after(
             "sandbox.failed", live.name, id=live.rec.id, **reason_fields(reason)

@@ -39,6 +39,8 @@ class Live:
     redactor: redact.Redactor = field(default_factory=redact.Redactor)
     #: The sandbox's egress proxy (None: no network).
     egress: EgressProxy | None = None
+    #: Why the guest agent counts as unresponsive (None: it answers); set by service.health.
+    unresponsive: str | None = None
 
     @property
     def name(self) -> str:
@@ -70,6 +72,7 @@ def info(live: Live) -> M.SandboxInfo:
         network=M.NetworkSpec(preset=r.network.preset, allow=list(r.network.allow)),
         workload_id=r.workload_id,
         tags=dict(r.tags),
+        unresponsive=live.unresponsive if r.state == "running" else None,
     )
 
 
