@@ -659,7 +659,7 @@ def test_killed_qemu_marks_the_sandbox_failed(ctl: Ctl, home: Path) -> None:
 
     assert wait_until(lambda: ctl.sandboxes()["par-b"]["state"] == "failed", 15), ctl.sandboxes()
     s = ctl.sandboxes()["par-b"]
-    assert "QEMU exited" in s["reason"]
+    assert "QEMU killed by signal 9 (SIGKILL)" in s["reason"]
     assert s["pid"] is None
     assert not run_dir.exists(), "the failed sandbox's run dir was not removed"
     assert "failed" in ctl.ok("ls").out
