@@ -107,8 +107,8 @@ class Sandboxes:
                 pid=rec.pid,
                 paused=rec.state == state.PAUSED,
             )
-            core.wire(live)
             live.note("mvmd reattached")
+            core.wire(live, fresh=False)  # recovers what the guest wrote meanwhile
         except (MvmError, OSError) as exc:
             await core.fail(live, f"lost while mvmd was down: {exc}")
 
