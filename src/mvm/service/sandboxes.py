@@ -323,4 +323,9 @@ class Sandboxes:
                     await asyncio.sleep(0.1)  # let the console pump catch the last lines
                     await self.core.fail(live, postmortem.exit_reason(vm))
                 elif vm.agent is not None and vm.agent.failure is not None:
-                    await self.core.fail(live, f"agent connection lost: {vm.agent.failure}")
+                    failure = vm.agent.failure
+                    await asyncio.sleep(0.1)  # a dying QEMU closes its sockets before it exits
+                    if vm.alive():
+                        await self.core.fail(live, f"agent connection lost: {failure}")
+                    else:
+                        await self.core.fail(live, postmortem.exit_reason(vm))
