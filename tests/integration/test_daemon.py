@@ -659,7 +659,10 @@ def test_killed_qemu_marks_the_sandbox_failed(ctl: Ctl, home: Path) -> None:
 
     assert wait_until(lambda: ctl.sandboxes()["par-b"]["state"] == "failed", 15), ctl.sandboxes()
     s = ctl.sandboxes()["par-b"]
-    assert "QEMU killed by signal 9 (SIGKILL)" in s["reason"]
+    # par-b's QEMU is our child, or (after the kill -9 of mvmd above) an adopted one
+    assert s["reason"].startswith("QEMU killed by signal 9 (SIGKILL)") or (
+        f"QEMU (pid {pid}, adopted after an mvmd restart) vanished" in s["reason"]
+    ), s
     assert s["pid"] is None
     assert not run_dir.exists(), "the failed sandbox's run dir was not removed"
     assert "failed" in ctl.ok("ls").out
