@@ -36,6 +36,8 @@ COMPACT_AT = 64 * 1024
 #: At most this much is recovered per stream per catch-up (the guest ring holds 1 MiB).
 RECOVER_MAX = 2 * 1024 * 1024
 STREAMS = ("stdout", "stderr")
+#: Bound on the processes a catch-up is asked to look at beyond the known ones.
+MAX_WANTED = 1024
 
 
 class Rec(msgspec.Struct, omit_defaults=True):
@@ -60,6 +62,8 @@ class ProcLog:
             self._load()
         self._size = path.stat().st_size if path.exists() else 0
         self.catching_up: asyncio.Task[None] | None = None
+        #: Processes an event named while their bytes/exit were deferred to a catch-up.
+        self.wanted: set[int] = set()
         self.again = False
 
     def _load(self) -> None:
@@ -131,6 +135,11 @@ def install(core: Core, live: Live, *, fresh: bool) -> None:
     for p in plog.started:  # only these get exit records (the guest cannot invent others)
         live.procs.setdefault(p, plog.exited.get(p))
 
+    def want(proc: int) -> None:
+        if len(plog.wanted) < MAX_WANTED:  # a guest naming endless processes is ignored
+            plog.wanted.add(proc)
+        schedule(core, live)
+
     def on_event(frame: P.Frame) -> None:
         h = frame.header
         proc, kind = h.get("proc"), h.get("kind")
@@ -142,7 +151,7 @@ def install(core: Core, live: Live, *, fresh: bool) -> None:
                 return
             have = plog.end(proc, stream)
             if offset > have:  # bytes mvmd never saw: read them from the ring first
-                schedule(core, live)
+                want(proc)
                 return
             data = frame.payload[have - offset :]
             if data:
@@ -150,7 +159,7 @@ def install(core: Core, live: Live, *, fresh: bool) -> None:
                 plog.advance(proc, stream, offset + len(frame.payload))
         elif kind == "proc.exit":
             if plog.catching_up is not None:
-                schedule(core, live)  # the catch-up logs the exit after the output
+                want(proc)  # the catch-up logs the exit after the output
             else:
                 log_exit(core, live, proc, h.get("exit_code"), h.get("signal"))
 
@@ -201,7 +210,8 @@ async def catch_up(core: Core, live: Live) -> None:
         return
     agent = vm.agent
     procs = {p.proc: p for p in await agent.proc_list()}
-    known = plog.started | {p for p, _ in plog.ends}
+    known = plog.started | {p for p, _ in plog.ends} | plog.wanted
+    plog.wanted = set()
     for num in sorted(known & set(procs)):
         info = procs[num]
         for stream in STREAMS:
