@@ -197,6 +197,8 @@ class AgentClient:
         self._failure: BaseException | None = None
         self._task = asyncio.create_task(self._read_loop())
         self.dropped_frames = 0
+        #: time.monotonic() when the guest last sent anything (mvmd's health check).
+        self.last_heard = time.monotonic()
         self.info: dict[str, Any] = {}
         #: Per-sandbox limits of the guest's command cgroups, sent with every hello
         #: (``{"pids_max": n, "memory_pct": p}``, see ``set_limits``); None: the defaults.
@@ -239,6 +241,7 @@ class AgentClient:
                     raise VMDied(f"the guest agent connection failed: {exc}") from None
                 if not data:
                     raise VMDied("the guest agent connection closed (the VM stopped or crashed)")
+                self.last_heard = time.monotonic()
                 try:
                     frames = self._decoder.feed(data)
                 except P.FrameError as exc:

@@ -147,6 +147,8 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     audit_id: str | None = None
     #: What a call could not do and why (e.g. a forward not restored with a snapshot).
     warnings: list[str] = []
+    #: Set while a running sandbox's agent does not answer mvmd's health pings: why.
+    unresponsive: str | None = None
 
 
 class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

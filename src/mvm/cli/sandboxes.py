@@ -178,6 +178,8 @@ def ls(as_json: bool) -> None:
         table.add_column(col)
     for s in items:
         state = s.state + (f" ({s.reason[:40]})" if s.reason else "")
+        if s.unresponsive:
+            state = f"{s.state}, unresponsive ({s.unresponsive[:40]})"
         table.add_row(
             s.name,
             s.id,

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mvm import names, redact, state
-from mvm.agent import protocol as P
 from mvm.agent.client import AgentClient
 from mvm.daemon.egress import EgressProxy, Verdict, policy_for
 from mvm.daemon.forwards import Forwards
@@ -24,6 +23,7 @@ from mvm.errors import MvmError, SandboxNotFound, SandboxStateError
 from mvm.images.store import Image, ImageStore
 from mvm.policy.network import Policy as NetPolicy
 from mvm.secrets import SecretStore
+from mvm.service import postmortem, proclog
 from mvm.service.gate import Gate
 from mvm.service.live import Live, audit_after, reason_fields
 from mvm.state import SandboxRecord, StateDB
@@ -159,24 +159,15 @@ class Core:
             await live.egress.close()
             live.egress = None
 
-    def wire(self, live: Live) -> None:
-        """Route console output and guest events into the sandbox's log."""
+    def wire(self, live: Live, *, fresh: bool = True) -> None:
+        """Route console output and guest events into the sandbox's log (``fresh``: a new
+        guest; else one an earlier mvmd served, whose missed process output is recovered)."""
         vm, book = live.vm, live.logbook
         if vm is None or book is None:
             return
         book.redactor = live.redactor
         vm.console(lambda data: book.add("console", data))
-        if vm.agent is not None:
-
-            def on_event(frame: P.Frame) -> None:
-                h = frame.header
-                if h.get("kind") == "proc.output" and h.get("stream") in ("stdout", "stderr"):
-                    book.add(f"proc:{h.get('proc')}:{h.get('stream')}", frame.payload)
-                elif h.get("kind") == "proc.exit":
-                    book.note(f"proc {h.get('proc')} exited with {h.get('exit_code')}")
-                    self.proc_exited(live, h.get("proc"), h.get("exit_code"), h.get("signal"))
-
-            vm.agent.on_event = on_event
+        proclog.install(self, live, fresh=fresh)
 
     def proc_exited(self, live: Live, proc: object, exit_code: object, sig: object) -> str | None:
         """Record the exit of a process the service started, once (the guest's word is not
@@ -220,7 +211,10 @@ class Core:
         live.note(f"failed: {reason}")
         await self.forwards.remove_all(live.rec.id)
         live.forwards = []
+        postmortem.keep_log(live.logbook, live.rec)  # `logs` answers until it is removed
+        live.logbook = None
         await self.teardown(live)
+        live.logbook = postmortem.kept_book(live.rec)
         live.rec = self.db.transition(live.rec, state.FAILED, reason=reason[:2000], pid=None)
         live.audit_id = audit_after(
             "sandbox.failed", live.name, id=live.rec.id, **reason_fields(reason)

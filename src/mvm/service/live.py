@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mvm import audit, redact
 from mvm.api import models as M
@@ -15,6 +15,9 @@ from mvm.daemon.logbook import LogBook
 from mvm.errors import MvmError
 from mvm.state import SandboxRecord
 from mvm.vm import MicroVM
+
+if TYPE_CHECKING:
+    from mvm.service.proclog import ProcLog
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ class Live:
     redactor: redact.Redactor = field(default_factory=redact.Redactor)
     #: The sandbox's egress proxy (None: no network).
     egress: EgressProxy | None = None
+    #: Why the guest agent counts as unresponsive (None: it answers); set by service.health.
+    unresponsive: str | None = None
+    #: What of each background process's output is in the log (service.proclog).
+    proclog: ProcLog | None = None
 
     @property
     def name(self) -> str:
@@ -70,6 +77,7 @@ def info(live: Live) -> M.SandboxInfo:
         network=M.NetworkSpec(preset=r.network.preset, allow=list(r.network.allow)),
         workload_id=r.workload_id,
         tags=dict(r.tags),
+        unresponsive=live.unresponsive if r.state == "running" else None,
     )
 
 

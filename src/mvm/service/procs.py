@@ -39,6 +39,8 @@ class Procs:
         )
         view = _view(p)
         live.procs[view.proc] = None
+        if live.proclog is not None:
+            live.proclog.start(view.proc)
         view.audit_id = audit_after(
             "proc.started",
             live.name,

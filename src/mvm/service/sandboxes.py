@@ -33,11 +33,14 @@ from mvm.errors import (
     VMError,
 )
 from mvm.policy import admission
+from mvm.service import postmortem
 from mvm.service.core import Core, spec_for
+from mvm.service.health import Health
 from mvm.service.live import ACTOR, Live, audit_after, info, reason_fields
 from mvm.service.ports import Ports
 from mvm.state import SandboxRecord
 from mvm.vm import MicroVM, new_id
+from mvm.vmm.qemu import is_qemu_for
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class Sandboxes:
         self.core = core
         self.ports = ports
         self._reaper: asyncio.Task[None] | None = None
+        self._health: asyncio.Task[None] | None = None
         #: Set once every recorded sandbox is reattached (or failed).
         self.ready = asyncio.Event()
 
@@ -62,14 +66,16 @@ class Sandboxes:
         for live in list(self.core.live.values()):
             await self.ports.restore(live)
         self._reaper = asyncio.create_task(self._reap_forever())
+        self._health = asyncio.create_task(Health(self.core).run_forever())
         self.ready.set()
 
     async def close(self) -> None:
         """Stop serving (sandboxes keep running; a new mvmd reattaches)."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reaper
+        for task in (self._reaper, self._health):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         await self.core.detach_all()
 
     async def _reattach(self, rec: SandboxRecord) -> None:
@@ -79,8 +85,16 @@ class Sandboxes:
         if rec.state not in (state.RUNNING, state.PAUSED) or rec.pid is None:
             if rec.state in state.LIVE_STATES:  # died half-way through a transition
                 await core.fail(live, f"mvmd stopped while the sandbox was {rec.state}")
+            live.logbook = postmortem.kept_book(rec)
             return
         live.logbook = LogBook(Path(rec.run_dir) / "events.jsonl")
+        if not is_qemu_for(rec.pid, Path(rec.run_dir)):
+            await core.fail(
+                live,
+                f"QEMU (pid {rec.pid}) vanished while mvmd was down; "
+                "its exit status went to the mvmd that started it",
+            )
+            return
         with contextlib.suppress(MvmError):  # a removed secret: nothing left to redact
             core.resolve_secrets(live, rec.secret_env)
         try:
@@ -94,8 +108,8 @@ class Sandboxes:
                 pid=rec.pid,
                 paused=rec.state == state.PAUSED,
             )
-            core.wire(live)
             live.note("mvmd reattached")
+            core.wire(live, fresh=False)  # recovers what the guest wrote meanwhile
         except (MvmError, OSError) as exc:
             await core.fail(live, f"lost while mvmd was down: {exc}")
 
@@ -226,6 +240,7 @@ class Sandboxes:
             live.rec = core.db.transition(live.rec, state.STOPPED)
             core.db.delete(live.rec.id)
             core.live.pop(live.name, None)
+            postmortem.discard(live.rec)
             live.audit_id = audit_after(
                 "sandbox.stopped",
                 live.name,
@@ -305,10 +320,14 @@ class Sandboxes:
                     await self.down(rec.name, reason="ttl")
                 continue
             if rec.state in (state.RUNNING, state.PAUSED) and live.vm is not None:
-                if not live.lock.locked() and not live.vm.alive():
+                vm = live.vm
+                if not live.lock.locked() and not vm.alive():
                     await asyncio.sleep(0.1)  # let the console pump catch the last lines
-                    await self.core.fail(
-                        live, f"QEMU exited: {live.vm.failure() if live.vm else '?'}"
-                    )
-                elif live.vm.agent is not None and live.vm.agent.failure is not None:
-                    await self.core.fail(live, f"agent connection lost: {live.vm.agent.failure}")
+                    await self.core.fail(live, postmortem.exit_reason(vm))
+                elif vm.agent is not None and vm.agent.failure is not None:
+                    failure = vm.agent.failure
+                    await asyncio.sleep(0.1)  # a dying QEMU closes its sockets before it exits
+                    if vm.alive():
+                        await self.core.fail(live, f"agent connection lost: {failure}")
+                    else:
+                        await self.core.fail(live, postmortem.exit_reason(vm))
