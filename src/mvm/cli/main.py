@@ -26,6 +26,7 @@ from mvm.api.models import NetworkSpec
 from mvm.cli.audit import COMMANDS as AUDIT_COMMANDS
 from mvm.cli.audit import write_run_receipt
 from mvm.cli.common import fail_on_errors, network_options, parse_env, split_env
+from mvm.cli.fork import fork_command
 from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
@@ -254,6 +255,7 @@ def run(
 for _command in [*COMMANDS, *AUDIT_COMMANDS, *SECRET_COMMANDS, *PORT_COMMANDS]:
     cli.add_command(_command)
 cli.add_command(compile_command)
+cli.add_command(fork_command)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from mvm.images.store import ImageStore
 from mvm.service.core import Core
 from mvm.service.execs import Execs
 from mvm.service.files import Files
+from mvm.service.fork import Fork
 from mvm.service.gate import Gate
 from mvm.service.live import Live, info
 from mvm.service.ports import Ports
@@ -37,6 +38,7 @@ class SandboxService:
         self.files = Files(self.core)
         self.procs = Procs(self.core)
         self.snapshots = Snapshots(self.core, self.sandboxes, self.ports)
+        self.fork = Fork(self.core, self.sandboxes, self.snapshots)
 
     @property
     def ready(self) -> asyncio.Event:
