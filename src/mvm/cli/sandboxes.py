@@ -761,6 +761,13 @@ def daemon_status(as_json: bool) -> None:
         click.echo("mvmd is not running")
     else:
         click.echo(f"mvmd {st.version} pid {st.pid}, {st.sandboxes} sandboxes, socket {st.socket}")
+        if st.pool.get("size"):
+            p = st.pool
+            click.echo(
+                f"pool: {p.get('idle', 0)} waiting VMs ({p.get('idle_mb', 0)} MiB) over "
+                f"{p.get('shapes', 0)} shapes, {p.get('size')} per shape, "
+                f"{p.get('handed_out', 0)} handed out"
+            )
     sys.exit(0 if st else 1)
 
 

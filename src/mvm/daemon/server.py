@@ -208,6 +208,7 @@ class Api:
                 started=self.started,
                 sandboxes=len(self.s.core.live),
                 socket=self.socket,
+                pool=self.s.pool.status(),
             )
         )
 

@@ -17,6 +17,7 @@ from mvm.service.files import Files
 from mvm.service.fork import Fork
 from mvm.service.gate import Gate
 from mvm.service.live import Live, info
+from mvm.service.pool import Pool
 from mvm.service.ports import Ports
 from mvm.service.procs import Procs
 from mvm.service.sandboxes import Sandboxes
@@ -29,11 +30,19 @@ class SandboxService:
     ``snapshots``; ``core`` holds what they share (live sandboxes, secrets, policy gate)."""
 
     def __init__(
-        self, db: StateDB, store: ImageStore | None = None, gate: Gate | None = None
+        self,
+        db: StateDB,
+        store: ImageStore | None = None,
+        gate: Gate | None = None,
+        *,
+        pool: bool = False,
     ) -> None:
         self.core = Core(db, store, gate)
         self.ports = Ports(self.core)
         self.sandboxes = Sandboxes(self.core, self.ports)
+        #: Waiting VMs (mvmd only: a one-shot run has no later create to serve).
+        self.pool = Pool(self.core.store, enabled=pool)
+        self.sandboxes.pool = self.pool
         self.execs = Execs(self.core)
         self.files = Files(self.core)
         self.procs = Procs(self.core)
@@ -49,6 +58,7 @@ class SandboxService:
         await self.sandboxes.start()
 
     async def close(self) -> None:
+        await self.pool.close()  # waiting VMs belong to this mvmd only
         await self.sandboxes.close()
 
 
