@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mvm import names, paths, state
+from mvm import forkvm, names, paths, state
 from mvm.api import fork as F
 from mvm.api import models as M
 from mvm.errors import InvalidArgument, MvmError, SandboxStateError, VMError
@@ -56,12 +56,14 @@ class Fork:
             async with live.lock:
                 live, _ = core.running(name)
                 assert live.vm is not None
-                t0 = time.monotonic()
-                await live.vm.save(work / "state", keep_running=True)
-                paused = time.monotonic() - t0
+                paused = await forkvm.save_live(live.vm, work / "snap")
+                vmspec = live.vm.spec
             live.note(f"forked into {', '.join(kids)} (paused {paused:.3f}s)")
+            # One copy of the snapshot's memory, mapped copy-on-write by every child.
+            await forkvm.make_image(vmspec, work / "snap", work / "img", core.store)
+            (work / "snap").unlink()
             results = await asyncio.gather(
-                *(self._child(parent, image, work / "state", kid) for kid in kids),
+                *(self._child(parent, image, work / "img", kid, cow=True) for kid in kids),
                 return_exceptions=True,
             )
         finally:
@@ -104,9 +106,12 @@ class Fork:
         )
         return info(child)
 
-    async def _child(self, shape: M.SandboxShape, image: Image, st: Path, name: str) -> Live:
-        """A new sandbox of ``shape`` loaded from saved state ``st``: its own record, run
-        directory, egress proxy and secrets; no forwards."""
+    async def _child(
+        self, shape: M.SandboxShape, image: Image, st: Path, name: str, *, cow: bool = False
+    ) -> Live:
+        """A new sandbox of ``shape`` loaded from saved state ``st`` (with ``cow``, a
+        ``forkvm.make_image`` directory): its own record, run directory, egress proxy and
+        secrets; no forwards."""
         core = self.core
         vm_id = new_id()
         now = time.time()
@@ -125,13 +130,13 @@ class Fork:
             try:
                 core.resolve_secrets(live, rec.secret_env)
                 network = await core.start_egress(live)
-                vm = await MicroVM.load(
-                    spec_for(rec, image, network),
-                    st,
-                    store=core.store,
-                    vm_id=vm_id,
-                    run_dir=Path(rec.run_dir),
-                )
+                spec = spec_for(rec, image, network)
+                if cow:
+                    vm = await forkvm.start_child(spec, st, core.store, vm_id, Path(rec.run_dir))
+                else:
+                    vm = await MicroVM.load(
+                        spec, st, store=core.store, vm_id=vm_id, run_dir=Path(rec.run_dir)
+                    )
             except BaseException as exc:
                 await self.sandboxes.forget(live)
                 audit_after("sandbox.failed", name, id=vm_id, **reason_fields(f"fork: {exc!r}"))
