@@ -30,6 +30,7 @@ from common import default_store, private_home, raise_on_sigterm
 from mvm import paths
 from mvm.client import Client
 from mvm.images.store import ImageStore
+from mvm.sdk import mode as sdk_mode
 from mvm.vm import VMSpec
 from start import bare_boot
 
@@ -57,6 +58,7 @@ def wait_pool(size: int) -> None:
 
 def variant(store: Path, pool: int, rounds: int, concurrent: int) -> dict[str, float]:
     os.environ["MVM_POOL_SIZE"] = str(pool)
+    sdk_mode._backend = None  # the SDK's live backend holds the previous home's socket
     with private_home(store, prefix="mvpl-"):
         asyncio.run(create_first_exec("warm"))  # makes the template/shape hot
         seq = []
