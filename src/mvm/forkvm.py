@@ -24,13 +24,19 @@ from mvm.vmm.qmp import Qmp
 
 #: Longest stop of the source QEMU may choose for the last pass (milliseconds).
 DOWNTIME_LIMIT_MS = 300
+#: Bytes per second the pre-copy may write (a local file: no reason to hold back).
+MAX_BANDWIDTH = 8 << 30
 
 
 async def save_live(vm: MicroVM, path: Path) -> float:
     """Write ``vm``'s whole state to ``path`` while it runs; it runs again afterwards.
     Returns the seconds its CPUs stood still."""
     async with Qmp(vm.qemu.cfg.qmp_socket) as qmp:
-        await qmp.execute("migrate-set-parameters", {"downtime-limit": DOWNTIME_LIMIT_MS})
+        await qmp.execute(
+            "migrate-set-parameters",
+            # QEMU's default bandwidth cap (32 MiB/s) would make the copy take seconds.
+            {"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH},
+        )
         # The stream make_image loads into shared RAM: without x-ignore-shared (a loader
         # refuses pages for a block it ignores, and the flag changes the stream format).
         await set_ignore_shared(qmp, False)
