@@ -11,8 +11,11 @@ device state: the snapshot's memory is copied once, not once per child.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shlex
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,12 +29,34 @@ from mvm.vmm.qmp import Qmp
 DOWNTIME_LIMIT_MS = 300
 #: Bytes per second the pre-copy may write (a local file: no reason to hold back).
 MAX_BANDWIDTH = 8 << 30
+#: How long a refused QMP connect is retried while QEMU lives.
+QMP_RETRY_SECONDS = 5.0
+
+
+@contextlib.asynccontextmanager
+async def open_qmp(socket: Path, alive: Callable[[], bool]) -> AsyncIterator[Qmp]:
+    """A QMP connection, retried briefly: QEMU binds its socket before it listens, and a
+    connect in between (a loaded host) is refused although QEMU is fine."""
+    deadline = time.monotonic() + QMP_RETRY_SECONDS
+    while True:
+        qmp = Qmp(socket)
+        try:
+            await qmp.connect()
+            break
+        except VMError:
+            if not alive() or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
+    try:
+        yield qmp
+    finally:
+        await qmp.close()
 
 
 async def save_live(vm: MicroVM, path: Path) -> float:
     """Write ``vm``'s whole state to ``path`` while it runs; it runs again afterwards.
     Returns the seconds its CPUs stood still."""
-    async with Qmp(vm.qemu.cfg.qmp_socket) as qmp:
+    async with open_qmp(vm.qemu.cfg.qmp_socket, vm.qemu.alive) as qmp:
         await qmp.execute(
             "migrate-set-parameters",
             # QEMU's default bandwidth cap (32 MiB/s) would make the copy take seconds.
@@ -81,7 +106,7 @@ async def make_image(spec: VMSpec, state: Path, dest: Path, store: ImageStore) -
 
 
 async def _load_and_save(qemu: QemuProcess, state: Path, dest: Path) -> None:
-    async with Qmp(qemu.cfg.qmp_socket) as qmp:
+    async with open_qmp(qemu.cfg.qmp_socket, qemu.alive) as qmp:
         await qmp.execute("stop")  # while incoming: do not run the guest after loading
         await qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
         try:

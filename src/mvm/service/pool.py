@@ -25,10 +25,10 @@ from pathlib import Path
 from mvm import paths, templates
 from mvm.agent.client import AgentClient
 from mvm.errors import MvmError
+from mvm.forkvm import open_qmp
 from mvm.images.store import ImageStore
 from mvm.vm import BOOT_TIMEOUT, MicroVM, VMSpec, base_config, template_key_for
 from mvm.vmm.qemu import QemuProcess
-from mvm.vmm.qmp import Qmp
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Pool:
     async def _start(self, w: Waiting) -> MicroVM:
         vm = w.vm
         try:
-            async with Qmp(vm.qemu.cfg.qmp_socket) as qmp:
+            async with open_qmp(vm.qemu.cfg.qmp_socket, vm.qemu.alive) as qmp:
                 await qmp.restore_state(w.state)
             vm.restored = True
             vm.agent = await AgentClient.connect(vm.qemu.cfg.agent_socket)
@@ -174,7 +174,7 @@ class Pool:
             # must not pair this VM's RAM mapping with another template's devices.
             state = cfg.run_dir / "template-state"
             await asyncio.to_thread(shutil.copyfile, tpl.state, state)
-            async with Qmp(cfg.qmp_socket) as qmp:
+            async with open_qmp(cfg.qmp_socket, vm.qemu.alive) as qmp:
                 await qmp.ignore_shared_memory()
         except BaseException:
             await vm.destroy()
