@@ -56,6 +56,7 @@ class SandboxService:
 
     async def start(self) -> None:
         await self.sandboxes.start()
+        self.pool.reap_orphans({live.rec.pid for live in self.core.live.values() if live.rec.pid})
 
     async def close(self) -> None:
         await self.pool.close()  # waiting VMs belong to this mvmd only

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -180,6 +181,26 @@ class Pool:
             await vm.destroy()
             raise
         return Waiting(vm, state)
+
+    def reap_orphans(self, keep: set[int]) -> int:
+        """Kill waiting VMs an earlier mvmd left (it was killed before draining): QEMUs
+        whose command line names a pool run directory, except sandboxes' (``keep``)."""
+        if self.size == 0:
+            return 0
+        marker = str(paths.run_dir() / "pl-").encode()
+        n = 0
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) in keep:
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu" in cmd.split(b"\0", 1)[0] and marker in cmd:
+                with contextlib.suppress(OSError):
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    n += 1
+        return n
 
     # -- shutdown -----------------------------------------------------------------------
     async def close(self) -> None:
