@@ -64,12 +64,16 @@ def one_round(c: Client, n: int, children: int, dirty_mb: int) -> dict[str, floa
         "fork_call": fork_call,
         "fork_all_answer": total,
         "source_pause": out.pause_seconds,
+        **{f"stage_{k}": v for k, v in out.stages.items()},
     }
 
 
 ROWS = [
     ("create_first_exec", "floor: create (template restore) + first exec"),
     ("source_pause", "source paused for the snapshot"),
+    ("stage_snapshot", "  mvmd: pre-copy snapshot of the source"),
+    ("stage_image", "  mvmd: snapshot loaded once into shared RAM"),
+    ("stage_children", "  mvmd: children restored copy-on-write, handshaken"),
     ("fork_call", "fork call (snapshot + every child restored)"),
     ("fork_all_answer", "fork until every child answered exec"),
 ]

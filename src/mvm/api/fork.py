@@ -31,6 +31,9 @@ class ForkResult(msgspec.Struct, kw_only=True):
     pause_seconds: float
     #: The whole call, snapshot to every child answering.
     seconds: float
+    #: Seconds per stage: ``snapshot`` (pre-copy save), ``image`` (loaded once into
+    #: shared RAM), ``children`` (every child restored and answering its handshake).
+    stages: dict[str, float] = {}
     children: list[SandboxInfo] = []
 
 

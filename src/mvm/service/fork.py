@@ -56,16 +56,24 @@ class Fork:
             async with live.lock:
                 live, _ = core.running(name)
                 assert live.vm is not None
+                t0 = time.monotonic()
                 paused = await forkvm.save_live(live.vm, work / "snap")
                 vmspec = live.vm.spec
             live.note(f"forked into {', '.join(kids)} (paused {paused:.3f}s)")
+            t1 = time.monotonic()
             # One copy of the snapshot's memory, mapped copy-on-write by every child.
             await forkvm.make_image(vmspec, work / "snap", work / "img", core.store)
             (work / "snap").unlink()
+            t2 = time.monotonic()
             results = await asyncio.gather(
                 *(self._child(parent, image, work / "img", kid, cow=True) for kid in kids),
                 return_exceptions=True,
             )
+            stages = {
+                "snapshot": round(t1 - t0, 4),
+                "image": round(t2 - t1, 4),
+                "children": round(time.monotonic() - t2, 4),
+            }
         finally:
             shutil.rmtree(work, ignore_errors=True)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -90,6 +98,7 @@ class Fork:
             source=parent.name,
             pause_seconds=round(paused, 4),
             seconds=round(time.monotonic() - started, 4),
+            stages=stages,
             children=[info(c) for c in children],
         )
 
