@@ -56,6 +56,14 @@ async def open_qmp(socket: Path, alive: Callable[[], bool]) -> AsyncIterator[Qmp
 async def save_live(vm: MicroVM, path: Path) -> float:
     """Write ``vm``'s whole state to ``path`` while it runs; it runs again afterwards.
     Returns the seconds its CPUs stood still."""
+    try:
+        return await _save_live(vm, path)
+    except VMError as exc:
+        state = "running" if vm.qemu.alive() else f"exited: {vm.failure()[-300:]}"
+        raise type(exc)(f"{exc} (source QEMU pid {vm.pid} {state})") from None
+
+
+async def _save_live(vm: MicroVM, path: Path) -> float:
     async with open_qmp(vm.qemu.cfg.qmp_socket, vm.qemu.alive) as qmp:
         await qmp.execute(
             "migrate-set-parameters",
