@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 MAX_SHAPES = 4
 #: The handshake of a restored template answers in well under a second; bounded anyway.
 HANDOUT_TIMEOUT = 60.0
+#: Seconds after a hand-out before its replacement starts (lets the new sandbox's first
+#: requests have the CPU).
+REFILL_DELAY = 1.0
 
 
 def pool_size() -> int:
@@ -105,7 +108,8 @@ class Pool:
             self.shapes[key] = spec
         waiting = self.idle.get(key) or []
         got = waiting.pop(0) if waiting else None  # popped: no one else can take it
-        self._refill(key)
+        # Later, not now: a QEMU starting beside the hand-out takes CPU from its first exec.
+        asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, key)
         if got is None:
             return None
         try:
@@ -134,6 +138,8 @@ class Pool:
 
     # -- refill -------------------------------------------------------------------------
     def _refill(self, key: str) -> None:
+        if self._closed:
+            return
         task = self._filling.get(key)
         if task is None or task.done():
             self._filling[key] = asyncio.create_task(self._fill(key))
