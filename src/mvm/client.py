@@ -22,6 +22,7 @@ import msgspec
 from mvm import errors, names, paths
 from mvm.agent import protocol as P
 from mvm.api import models as M
+from mvm.api.fork import ForkRequest, ForkResult, RestoreAs
 
 T = TypeVar("T")
 
@@ -439,6 +440,21 @@ class Client:
     def snapshot_remove(self, name: str, snap: str) -> None:
         self.request(
             "DELETE", f"/sandboxes/{seg('sandbox', name)}/snapshots/{seg('snapshot', snap)}"
+        )
+
+    # -- fork -------------------------------------------------------------------------
+    def fork(self, name: str, new: str, count: int = 1) -> ForkResult:
+        """Children of running sandbox ``name``: ``new`` or ``new-1`` .. ``new-N``."""
+        req = ForkRequest(name=new, count=count)
+        return self._post(f"/sandboxes/{name}/fork", ForkResult, req, timeout=600.0)
+
+    def snapshot_restore_as(self, name: str, snap: str, new: str) -> M.SandboxInfo:
+        """Snapshot ``snap`` of ``name`` started as a new sandbox ``new``."""
+        return self._post(
+            f"/sandboxes/{name}/snapshots/{snap}/restore-as",
+            M.SandboxInfo,
+            RestoreAs(name=new),
+            timeout=600.0,
         )
 
 

@@ -337,3 +337,5 @@ class DaemonStatus(msgspec.Struct, kw_only=True):
     started: float
     sandboxes: int
     socket: str
+    #: The pool of waiting VMs (``service.pool``): size, idle, idle_mb, handed_out, ...
+    pool: dict[str, int] = {}

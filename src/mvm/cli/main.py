@@ -38,6 +38,7 @@ from mvm.cli.common import (
     split_env,
 )
 from mvm.cli.desktop import COMMANDS as DESKTOP_COMMANDS
+from mvm.cli.fork import fork_command
 from mvm.cli.ports import COMMANDS as PORT_COMMANDS
 from mvm.cli.sandboxes import COMMANDS
 from mvm.cli.script import compile_command, run_mode
@@ -315,6 +316,7 @@ for _command in [
 ]:
     cli.add_command(_command)
 cli.add_command(compile_command)
+cli.add_command(fork_command)
 
 
 def main() -> None:

@@ -700,11 +700,16 @@ def snapshot_ls(name: str, as_json: bool) -> None:
 @snapshot.command(name="restore")
 @click.argument("name")
 @click.argument("snap")
+@click.option("--as", "as_name", default=None, help="Start it as a new sandbox of this name.")
 @fail_on_errors
-def snapshot_restore(name: str, snap: str) -> None:
-    """Put NAME back to SNAP (recreating the sandbox if it was removed)."""
+def snapshot_restore(name: str, snap: str, as_name: str | None) -> None:
+    """Put NAME back to SNAP (recreating the sandbox if it was removed), or with --as NEW
+    start SNAP as a new sandbox NEW and leave NAME alone."""
     with connect() as c:
-        s = c.snapshot_restore(name, snap)
+        if as_name is not None:
+            s = c.snapshot_restore_as(name, snap, as_name)
+        else:
+            s = c.snapshot_restore(name, snap)
     click.echo(f"{s.name}: restored {snap} ({s.state})")
     for w in s.warnings:
         err_console.print(f"[yellow]mvm:[/] {w}")
@@ -775,6 +780,13 @@ def daemon_status(as_json: bool) -> None:
         click.echo("mvmd is not running")
     else:
         click.echo(f"mvmd {st.version} pid {st.pid}, {st.sandboxes} sandboxes, socket {st.socket}")
+        if st.pool.get("size"):
+            p = st.pool
+            click.echo(
+                f"pool: {p.get('idle', 0)} waiting VMs ({p.get('idle_mb', 0)} MiB) over "
+                f"{p.get('shapes', 0)} shapes, {p.get('size')} per shape, "
+                f"{p.get('handed_out', 0)} handed out"
+            )
     sys.exit(0 if st else 1)
 
 

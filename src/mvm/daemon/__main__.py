@@ -30,7 +30,7 @@ async def serve() -> None:
     home = paths.home()
     sock = home / "mvmd.sock"
     db = StateDB(home / "state.db")
-    service = SandboxService(db, ImageStore(home))
+    service = SandboxService(db, ImageStore(home), pool=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

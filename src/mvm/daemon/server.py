@@ -192,6 +192,9 @@ class Api:
         r.add_post(f"{s}/snapshots", self.snapshot_save)
         r.add_post(f"{s}/snapshots/{{snap}}/restore", self.snapshot_restore)
         r.add_delete(f"{s}/snapshots/{{snap}}", self.snapshot_remove)
+        from mvm.daemon import fork_routes
+
+        fork_routes.add_routes(r, s, self.s)
         return app
 
     # -- daemon -----------------------------------------------------------------------
@@ -205,6 +208,7 @@ class Api:
                 started=self.started,
                 sandboxes=len(self.s.core.live),
                 socket=self.socket,
+                pool=self.s.pool.status(),
             )
         )
 

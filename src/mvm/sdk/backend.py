@@ -110,6 +110,12 @@ class Backend(abc.ABC):
     def snapshot(self, sb: str, name: str) -> M.SnapshotInfo: ...
     @abc.abstractmethod
     def restore(self, sb: str, snapshot: str) -> M.SandboxInfo: ...
+    def fork(self, sb: str, name: str, count: int) -> list[M.SandboxInfo]:
+        """Children of a running sandbox (only a live backend has VMs to fork)."""
+        from mvm.errors import InvalidArgument
+
+        raise InvalidArgument("fork needs a live sandbox (not available in record mode)")
+
     @abc.abstractmethod
     def stop(self, sb: str) -> None: ...
     @abc.abstractmethod

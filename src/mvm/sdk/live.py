@@ -124,6 +124,11 @@ class LiveBackend(Backend):
         self.trace("sandbox.snapshot", name=name)
         return snap
 
+    def fork(self, sb: str, name: str, count: int) -> list[M.SandboxInfo]:
+        out = self.client.fork(sb, name, count)
+        self.trace("sandbox.fork", count=count, pause_seconds=out.pause_seconds)
+        return out.children
+
     def restore(self, sb: str, snapshot: str) -> M.SandboxInfo:
         info = self.client.snapshot_restore(sb, snapshot)
         if info.state == "paused":

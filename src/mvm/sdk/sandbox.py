@@ -9,7 +9,9 @@ running (as the CLI does).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import re
+import secrets
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -229,6 +231,18 @@ class Sandbox:
         s = self._be.snapshot(self._key, name)
         return Snapshot(s.name, s.name, s.sandbox, s.created, s.size, s.audit_id)
 
+    def fork(self, count: int = 1, name: str | None = None) -> builtins.list[Sandbox]:
+        """``count`` children of this running sandbox, each with its memory, files and
+        processes as they are now and independent from then on (its own id, clock,
+        entropy and egress proxy; no port forwards). Named ``name`` (one child) or
+        ``name-1`` .. ``name-N``; by default after this sandbox."""
+        if not isinstance(count, int) or count < 1:
+            raise InvalidArgument(f"count must be a positive integer (got {count!r})")
+        if name is None:
+            name = f"{self.name[:50]}-{secrets.token_hex(3)}"
+        names.check("sandbox", name)
+        return [Sandbox(self._be, i) for i in self._be.fork(self._key, name, count)]
+
     def stop(self) -> None:
         """Stop and remove the VM (its snapshots stay: ``resume(snapshot=...)`` recreates)."""
         self._be.stop(self._key)
@@ -332,6 +346,10 @@ class AsyncSandbox:
 
     async def snapshot(self, name: str) -> Snapshot:
         return await asyncio.to_thread(self.sync.snapshot, name)
+
+    async def fork(self, count: int = 1, name: str | None = None) -> builtins.list[AsyncSandbox]:
+        kids = await asyncio.to_thread(self.sync.fork, count, name)
+        return [AsyncSandbox(k) for k in kids]
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.sync.stop)

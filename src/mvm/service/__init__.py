@@ -14,8 +14,10 @@ from mvm.images.store import ImageStore
 from mvm.service.core import Core
 from mvm.service.execs import Execs
 from mvm.service.files import Files
+from mvm.service.fork import Fork
 from mvm.service.gate import Gate
 from mvm.service.live import Live, info
+from mvm.service.pool import Pool
 from mvm.service.ports import Ports
 from mvm.service.procs import Procs
 from mvm.service.sandboxes import Sandboxes
@@ -28,15 +30,24 @@ class SandboxService:
     ``snapshots``; ``core`` holds what they share (live sandboxes, secrets, policy gate)."""
 
     def __init__(
-        self, db: StateDB, store: ImageStore | None = None, gate: Gate | None = None
+        self,
+        db: StateDB,
+        store: ImageStore | None = None,
+        gate: Gate | None = None,
+        *,
+        pool: bool = False,
     ) -> None:
         self.core = Core(db, store, gate)
         self.ports = Ports(self.core)
         self.sandboxes = Sandboxes(self.core, self.ports)
+        #: Waiting VMs (mvmd only: a one-shot run has no later create to serve).
+        self.pool = Pool(self.core.store, enabled=pool)
+        self.sandboxes.pool = self.pool
         self.execs = Execs(self.core)
         self.files = Files(self.core)
         self.procs = Procs(self.core)
         self.snapshots = Snapshots(self.core, self.sandboxes, self.ports)
+        self.fork = Fork(self.core, self.sandboxes, self.snapshots)
 
     @property
     def ready(self) -> asyncio.Event:
@@ -45,8 +56,10 @@ class SandboxService:
 
     async def start(self) -> None:
         await self.sandboxes.start()
+        self.pool.reap_orphans({live.rec.pid for live in self.core.live.values() if live.rec.pid})
 
     async def close(self) -> None:
+        await self.pool.close()  # waiting VMs belong to this mvmd only
         await self.sandboxes.close()
 
 

@@ -37,9 +37,10 @@ from mvm.service import postmortem
 from mvm.service.core import Core, spec_for
 from mvm.service.health import Health
 from mvm.service.live import ACTOR, Live, audit_after, info, reason_fields
+from mvm.service.pool import Pool
 from mvm.service.ports import Ports
 from mvm.state import SandboxRecord
-from mvm.vm import MicroVM, new_id
+from mvm.vm import MicroVM, VMSpec, new_id
 from mvm.vmm.qemu import is_qemu_for
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Sandboxes:
         self.ports = ports
         self._reaper: asyncio.Task[None] | None = None
         self._health: asyncio.Task[None] | None = None
+        #: Waiting VMs for creates (set by the service; None: every create boots).
+        self.pool: Pool | None = None
         #: Set once every recorded sandbox is reattached (or failed).
         self.ready = asyncio.Event()
 
@@ -156,7 +159,9 @@ class Sandboxes:
             try:
                 # The proxy listens before QEMU starts: the guest's first connection finds it.
                 await core.start_egress(live, netpolicy)
-                vm = await MicroVM.boot(spec, store=core.store, vm_id=vm_id)
+                vm = await self._pooled(live, spec) or await MicroVM.boot(
+                    spec, store=core.store, vm_id=vm_id
+                )
             except BaseException as exc:
                 await self.forget(live)
                 audit_after("sandbox.failed", name, id=vm_id, **reason_fields(f"boot: {exc!r}"))
@@ -193,6 +198,16 @@ class Sandboxes:
                 await self.down(name, reason="forward refused")
             raise
         return live
+
+    async def _pooled(self, live: Live, spec: VMSpec) -> MicroVM | None:
+        """A waiting VM from the pool (``service.pool``), if it has one of this shape; the
+        sandbox then lives in that VM's run directory."""
+        if self.pool is None:
+            return None
+        vm = await self.pool.take(spec, live.rec.id)
+        if vm is not None:
+            live.rec = self.core.db.update(live.rec, run_dir=str(vm.run_dir))
+        return vm
 
     async def insert(self, rec: SandboxRecord) -> Live:
         """Claim the name and record the sandbox as CREATING (one step)."""

@@ -1,0 +1,223 @@
+"""A pool of waiting VMs: per hot shape, QEMU processes already started with ``-incoming
+defer`` on the shape's boot template (RAM mapped copy-on-write, QMP ready), so a create
+only loads the template's device state, ``cont``s and shakes hands with the agent.
+
+A shape becomes hot at its first create in this mvmd (that create boots as before).
+Bounds: ``MVM_POOL_SIZE`` idle VMs per shape (default 0: off until it pays, see
+docs/design.md; e.g. 2),
+``MVM_POOL_MAX_MB`` of guest memory over all idle VMs (default 2048), at most
+``MAX_SHAPES`` shapes. A VM is popped before it is used (never handed out twice) and
+destroyed on any failure (never reused); the create then boots as if there were no
+pool. Only shapes without a network are pooled (a NIC's egress relay names the
+sandbox's own run directory). Idle VMs are killed on ``close`` (daemon stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mvm import paths, templates
+from mvm.agent.client import AgentClient
+from mvm.errors import MvmError
+from mvm.forkvm import open_qmp
+from mvm.images.store import ImageStore
+from mvm.vm import BOOT_TIMEOUT, MicroVM, VMSpec, base_config, template_key_for
+from mvm.vmm.qemu import QemuProcess
+
+log = logging.getLogger(__name__)
+
+MAX_SHAPES = 4
+#: The handshake of a restored template answers in well under a second; bounded anyway.
+HANDOUT_TIMEOUT = 60.0
+#: Seconds after a hand-out before its replacement starts (lets the new sandbox's first
+#: requests have the CPU).
+REFILL_DELAY = 1.0
+
+
+def pool_size() -> int:
+    try:
+        return max(0, int(os.environ.get("MVM_POOL_SIZE", "0")))
+    except ValueError:
+        return 0
+
+
+def pool_max_mb() -> int:
+    try:
+        return max(0, int(os.environ.get("MVM_POOL_MAX_MB", "2048")))
+    except ValueError:
+        return 0
+
+
+@dataclass
+class Waiting:
+    """A QEMU waiting for ``migrate-incoming`` of its template's state."""
+
+    vm: MicroVM
+    state: Path
+
+
+class Pool:
+    def __init__(self, store: ImageStore, *, enabled: bool = True) -> None:
+        self.store = store
+        self.size = pool_size() if enabled else 0
+        self.max_mb = pool_max_mb()
+        self.idle: dict[str, list[Waiting]] = {}
+        self.shapes: dict[str, VMSpec] = {}
+        self.handed_out = 0
+        self._filling: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
+
+    # -- accounting ---------------------------------------------------------------------
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self.idle.values())
+
+    def idle_mb(self) -> int:
+        return sum(w.vm.spec.memory_mb for v in self.idle.values() for w in v)
+
+    def status(self) -> dict[str, int]:
+        return {
+            "size": self.size,
+            "max_mb": self.max_mb,
+            "shapes": len(self.shapes),
+            "idle": self.idle_count(),
+            "idle_mb": self.idle_mb(),
+            "handed_out": self.handed_out,
+        }
+
+    def _key(self, spec: VMSpec) -> str | None:
+        if self.size == 0 or self._closed or spec.network or not templates.enabled():
+            return None
+        base = base_config(spec, self.store, paths.run_dir() / "pool")
+        return template_key_for(spec, base)
+
+    # -- hand-out -----------------------------------------------------------------------
+    async def take(self, spec: VMSpec, vm_id: str) -> MicroVM | None:
+        """A running VM of ``spec`` from the pool, named ``vm_id``; None when there is none
+        ready (the caller boots one). Marks the shape hot and refills in the background."""
+        key = self._key(spec)
+        if key is None:
+            return None
+        if key not in self.shapes and len(self.shapes) < MAX_SHAPES:
+            self.shapes[key] = spec
+        waiting = self.idle.get(key) or []
+        got = waiting.pop(0) if waiting else None  # popped: no one else can take it
+        # Later, not now: a QEMU starting beside the hand-out takes CPU from its first exec.
+        asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, key)
+        if got is None:
+            return None
+        try:
+            vm = await asyncio.wait_for(self._start(got), HANDOUT_TIMEOUT)
+        except (MvmError, OSError, TimeoutError) as exc:
+            log.warning("pooled VM %s failed at hand-out (%s); booting instead", got.vm.id, exc)
+            await got.vm.destroy()
+            return None
+        vm.id = vm_id
+        self.handed_out += 1
+        return vm
+
+    async def _start(self, w: Waiting) -> MicroVM:
+        vm = w.vm
+        try:
+            async with open_qmp(vm.qemu.cfg.qmp_socket, vm.qemu.alive) as qmp:
+                await qmp.restore_state(w.state)
+            vm.restored = True
+            vm.agent = await AgentClient.connect(vm.qemu.cfg.agent_socket)
+            await vm.agent.hello(BOOT_TIMEOUT, alive=vm.qemu.alive)
+        except BaseException:
+            await vm.destroy()
+            raise
+        vm.boot_seconds = 0.0
+        return vm
+
+    # -- refill -------------------------------------------------------------------------
+    def _refill(self, key: str) -> None:
+        if self._closed:
+            return
+        task = self._filling.get(key)
+        if task is None or task.done():
+            self._filling[key] = asyncio.create_task(self._fill(key))
+
+    def _room(self, key: str, spec: VMSpec) -> bool:
+        return (
+            not self._closed
+            and len(self.idle.get(key, [])) < self.size
+            and self.idle_mb() + spec.memory_mb <= self.max_mb
+        )
+
+    async def _fill(self, key: str) -> None:
+        spec = self.shapes.get(key)
+        if spec is None:
+            return
+        while self._room(key, spec):
+            tpl = templates.TemplateStore().get(key)
+            if tpl is None:
+                return  # the first create of the shape makes it; refilled on the next
+            try:
+                w = await self._prepare(spec, tpl)
+            except (MvmError, OSError) as exc:
+                log.warning("could not start a pooled VM: %s", exc)
+                return
+            if self._closed:
+                await w.vm.destroy()
+                return
+            self.idle.setdefault(key, []).append(w)
+
+    async def _prepare(self, spec: VMSpec, tpl: templates.Template) -> Waiting:
+        """Start QEMU on the template's RAM, waiting for its state, QMP set up."""
+        vm_id = "pl-" + secrets.token_hex(5)
+        base = base_config(spec, self.store, paths.run_dir() / vm_id)
+        cfg = replace(base, memory_file=tpl.ram, memory_shared=False, incoming=True)
+        vm = MicroVM(vm_id, spec, QemuProcess(cfg))
+        try:
+            await vm.qemu.start()
+            # Its own copy of the device state (tens of KiB): a template re-made meanwhile
+            # must not pair this VM's RAM mapping with another template's devices.
+            state = cfg.run_dir / "template-state"
+            await asyncio.to_thread(shutil.copyfile, tpl.state, state)
+            async with open_qmp(cfg.qmp_socket, vm.qemu.alive) as qmp:
+                await qmp.ignore_shared_memory()
+        except BaseException:
+            await vm.destroy()
+            raise
+        return Waiting(vm, state)
+
+    def reap_orphans(self, keep: set[int]) -> int:
+        """Kill waiting VMs an earlier mvmd left (it was killed before draining): QEMUs
+        whose command line names a pool run directory, except sandboxes' (``keep``)."""
+        if self.size == 0:
+            return 0
+        marker = str(paths.run_dir() / "pl-").encode()
+        n = 0
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) in keep:
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu" in cmd.split(b"\0", 1)[0] and marker in cmd:
+                with contextlib.suppress(OSError):
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    n += 1
+        return n
+
+    # -- shutdown -----------------------------------------------------------------------
+    async def close(self) -> None:
+        """Kill every idle VM (daemon stop); a fill in progress stops at its next step."""
+        self._closed = True
+        for task in self._filling.values():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        for waiting in self.idle.values():
+            for w in waiting:
+                await w.vm.destroy()
+        self.idle.clear()

@@ -1,0 +1,108 @@
+"""Fork on real VMs through a private mvmd: children see the parent's files and running
+processes, writes stay in the VM that made them, each child has its own id and audit
+record, forwards are not copied, and a snapshot restores under a new name.
+
+One parent and one fork into two children serve the module (every VM is a TCG VM).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.mvmd_home import Ctl, private_home, qemu_pids
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(400)]
+
+MARK = f"fork-{secrets.token_hex(6)}"
+#: The parent's background process, recognisable by its argument.
+SLEEPER = "sleep 7777"
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    with private_home("mvmf-") as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def ctl(home: Path) -> Ctl:
+    return Ctl(home)
+
+
+@pytest.fixture(scope="module")
+def forked(ctl: Ctl) -> dict[str, Any]:
+    """Parent ``par`` with a file, a running process and a forward; forked into kid-1, kid-2."""
+    ctl.ok("up", "--name", "par", "--ttl", "10m", timeout=300)
+    ctl.ok("exec", "par", "--", "sh", "-c", f"echo {MARK} > /tmp/mark")
+    ctl.ok("exec", "par", "--", "sh", "-c", f"setsid {SLEEPER} >/dev/null 2>&1 < /dev/null &")
+    out: dict[str, Any] = ctl.json("fork", "par", "kid", "--count", "2", timeout=300)
+    return out
+
+
+def records(home: Path) -> list[dict[str, Any]]:
+    log = home / "audit" / "default.jsonl"
+    return [json.loads(line) for line in log.read_bytes().splitlines()]
+
+
+def test_children_have_their_own_ids_and_run(ctl: Ctl, forked: dict[str, Any]) -> None:
+    kids = forked["children"]
+    assert [k["name"] for k in kids] == ["kid-1", "kid-2"]
+    listed = ctl.sandboxes()
+    ids = {listed[n]["id"] for n in ("par", "kid-1", "kid-2")}
+    assert len(ids) == 3
+    assert all(listed[n]["state"] == "running" for n in ("par", "kid-1", "kid-2"))
+    assert forked["source"] == "par" and forked["pause_seconds"] > 0
+
+
+def test_children_see_the_parents_file_and_process(ctl: Ctl, forked: dict[str, Any]) -> None:
+    for kid in ("kid-1", "kid-2"):
+        assert ctl.ok("exec", kid, "--", "cat", "/tmp/mark").out.strip() == MARK
+        ps = ctl.ok("exec", kid, "--", "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        assert SLEEPER in ps.out
+
+
+def test_writes_are_isolated(ctl: Ctl, forked: dict[str, Any]) -> None:
+    ctl.ok("exec", "kid-1", "--", "sh", "-c", "echo one > /tmp/mark")
+    ctl.ok("exec", "kid-2", "--", "sh", "-c", "echo two > /tmp/w2")
+    assert ctl.ok("exec", "kid-1", "--", "cat", "/tmp/mark").out.strip() == "one"
+    assert ctl.ok("exec", "kid-2", "--", "cat", "/tmp/mark").out.strip() == MARK
+    assert ctl.ok("exec", "par", "--", "cat", "/tmp/mark").out.strip() == MARK
+    for other in ("par", "kid-1"):
+        assert ctl("exec", other, "--", "test", "-e", "/tmp/w2").rc != 0
+
+
+def test_each_child_is_audited_with_its_parent(home: Path, forked: dict[str, Any]) -> None:
+    recs = [r for r in records(home) if r["event"] == "sandbox.forked"]
+    by_child = {r["sandbox"]: r for r in recs}
+    assert set(by_child) == {"kid-1", "kid-2"}
+    ids = {k["name"]: k["id"] for k in forked["children"]}
+    for kid, rec in by_child.items():
+        assert rec["data"]["parent"] == "par"
+        assert rec["data"]["id"] == ids[kid]
+    admitted = {r["sandbox"] for r in records(home) if r["event"] == "plan.admitted"}
+    assert {"kid-1", "kid-2"} <= admitted  # admission ran for each child
+
+
+def test_fork_refuses_a_taken_name_and_leaves_no_vm(
+    ctl: Ctl, home: Path, forked: dict[str, Any]
+) -> None:
+    before = len(qemu_pids(home))
+    r = ctl("fork", "par", "kid-1")
+    assert r.rc != 0 and "kid-1" in r.err
+    assert len(qemu_pids(home)) == before
+
+
+def test_snapshot_restores_under_a_new_name(ctl: Ctl, forked: dict[str, Any]) -> None:
+    ctl.ok("snapshot", "save", "kid-1", "s1", timeout=300)
+    ctl.ok("exec", "kid-1", "--", "sh", "-c", "echo later > /tmp/mark")
+    ctl.ok("snapshot", "restore", "kid-1", "s1", "--as", "again", timeout=300)
+    assert ctl.ok("exec", "again", "--", "cat", "/tmp/mark").out.strip() == "one"
+    assert ctl.ok("exec", "kid-1", "--", "cat", "/tmp/mark").out.strip() == "later"
+    listed = ctl.sandboxes()
+    assert listed["again"]["id"] != listed["kid-1"]["id"]

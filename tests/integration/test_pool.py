@@ -1,0 +1,72 @@
+"""The pool of waiting VMs on real VMs through a private mvmd: after the first create of a
+shape mvmd keeps MVM_POOL_SIZE QEMUs waiting for it, hands each out once (to distinct
+sandboxes that answer exec), refills, and kills the waiting ones on ``daemon stop``
+(sandboxes keep running). QEMU processes are counted from /proc.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.mvmd_home import Ctl, private_home, qemu_pids, wait_until
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(500)]
+
+SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    with private_home("mvmp-") as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def ctl(home: Path) -> Ctl:
+    c = Ctl(home)
+    c.env["MVM_POOL_SIZE"] = str(SIZE)  # mvmd, started by the first call, inherits it
+    return c
+
+
+def status(ctl: Ctl) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(ctl.ok("daemon", "status", "--json", timeout=30).out)
+    return out
+
+
+def test_pool_hands_out_distinct_vms_refills_and_drains(ctl: Ctl, home: Path) -> None:
+    ctl.ok("up", "--name", "p0", "--ttl", "10m", timeout=300)  # makes the shape hot
+
+    def sandbox_pids() -> set[int]:
+        return {s["pid"] for s in ctl.sandboxes().values()}
+
+    def waiting() -> set[int]:
+        return set(qemu_pids(home)) - sandbox_pids()
+
+    assert wait_until(lambda: len(waiting()) == SIZE, 180, interval=1.0), waiting()
+    pool = status(ctl)["pool"]
+    assert (pool["idle"], pool["size"], pool["handed_out"]) == (SIZE, SIZE, 0)
+    ready = waiting()
+
+    ctl.ok("up", "--name", "p1", "--ttl", "10m", timeout=300)
+    ctl.ok("up", "--name", "p2", "--ttl", "10m", timeout=300)
+    listed = ctl.sandboxes()
+    p1, p2 = listed["p1"]["pid"], listed["p2"]["pid"]
+    assert p1 != p2 and {p1, p2} <= ready  # both came from the pool, each once
+    assert listed["p1"]["id"] != listed["p2"]["id"]
+    for n in ("p1", "p2"):
+        assert ctl.ok("exec", n, "--", "sh", "-c", "echo hi-$0", n).out.strip() == f"hi-{n}"
+    ctl.ok("exec", "p1", "--", "sh", "-c", "echo mine > /tmp/x")
+    assert ctl("exec", "p2", "--", "test", "-e", "/tmp/x").rc != 0
+
+    assert wait_until(lambda: len(waiting()) == SIZE, 180, interval=1.0), waiting()
+    assert not (waiting() & ready)  # refilled with new QEMUs
+    assert status(ctl)["pool"]["handed_out"] == 2
+
+    running = sandbox_pids()
+    ctl.ok("daemon", "stop", timeout=60)
+    assert wait_until(lambda: set(qemu_pids(home)) == running, 30), (qemu_pids(home), running)
