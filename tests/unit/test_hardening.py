@@ -160,3 +160,29 @@ def test_a_gated_command_is_moved_before_it_runs(tmp_path: Path) -> None:
     with pytest.raises(A.SpawnError) as ei:
         A.spawn({"argv": [str(plain)], "user": me}, group)
     assert ei.value.exit_code == 126
+
+
+def test_check_runnable_refuses_what_execve_would(tmp_path: Path) -> None:
+    """Behind the spawn gate a shell runs the command; a file execve refuses (ENOEXEC: an
+    executable text file without #!) must still be 126, not run as a shell script."""
+    text = tmp_path / "hostname"
+    text.write_text("vm\n")
+    text.chmod(0o755)
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o755)
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    for bad in (str(text), str(fifo), str(tmp_path)):
+        with pytest.raises(A.SpawnError) as e:
+            A.check_runnable(bad, path, "/")
+        assert e.value.exit_code == 126, bad
+    with pytest.raises(A.SpawnError) as e:
+        A.check_runnable(str(tmp_path / "missing"), path, "/")
+    assert e.value.exit_code == 127
+    with pytest.raises(A.SpawnError) as e:
+        A.check_runnable("no-such-command-xyz", path, "/")
+    assert e.value.exit_code == 127
+    A.check_runnable(str(script), path, "/")  # a script
+    A.check_runnable("true", path, "/")  # an ELF binary found on PATH

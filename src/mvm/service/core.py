@@ -12,10 +12,12 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from mvm import names, redact, state
+from mvm import names, paths, redact, state
 from mvm.agent.client import AgentClient
 from mvm.daemon.egress import EgressProxy, Verdict, policy_for
 from mvm.daemon.forwards import Forwards
@@ -40,6 +42,24 @@ def spec_for(rec: SandboxRecord, image: Image, network: bool) -> VMSpec:
         memory_mb=rec.memory_mb,
         overlay_size=f"{rec.disk_mb}m",
         network=network,
+    )
+
+
+def new_record(
+    fields: dict[str, Any], *, vm_id: str, name: str, image_id: str, ttl_seconds: float
+) -> SandboxRecord:
+    """The record of a sandbox about to be made (create, recreate, fork): ``fields`` is its
+    shape (``M.shape_fields``, adjusted), the rest is what every new sandbox gets."""
+    now = time.time()
+    return SandboxRecord(
+        **fields,
+        id=vm_id,
+        name=name,
+        image_id=image_id,
+        state=state.CREATING,
+        created=now,
+        expires_at=now + ttl_seconds,
+        run_dir=str(paths.run_dir() / vm_id),
     )
 
 

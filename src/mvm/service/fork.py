@@ -23,11 +23,10 @@ from mvm.api import models as M
 from mvm.errors import InvalidArgument, MvmError, SandboxStateError, VMError
 from mvm.images.store import Image
 from mvm.policy import admission
-from mvm.service.core import Core, spec_for
+from mvm.service.core import Core, new_record, spec_for
 from mvm.service.live import Live, audit_after, info, reason_fields
 from mvm.service.sandboxes import Sandboxes
 from mvm.service.snapshots import Snapshots
-from mvm.state import SandboxRecord
 from mvm.vm import MicroVM, new_id
 
 
@@ -123,16 +122,12 @@ class Fork:
         secrets; no forwards."""
         core = self.core
         vm_id = new_id()
-        now = time.time()
-        rec = SandboxRecord(
-            **M.shape_fields(shape) | {"ports": []},  # type: ignore[arg-type]
-            id=vm_id,
+        rec = new_record(
+            M.shape_fields(shape) | {"ports": []},
+            vm_id=vm_id,
             name=name,
             image_id=image.id,
-            state=state.CREATING,
-            created=now,
-            expires_at=now + shape.ttl_seconds,
-            run_dir=str(paths.run_dir() / vm_id),
+            ttl_seconds=shape.ttl_seconds,
         )
         live = await self.sandboxes.insert(rec)
         async with live.lock:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from mvm import names, paths, state
+from mvm import names, state
 from mvm.api import models as M
 from mvm.daemon import reaping
 from mvm.daemon.egress import policy_for, proxy_env
@@ -34,7 +34,7 @@ from mvm.errors import (
 )
 from mvm.policy import admission
 from mvm.service import postmortem
-from mvm.service.core import Core, spec_for
+from mvm.service.core import Core, new_record, spec_for
 from mvm.service.health import Health
 from mvm.service.live import ACTOR, Live, audit_after, info, reason_fields
 from mvm.service.pool import Pool
@@ -136,21 +136,13 @@ class Sandboxes:
         if disk_mb < MIN_DISK_MB:
             raise InvalidArgument(f"disk must be at least {MIN_DISK_MB} MiB")
         image = await asyncio.to_thread(core.store.ensure, req.image)
-        now = time.time()
         shape = M.shape_fields(req) | {
             "image": image.name,
             "disk_mb": disk_mb,
             "env": {**image.env, **(proxy_env() if netpolicy.enabled else {}), **req.env},
         }
-        rec = SandboxRecord(
-            **shape,  # type: ignore[arg-type]
-            id=vm_id,
-            name=name,
-            image_id=image.id,
-            state=state.CREATING,
-            created=now,
-            expires_at=now + req.ttl_seconds,
-            run_dir=str(paths.run_dir() / vm_id),
+        rec = new_record(
+            shape, vm_id=vm_id, name=name, image_id=image.id, ttl_seconds=req.ttl_seconds
         )
         live = await self.insert(rec)
         core.resolve_secrets(live, req.secret_env)

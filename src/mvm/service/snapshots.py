@@ -18,11 +18,11 @@ from mvm.api import models as M
 from mvm.errors import SandboxNotFound, SnapshotExists, SnapshotNotFound
 from mvm.images.store import Image
 from mvm.policy import admission
-from mvm.service.core import Core, spec_for
+from mvm.service.core import Core, new_record, spec_for
 from mvm.service.live import Live, audit_after, info
 from mvm.service.ports import Ports
 from mvm.service.sandboxes import Sandboxes
-from mvm.state import SandboxRecord, SnapshotRecord
+from mvm.state import SnapshotRecord
 from mvm.vm import MicroVM, new_id
 
 
@@ -151,16 +151,12 @@ class Snapshots:
         core.gate.launch(srec.sandbox, admission.plan_from_shape(srec))
         image = self._image_for_snapshot(srec)
         vm_id = new_id()
-        now = time.time()
-        rec = SandboxRecord(
-            **M.shape_fields(srec),  # type: ignore[arg-type]
-            id=vm_id,
+        rec = new_record(
+            M.shape_fields(srec),
+            vm_id=vm_id,
             name=srec.sandbox,
             image_id=srec.image_id,
-            state=state.CREATING,
-            created=now,
-            expires_at=now + srec.ttl_seconds,
-            run_dir=str(paths.run_dir() / vm_id),
+            ttl_seconds=srec.ttl_seconds,
         )
         live = await self.sandboxes.insert(rec)
         async with live.lock:

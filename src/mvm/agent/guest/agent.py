@@ -322,9 +322,22 @@ def check_runnable(prog: str, path: str, cwd: str) -> None:
             raise SpawnError(127, f"command not found: {prog}")
         if os.path.isdir(full) or not os.access(full, os.X_OK):
             raise SpawnError(126, f"cannot execute: {prog}: Permission denied")
-        return
-    if shutil.which(prog, path=path) is None:
-        raise SpawnError(127, f"command not found: {prog}")
+    else:
+        found = shutil.which(prog, path=path)
+        if found is None:
+            raise SpawnError(127, f"command not found: {prog}")
+        full = found
+    # execve refuses (ENOEXEC) what is neither a script nor an ELF binary, but the gate's
+    # shell would run it as a shell script: refuse it here as execve would.
+    try:
+        if not stat.S_ISREG(os.stat(full).st_mode):  # a FIFO would block the open below
+            raise SpawnError(126, f"cannot execute: {prog}: Permission denied")
+        with open(full, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return  # unreadable but executable: let the exec itself decide
+    if not (head.startswith(b"#!") or head == b"\x7fELF"):
+        raise SpawnError(126, f"cannot execute: {prog}: Exec format error")
 
 
 def pipe_chunks(f: Any, stop: threading.Event) -> Iterator[bytes]:
