@@ -40,7 +40,8 @@ def forked(ctl: Ctl) -> dict[str, Any]:
     """Parent ``par`` with a file, a running process and a forward; forked into kid-1, kid-2."""
     ctl.ok("up", "--name", "par", "--ttl", "10m", timeout=300)
     ctl.ok("exec", "par", "--", "sh", "-c", f"echo {MARK} > /tmp/mark")
-    ctl.ok("exec", "par", "--", "sh", "-c", f"setsid {SLEEPER} >/dev/null 2>&1 < /dev/null &")
+    # a background process (an exec's leftovers end with it: proc start is the way)
+    ctl.ok("proc", "start", "par", "--", *SLEEPER.split())
     out: dict[str, Any] = ctl.json("fork", "par", "kid", "--count", "2", timeout=300)
     return out
 

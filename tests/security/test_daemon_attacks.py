@@ -377,13 +377,14 @@ def test_a_secret_given_to_one_command_is_nowhere_in_another_sandbox(ctl: Ctl, h
     ctl.ok("secret", "put", "probe-token", input=value)
     r = ctl.ok(
         "exec",
+        "--detach",  # the sleeper outlives the exec (by default its cgroup is killed)
         "-e",
         "TOKEN=secret:probe-token",
         "neighbour",
         "--",
         "sh",
         "-c",
-        'echo "got $TOKEN"; sleep 120 > /dev/null 2>&1 &',
+        'echo "got $TOKEN"; sleep 900 > /dev/null 2>&1 &',
     )
     assert value not in r.out and "[REDACTED:probe-token]" in r.out, str(r)
     script = search_everywhere(split_marker(value))
