@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import json
 import os
 import pwd
@@ -304,6 +305,27 @@ def spawn(h: dict[str, Any], group: CG.Group | None = None) -> subprocess.Popen[
             except OSError:
                 pass
     return proc
+
+
+#: ioctl RNDRESEEDCRNG (_IO('R', 0x07)): reseed the kernel's CRNG from its input pool now.
+RNDRESEEDCRNG = 0x5207
+
+
+def reseed_rng(seed_hex: str) -> None:
+    """Mix the host's seed into the kernel's input pool, then reseed the CRNG at once.
+    Clones of one template resume with the same CRNG state, and since Linux 5.18 a write
+    to /dev/urandom only reaches the CRNG at its next timed reseed (up to a minute
+    away): without the ioctl two clones read the same /dev/urandom bytes meanwhile."""
+    try:
+        data = bytes.fromhex(seed_hex)
+    except ValueError:
+        return
+    try:
+        with open("/dev/urandom", "wb", buffering=0) as f:
+            f.write(data)
+            fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
+    except OSError as exc:
+        log(f"cannot reseed the guest RNG: {exc}")
 
 
 #: The gate a command waits behind (``sh -c GATE argv0 argv...``): until the agent has
@@ -603,11 +625,7 @@ class Agent:
                 pass
         seed = h.get("seed")
         if isinstance(seed, str) and len(seed) <= 1024:
-            try:
-                with open("/dev/urandom", "wb") as f:
-                    f.write(bytes.fromhex(seed))
-            except (OSError, ValueError):
-                pass
+            reseed_rng(seed)
         session = h.get("session")
         if isinstance(session, str) and session != self.session:
             if self.session is not None:  # a new host: relays of the old one have no peer
