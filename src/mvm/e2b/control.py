@@ -33,7 +33,7 @@ def e2b_error(status: int, message: str) -> web.Response:
 
 
 def from_mvm_error(ident: Identity, exc: errors.MvmError) -> web.Response:
-    return e2b_error(exc.http_status, tenancy.unprefix_text(ident.tenant, exc.message))
+    return e2b_error(errors.http_status(exc), tenancy.unprefix_text(ident.tenant, exc.message))
 
 
 def _iso(t: float) -> str:

@@ -55,7 +55,7 @@ class RpcError(Exception):
 
 
 def rpc_error(ident: Identity, exc: errors.MvmError) -> RpcError:
-    code = _CODES.get(exc.http_status, "internal")
+    code = _CODES.get(errors.http_status(exc), "internal")
     if isinstance(exc, errors.AgentError) and exc.data.get("code") == "not_empty":
         code = "failed_precondition"
     return RpcError(code, tenancy.unprefix_text(ident.tenant, exc.message))
@@ -206,7 +206,7 @@ class Envd:
         try:
             await self._stat(ident, name, path)
         except errors.MvmError as exc:
-            if exc.http_status != 404:
+            if errors.http_status(exc) != 404:
                 raise
         else:
             raise RpcError("already_exists", f"directory {path} already exists")

@@ -126,7 +126,7 @@ class Server:
                     k: tenancy.unprefix_text(ident.tenant, v) if isinstance(v, str) else v
                     for k, v in body.data.items()
                 }
-            return json_response(body, exc.http_status)
+            return json_response(body, errors.http_status(exc))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
