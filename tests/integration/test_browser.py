@@ -166,14 +166,14 @@ def test_refused_navigation_fails_and_is_audited(sb: Any, pw: Any, home: Path) -
 
 
 def test_sdk_screenshot_is_a_png_and_only_hashed_in_audit(sb: Any, home: Path) -> None:
-    png = sb.screenshot(f"http://{SITE}/")
-    assert png.size(png) == (1280, 720)
+    shot = sb.screenshot(f"http://{SITE}/")
+    assert png.size(shot) == (1280, 720)
     import hashlib
 
-    digest = hashlib.sha256(png).hexdigest()
+    digest = hashlib.sha256(shot).hexdigest()
     finished = audit(home, "cmd.exec.finished")
     assert any(
-        r.get("stdout_sha256") == digest and r.get("stdout_bytes") == len(png) for r in finished
+        r.get("stdout_sha256") == digest and r.get("stdout_bytes") == len(shot) for r in finished
     )
     log_text = "".join(f.read_text() for f in (home / "audit").glob("*.jsonl"))
     assert "iVBORw0KGgo" not in log_text  # no base64 PNG anywhere in the audit log
