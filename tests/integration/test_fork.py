@@ -69,19 +69,25 @@ def test_children_see_the_parents_file_and_process(ctl: Ctl, forked: dict[str, A
 
 
 def test_writes_are_isolated(ctl: Ctl, forked: dict[str, Any]) -> None:
-    ctl.ok("exec", "kid-1", "--", "sh", "-c", "echo one > /tmp/mark")
+    # files of this test's own (other tests write theirs: any order works)
+    ctl.ok("exec", "kid-1", "--", "sh", "-c", "echo one > /tmp/w1")
     ctl.ok("exec", "kid-2", "--", "sh", "-c", "echo two > /tmp/w2")
-    assert ctl.ok("exec", "kid-1", "--", "cat", "/tmp/mark").out.strip() == "one"
-    assert ctl.ok("exec", "kid-2", "--", "cat", "/tmp/mark").out.strip() == MARK
-    assert ctl.ok("exec", "par", "--", "cat", "/tmp/mark").out.strip() == MARK
+    assert ctl.ok("exec", "kid-1", "--", "cat", "/tmp/w1").out.strip() == "one"
+    assert ctl.ok("exec", "kid-2", "--", "cat", "/tmp/w2").out.strip() == "two"
+    for other in ("par", "kid-2"):
+        assert ctl("exec", other, "--", "test", "-e", "/tmp/w1").rc != 0
     for other in ("par", "kid-1"):
         assert ctl("exec", other, "--", "test", "-e", "/tmp/w2").rc != 0
 
 
 def test_each_child_is_audited_with_its_parent(home: Path, forked: dict[str, Any]) -> None:
-    recs = [r for r in records(home) if r["event"] == "sandbox.forked"]
+    recs = [
+        r
+        for r in records(home)
+        if r["event"] == "sandbox.forked" and r["sandbox"] in ("kid-1", "kid-2")
+    ]
     by_child = {r["sandbox"]: r for r in recs}
-    assert set(by_child) == {"kid-1", "kid-2"}
+    assert set(by_child) == {"kid-1", "kid-2"} and len(recs) == 2
     ids = {k["name"]: k["id"] for k in forked["children"]}
     for kid, rec in by_child.items():
         assert rec["data"]["parent"] == "par"
@@ -100,10 +106,11 @@ def test_fork_refuses_a_taken_name_and_leaves_no_vm(
 
 
 def test_snapshot_restores_under_a_new_name(ctl: Ctl, forked: dict[str, Any]) -> None:
+    ctl.ok("exec", "kid-1", "--", "sh", "-c", "echo before > /tmp/snap")
     ctl.ok("snapshot", "save", "kid-1", "s1", timeout=300)
-    ctl.ok("exec", "kid-1", "--", "sh", "-c", "echo later > /tmp/mark")
+    ctl.ok("exec", "kid-1", "--", "sh", "-c", "echo later > /tmp/snap")
     ctl.ok("snapshot", "restore", "kid-1", "s1", "--as", "again", timeout=300)
-    assert ctl.ok("exec", "again", "--", "cat", "/tmp/mark").out.strip() == "one"
-    assert ctl.ok("exec", "kid-1", "--", "cat", "/tmp/mark").out.strip() == "later"
+    assert ctl.ok("exec", "again", "--", "cat", "/tmp/snap").out.strip() == "before"
+    assert ctl.ok("exec", "kid-1", "--", "cat", "/tmp/snap").out.strip() == "later"
     listed = ctl.sandboxes()
     assert listed["again"]["id"] != listed["kid-1"]["id"]
