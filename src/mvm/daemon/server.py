@@ -127,6 +127,17 @@ def q_int(request: web.Request, key: str, default: int) -> int:
         raise errors.InvalidArgument(f"{key!r} must be an integer") from None
 
 
+def q_flag(request: web.Request, key: str) -> bool:
+    """A 0/1 query flag (``true``/``false`` too); anything else is a clear 400."""
+    v = request.query.get(key)
+    if v is None:
+        return False
+    flag = {"0": False, "1": True, "false": False, "true": True}.get(v.lower())
+    if flag is None:
+        raise errors.InvalidArgument(f"{key!r} must be 0 or 1")
+    return flag
+
+
 class Api:
     def __init__(
         self, service: SandboxService, socket: str, on_shutdown: Callable[[], None]
@@ -345,7 +356,7 @@ class Api:
     # -- logs -----------------------------------------------------------------------------
     async def logs(self, request: web.Request) -> web.StreamResponse:
         live = self.s.core.get(name(request))
-        follow = bool(q_int(request, "follow", 0))
+        follow = q_flag(request, "follow")
         since = request.query.get("since")
         since_f = q_float(request, "since", 0.0) if since is not None else None
         book = live.logbook
