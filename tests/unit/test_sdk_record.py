@@ -192,11 +192,16 @@ def test_decode_fails_cleanly_on_wrong_shapes(doc: dict[str, Any]) -> None:
     try:
         ir = IRm.decode(json.dumps(doc).encode())
     except InvalidArgument:
+
+        def same(key: str, want: Any) -> bool:  # True == 1 in Python, not in JSON's types
+            got = doc.get(key, want)
+            return type(got) is type(want) and got == want
+
         minimal = (
-            doc.get("format", IRm.FORMAT) == IRm.FORMAT
-            and doc.get("version", IRm.VERSION) == IRm.VERSION
-            and doc.get("sandboxes", []) == []
-            and doc.get("operations", []) == []
+            same("format", IRm.FORMAT)
+            and same("version", IRm.VERSION)
+            and same("sandboxes", [])
+            and same("operations", [])
         )
         assert not minimal, f"a valid document was refused: {doc!r}"
         return

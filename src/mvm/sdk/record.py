@@ -208,6 +208,8 @@ class Recorder(Backend):
     def run(self, sb: str, req: M.ExecRequest, check: bool = False) -> CommandResult:
         args: dict[str, Any] = msgspec.to_builtins(req)
         args.pop("stdin", None)
+        if not getattr(req, "detach", False):  # not an SDK option: IR v1 stays as it was
+            args.pop("detach", None)
         if req.stdin:
             args["stdin"] = self._blob(req.stdin)
         args["check"] = check
@@ -224,6 +226,8 @@ class Recorder(Backend):
             proc = self._procs
         args: dict[str, Any] = msgspec.to_builtins(req)
         args.pop("stdin", None)
+        if not getattr(req, "detach", False):  # not an SDK option: IR v1 stays as it was
+            args.pop("detach", None)
         if req.stdin:
             args["stdin"] = self._blob(req.stdin)
         self._op("commands.start", sb, proc=proc, **args)
