@@ -20,9 +20,7 @@ import http.server
 import json
 import os
 import secrets
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration import standin_internet
 
 # The private-mvmd fixture `home` is shared with test_daemon; tests take it as a parameter.
 from tests.integration.mvmd_home import Ctl, private_home, wait_until
@@ -56,42 +56,10 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An HTTP server at 198.51.100.2:8080 in a private network namespace."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to make a network namespace test host")
-    tag = secrets.token_hex(3)
-    ns, veth_h, veth_n = f"mvmt-{tag}", f"mvh{tag}", f"mvn{tag}"
-    r = run("ip", "netns", "add", ns)
-    if r.returncode != 0:
-        pytest.skip(f"ip netns is not possible here: {r.stderr.strip()}")
-    server: subprocess.Popen[bytes] | None = None
-    try:
-        for cmd in (
-            ["ip", "link", "add", veth_h, "type", "veth", "peer", "name", veth_n],
-            ["ip", "link", "set", veth_n, "netns", ns],
-            ["ip", "addr", "add", f"{HOST_ADDR}/24", "dev", veth_h],
-            ["ip", "link", "set", veth_h, "up"],
-            ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{NS_ADDR}/24", "dev", veth_n],
-            ["ip", "netns", "exec", ns, "ip", "link", "set", veth_n, "up"],
-            ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-        ):
-            r = run(*cmd)
-            assert r.returncode == 0, f"{cmd}: {r.stderr}"
-        root = tmp_path_factory.mktemp("www")
-        (root / "index.html").write_text(TOKEN + "\n")
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", str(PORT),
-             "--bind", NS_ADDR, "--directory", str(root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        probe = [sys.executable, "-c", f"import urllib.request as u; u.urlopen('http://{NS_ADDR}:{PORT}/', timeout=2)"]  # fmt: skip
-        assert wait_until(lambda: run(*probe).returncode == 0, 30), "test server did not start"
-        yield NS_ADDR
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait(10)
-        run("ip", "netns", "del", ns)  # removes the veth pair with it
-        run("ip", "link", "del", veth_h)
+    root = tmp_path_factory.mktemp("www")
+    (root / "index.html").write_text(TOKEN + "\n")
+    with standin_internet.serve(root, NS_ADDR, HOST_ADDR, PORT) as addr:
+        yield addr
 
 
 @pytest.fixture(scope="module")
