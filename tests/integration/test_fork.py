@@ -58,7 +58,8 @@ def test_children_have_their_own_ids_and_run(ctl: Ctl, forked: dict[str, Any]) -
     ids = {listed[n]["id"] for n in ("par", "kid-1", "kid-2")}
     assert len(ids) == 3
     assert all(listed[n]["state"] == "running" for n in ("par", "kid-1", "kid-2"))
-    assert forked["source"] == "par" and forked["pause_seconds"] > 0
+    # QEMU reports the downtime in whole milliseconds: a stop-and-copy under 1 ms is 0.
+    assert forked["source"] == "par" and 0 <= forked["pause_seconds"] < 60
 
 
 def test_children_see_the_parents_file_and_process(ctl: Ctl, forked: dict[str, Any]) -> None:
