@@ -183,35 +183,8 @@ class ImageStore:
             else:
                 digest = json.loads(meta.read_text())["sha256"]
             ensure_initramfs(kernel, self.initramfs_dir)  # fail now rather than at launch
-            ident = hashlib.sha256(
-                json.dumps(
-                    {
-                        "rootfs": digest,
-                        "kernel": kernel.version,
-                        "manifest": msgspec.to_builtins(m),
-                    },
-                    sort_keys=True,
-                ).encode()
-            ).hexdigest()
-            img = Image(
-                id=ident,
-                name=m.name,
-                aliases=list(m.aliases),
-                manifest=m,
-                kernel_dir=str(kernel.root),
-                kernel_release=kernel.release,
-                rootfs=str(rootfs),
-                rootfs_sha256=digest,
-                rootfs_bytes=rootfs.stat().st_size,
-                built_at=time.time(),
-            )
-            self.records.mkdir(parents=True, exist_ok=True)
-            data = msgspec.json.encode(img)
-            for n in [m.name, *m.aliases]:
-                tmp = self.records / f".{n}.json.tmp"
-                tmp.write_bytes(data)
-                tmp.rename(self.records / f"{n}.json")
-            rep.finish(f"{m.name}: built ({ident[:12]})")
+            img = self._record(m, kernel, rootfs, digest)
+            rep.finish(f"{m.name}: built ({img.id[:12]})")
             _audit_built(img)
             return img
 
@@ -219,11 +192,26 @@ class ImageStore:
         """Record an image whose rootfs the builder VM made (already in ``rootfs_dir``)."""
         kernel = ensure_kernel(self.kernels)
         ensure_initramfs(kernel, self.initramfs_dir)
-        doc = {"rootfs": digest, "kernel": kernel.version, "manifest": msgspec.to_builtins(m)}
-        doc["build"] = build
-        ident = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+        return self._record(m, kernel, rootfs, digest, build)
+
+    def _record(
+        self,
+        m: Manifest,
+        kernel: Kernel,
+        rootfs: Path,
+        digest: str,
+        build: dict[str, Any] | None = None,
+    ) -> Image:
+        """Write the image record under its name and aliases; its id hashes what it is made of."""
+        doc: dict[str, Any] = {
+            "rootfs": digest,
+            "kernel": kernel.version,
+            "manifest": msgspec.to_builtins(m),
+        }
+        if build is not None:
+            doc["build"] = build
         img = Image(
-            id=ident,
+            id=hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(),
             name=m.name,
             aliases=list(m.aliases),
             manifest=m,
@@ -233,7 +221,7 @@ class ImageStore:
             rootfs_sha256=digest,
             rootfs_bytes=rootfs.stat().st_size,
             built_at=time.time(),
-            build=build,
+            build=build if build is not None else {},
         )
         self.records.mkdir(parents=True, exist_ok=True)
         data = msgspec.json.encode(img)
