@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,33 @@ def test_the_sdk_refuses_exactly_what_mvmd_refuses(v: dict[str, Any]) -> None:
     except InvalidArgument:
         sdk_ok = False
     assert sdk_ok == mvmd_ok, shape
+
+
+def _ts_consts() -> dict[str, int]:
+    text = "".join((ROOT / "sdk-ts" / "src" / f).read_text() for f in ("options.ts", "sandbox.ts"))
+    return {
+        m[1]: math.prod(int(x) for x in m[2].split("*"))
+        for m in re.finditer(r"^export const (M[AI][XN]_\w+) = ([0-9 *]+);", text, re.M)
+    }
+
+
+def test_the_typescript_twin_has_the_same_shape_and_bounds() -> None:
+    """The TS SDK cannot import the shape: its copy of the fields and bounds is pinned here."""
+    ts = _ts_consts()
+    assert (ts["MAX_CPUS"], ts["MIN_MEMORY_MB"], ts["MAX_MEMORY_MB"]) == (
+        M.MAX_CPUS,
+        M.MIN_MEMORY_MB,
+        M.MAX_MEMORY_MB,
+    )
+    assert (ts["MIN_ROOTFS_MB"], ts["MAX_ROOTFS_MB"]) == (M.MIN_DISK_MB, M.MAX_DISK_MB)
+    assert (ts["MAX_TTL"], ts["MAX_TAGS"], ts["MAX_TAG_VALUE"]) == (
+        M.MAX_TTL,
+        M.MAX_TAGS,
+        M.MAX_LABEL,
+    )
+    models_ts = (ROOT / "sdk-ts" / "src" / "models.ts").read_text()
+    body = re.search(r"export interface SandboxShape \{(.*?)\n\}", models_ts, re.S)
+    assert body is not None
+    camel = re.findall(r"^\s+(\w+):", body[1], re.M)
+    snake = {re.sub(r"([A-Z])", lambda c: "_" + c[1].lower(), f) for f in camel}
+    assert snake == set(M.SandboxShape.__struct_fields__) - set(IRm.NOT_IN_V1)
