@@ -26,26 +26,11 @@ from mvm.sdk import plan as planmod
 from mvm.sdk.backend import SandboxSpec
 from mvm.sdk.record import Recorder
 from mvm.sdk.replay import Replayer
-from mvm.sdk.sandbox import Sandbox, build_spec
+from mvm.sdk.sandbox import Sandbox
+from tests.unit.test_sdk_options import spec
 
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATOR = Draft202012Validator(json.loads((ROOT / "schemas" / "ir-v1.json").read_text()))
-
-
-def spec(**kw: Any) -> SandboxSpec:
-    args: dict[str, Any] = {
-        "name": None,
-        "workload_id": None,
-        "ttl": 1800,
-        "include": (),
-        "tags": None,
-        "resources": None,
-        "network": None,
-        "env": None,
-        "base": Path.cwd(),
-    }
-    args.update(kw)
-    return build_spec("python-3.11", **args)
 
 
 def test_every_sandbox_struct_is_the_shape() -> None:
