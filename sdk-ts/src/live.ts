@@ -19,7 +19,9 @@ import {
   type ProcStart,
   type ProcView,
   type SandboxInfo,
+  type SandboxShape,
   type SandboxSpec,
+  type SnakeKeys,
   type SnapshotInfo,
 } from "./models.js";
 import { createHash } from "node:crypto";
@@ -43,7 +45,9 @@ export class LiveBackend implements Backend {
 
   // -- sandboxes ---------------------------------------------------------------------
   async create(spec: SandboxSpec): Promise<SandboxInfo> {
-    const body = {
+    // mvmd's create body (`CreateSandbox`): the shape, the name, and the included host
+    // roots as `uploads`, which mvmd checks against the policy's mount_roots before booting.
+    const body: SnakeKeys<SandboxShape> & { name: string | null; uploads: string[] } = {
       name: spec.name,
       image: spec.image,
       cpus: spec.cpus,
@@ -55,6 +59,7 @@ export class LiveBackend implements Backend {
       network: spec.network,
       workload_id: spec.workloadId,
       tags: spec.tags,
+      uploads: spec.mounts,
     };
     const info = toSandboxInfo(await this.t.json("POST", route("sandboxes"), { json: body, timeout: 600 }));
     try {

@@ -196,19 +196,33 @@ export function toSnapshotInfo(v: unknown): SnapshotInfo {
   };
 }
 
-/** What `Sandbox.create` asks for, validated (the IR's sandbox declaration, in camelCase). */
-export interface SandboxSpec {
+/**
+ * The sandbox shape (`SandboxShape` in `src/mvm/api/models.py`), in camelCase: the fields
+ * the SDK sets (mvmd's `ports` and `kind` keep their defaults). The IR's declaration is
+ * this shape in snake_case (`record.ts`), mvmd's create body too (`live.ts`).
+ */
+export interface SandboxShape {
   image: string;
-  name: string | null;
   cpus: number;
   memoryMb: number;
   diskMb: number | null;
   ttlSeconds: number;
-  network: NetworkSpec;
   env: Record<string, string>;
   secretEnv: Record<string, string>;
-  tags: Record<string, string>;
+  network: NetworkSpec;
   workloadId: string | null;
+  tags: Record<string, string>;
+}
+
+/** `SandboxShape` with its keys as they are on the wire (`memoryMb` -> `memory_mb`). */
+export type SnakeKeys<T> = { [K in keyof T as SnakeCase<K & string>]: T[K] };
+type SnakeCase<S extends string> = S extends `${infer H}${infer T}`
+  ? `${H extends Uppercase<H> ? (H extends Lowercase<H> ? H : `_${Lowercase<H>}`) : H}${SnakeCase<T>}`
+  : S;
+
+/** What `Sandbox.create` asks for, validated: the shape plus the name and the files to copy in. */
+export interface SandboxSpec extends SandboxShape {
+  name: string | null;
   includes: IncludeFile[];
   /** Host directories the includes come from (plan mode's admission checks them). */
   mounts: string[];

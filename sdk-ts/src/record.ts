@@ -11,19 +11,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { CommandResult, note, recordedBytes, type Backend } from "./backend.js";
 import { ImageNotFound, InvalidArgument, SandboxNotFound } from "./errors.js";
-import type {
-  ExecRequest,
-  FileEntry,
-  FileStat,
-  ForwardInfo,
-  LogEvent,
-  PortSpec,
-  ProcStart,
-  ProcView,
-  SandboxInfo,
-  SandboxSpec,
-  SnapshotInfo,
-} from "./models.js";
+import type * as M from "./models.js";
 import { SDK_VERSION } from "./version.js";
 
 /** Most bytes a recording may store (file writes, stdin, includes), summed. */
@@ -36,23 +24,14 @@ interface Blob {
   size: number;
 }
 
-interface SandboxDecl {
+/** A sandbox declaration of IR v1: the sandbox shape, as on the wire, plus its own facts. */
+type SandboxDecl = M.SnakeKeys<M.SandboxShape> & {
   ref: string;
   name: string | null;
-  image: string;
-  workload_id: string | null;
-  ttl_seconds: number;
-  cpus: number;
-  memory_mb: number;
-  disk_mb: number | null;
-  network: { preset: string; allow: string[] };
-  env: Record<string, string>;
-  secret_env: Record<string, string>;
-  tags: Record<string, string>;
   includes: { path: string; sha256: string; size: number; mode: number }[];
   include_root: string | null;
   mounts: string[];
-}
+};
 
 interface Operation {
   seq: number;
@@ -150,7 +129,7 @@ export class Recorder implements Backend {
     return dest;
   }
 
-  private infoOf(sb: string, state = "running"): SandboxInfo {
+  private infoOf(sb: string, state = "running"): M.SandboxInfo {
     const ref = this.ref(sb);
     const d = this.decls.get(ref);
     const now = Date.now() / 1000;
@@ -177,11 +156,11 @@ export class Recorder implements Backend {
   }
 
   // -- sandboxes ---------------------------------------------------------------------
-  async create(spec: SandboxSpec): Promise<SandboxInfo> {
+  async create(spec: M.SandboxSpec): Promise<M.SandboxInfo> {
     return this.createSync(spec);
   }
 
-  createSync(spec: SandboxSpec): SandboxInfo {
+  createSync(spec: M.SandboxSpec): M.SandboxInfo {
     const known = knownImages();
     if (known !== null && !known.includes(spec.image)) throw imageNotFound(spec.image, known);
     const includes = spec.includes.map((inc) => {
@@ -216,42 +195,42 @@ export class Recorder implements Backend {
     return this.infoOf(name);
   }
 
-  async connect(name: string): Promise<SandboxInfo> {
+  async connect(name: string): Promise<M.SandboxInfo> {
     if (!this.refs.has(name)) this.refs.set(name, `sb${this.nref++}`);
     this.op("sandbox.connect", name, { ref: this.ref(name), name });
     return this.infoOf(name);
   }
 
-  async listSandboxes(): Promise<SandboxInfo[]> {
+  async listSandboxes(): Promise<M.SandboxInfo[]> {
     this.op("sandbox.list", null);
     return [];
   }
 
-  async info(sb: string): Promise<SandboxInfo> {
+  async info(sb: string): Promise<M.SandboxInfo> {
     return this.infoOf(sb);
   }
 
-  async setTtl(sb: string, ttlSeconds: number): Promise<SandboxInfo> {
+  async setTtl(sb: string, ttlSeconds: number): Promise<M.SandboxInfo> {
     this.op("sandbox.set_ttl", sb, { ttl_seconds: ttlSeconds });
     return this.infoOf(sb);
   }
 
-  async pause(sb: string): Promise<SandboxInfo> {
+  async pause(sb: string): Promise<M.SandboxInfo> {
     this.op("sandbox.pause", sb);
     return this.infoOf(sb, "paused");
   }
 
-  async resume(sb: string): Promise<SandboxInfo> {
+  async resume(sb: string): Promise<M.SandboxInfo> {
     this.op("sandbox.resume", sb);
     return this.infoOf(sb);
   }
 
-  async snapshot(sb: string, name: string): Promise<SnapshotInfo> {
+  async snapshot(sb: string, name: string): Promise<M.SnapshotInfo> {
     this.op("sandbox.snapshot", sb, { name });
     return { sandbox: sb, name, created: Date.now() / 1000, size: 0, image: this.infoOf(sb).image, auditId: null };
   }
 
-  async restore(sb: string, snapshot: string): Promise<SandboxInfo> {
+  async restore(sb: string, snapshot: string): Promise<M.SandboxInfo> {
     this.op("sandbox.restore", sb, { snapshot });
     return this.infoOf(sb);
   }
@@ -269,7 +248,7 @@ export class Recorder implements Backend {
   }
 
   // -- commands ----------------------------------------------------------------------
-  async run(sb: string, req: ExecRequest, check: boolean): Promise<CommandResult> {
+  async run(sb: string, req: M.ExecRequest, check: boolean): Promise<CommandResult> {
     const args: Record<string, unknown> = {
       argv: req.argv,
       env: req.env,
@@ -289,7 +268,7 @@ export class Recorder implements Backend {
     });
   }
 
-  async start(sb: string, req: ProcStart): Promise<ProcView> {
+  async start(sb: string, req: M.ProcStart): Promise<M.ProcView> {
     const proc = ++this.procs;
     const args: Record<string, unknown> = {
       proc,
@@ -305,12 +284,12 @@ export class Recorder implements Backend {
     return view(proc, req.argv, true, null, null);
   }
 
-  async procWait(sb: string, proc: number, timeout: number): Promise<ProcView> {
+  async procWait(sb: string, proc: number, timeout: number): Promise<M.ProcView> {
     this.op("proc.wait", sb, { proc, timeout });
     return view(proc, [], false, 0, null);
   }
 
-  async procSignal(sb: string, proc: number, signal: number): Promise<ProcView> {
+  async procSignal(sb: string, proc: number, signal: number): Promise<M.ProcView> {
     this.op("proc.signal", sb, { proc, signal });
     return view(proc, [], false, null, signal);
   }
@@ -334,12 +313,12 @@ export class Recorder implements Backend {
     return recordedBytes(`the contents of ${p}`);
   }
 
-  async listDir(sb: string, p: string): Promise<FileEntry[]> {
+  async listDir(sb: string, p: string): Promise<M.FileEntry[]> {
     this.op("files.list", sb, { path: p });
     return [];
   }
 
-  async stat(sb: string, p: string): Promise<FileStat> {
+  async stat(sb: string, p: string): Promise<M.FileStat> {
     this.op("files.stat", sb, { path: p });
     return { type: "file", size: 0, mode: 0o644, mtime: Date.now() / 1000, uid: 0, gid: 0, auditId: null };
   }
@@ -357,12 +336,12 @@ export class Recorder implements Backend {
   }
 
   // -- logs and ports ----------------------------------------------------------------
-  logs(sb: string, follow: boolean, since: number | null): AsyncIterable<LogEvent> {
+  logs(sb: string, follow: boolean, since: number | null): AsyncIterable<M.LogEvent> {
     this.op("logs", sb, { follow, since });
     return (async function* () {})();
   }
 
-  async forward(sb: string, spec: PortSpec): Promise<ForwardInfo> {
+  async forward(sb: string, spec: M.PortSpec): Promise<M.ForwardInfo> {
     const id = `recorded-fwd${++this.forwards}`;
     this.op("ports.forward", sb, {
       id,
@@ -379,7 +358,7 @@ export class Recorder implements Backend {
   }
 }
 
-function view(proc: number, argv: string[], running: boolean, exitCode: number | null, signal: number | null): ProcView {
+function view(proc: number, argv: string[], running: boolean, exitCode: number | null, signal: number | null): M.ProcView {
   const now = Date.now() / 1000;
   return {
     proc,

@@ -20,7 +20,7 @@ import * as fs from "node:fs";
 
 export const DEFAULT_TTL = "30m";
 export const MAX_TTL = 7 * 24 * 3600;
-export const MAX_TAGS = 64;
+export const MAX_TAGS = 32; // as mvmd (`MAX_TAGS` in src/mvm/api/models.py)
 export const MAX_TAG_VALUE = 256;
 
 /** A saved sandbox state; pass it (or its `id`) to `resume({ snapshot })`. */

@@ -24,6 +24,9 @@ import {
 } from "../src/index.js";
 import { HOME, IMAGE, SECRET_VALUE } from "./helpers.js";
 import * as path from "node:path";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import { buildSpec } from "../src/sandbox.js";
 
 let sb: Sandbox;
 const NAME = "ts-shared";
@@ -216,6 +219,21 @@ function get(url: string): Promise<string> {
     req.on("error", reject);
   });
 }
+
+test("included host files are declared as uploads: mvmd holds them to mount_roots", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "mvts-inc-"));
+  fs.writeFileSync(path.join(dir, "data.txt"), "x");
+  const policy = path.join(HOME, "policy.toml");
+  fs.writeFileSync(policy, 'mount_roots = ["/nonexistent-root"]\n');
+  try {
+    const spec = buildSpec(IMAGE, { name: "ts-inc", include: ["data.txt"] }, dir);
+    const err = await rejects(new LiveBackend().create(spec), PolicyDenied);
+    assert.ok(err.message.includes("[mounts]"), err.message);
+  } finally {
+    fs.rmSync(policy, { force: true });
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
 
 test("ports.forward reaches a guest server; wildcard is refused", async () => {
   await sb.files.write("/work/www/index.html", "served by the guest");

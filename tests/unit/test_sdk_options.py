@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -12,13 +13,15 @@ from hypothesis import strategies as st
 import mvm
 from mvm.errors import InvalidArgument, PolicyDenied
 from mvm.sdk import include as inc
+from mvm.sdk.backend import SandboxSpec
 from mvm.sdk.options import split_env
 from mvm.sdk.ports import check_spec, is_wildcard
 from mvm.sdk.sandbox import build_spec
 
 
-def spec(**kw: object) -> object:
-    args: dict[str, object] = {
+def spec(**kw: Any) -> SandboxSpec:
+    """``build_spec`` with neutral defaults (``kw`` overrides)."""
+    args: dict[str, Any] = {
         "name": None,
         "workload_id": None,
         "ttl": "30m",
@@ -30,12 +33,12 @@ def spec(**kw: object) -> object:
         "base": Path.cwd(),
     }
     args.update(kw)
-    return build_spec("python-3.11", **args)  # type: ignore[arg-type]
+    return build_spec("python-3.11", **args)
 
 
 def test_resources_map_to_the_request_and_reject_out_of_bounds() -> None:
     s = spec(resources=mvm.resources(cpu_cores=2, memory_mb=1024, rootfs_size_mb=2048))
-    assert (s.cpus, s.memory_mb, s.disk_mb) == (2, 1024, 2048)  # type: ignore[attr-defined]
+    assert (s.cpus, s.memory_mb, s.disk_mb) == (2, 1024, 2048)
     for bad in ({"cpu_cores": 0}, {"memory_mb": 64}, {"rootfs_size_mb": 1}, {"cpu_cores": True}):
         with pytest.raises(InvalidArgument):
             mvm.resources(**bad)  # type: ignore[arg-type]
@@ -79,8 +82,8 @@ def test_invalid_ttls_fail_at_the_call(ttl: object) -> None:
 
 
 def test_durations_and_labels() -> None:
-    assert spec(ttl="1h30m").ttl_seconds == 5400  # type: ignore[attr-defined]
-    assert spec(ttl=90).ttl_seconds == 90  # type: ignore[attr-defined]
+    assert spec(ttl="1h30m").ttl_seconds == 5400
+    assert spec(ttl=90).ttl_seconds == 90
     for kw in ({"name": "Bad Name"}, {"tags": {"": "x"}}, {"workload_id": "a b"}):
         with pytest.raises(InvalidArgument):
             spec(**kw)

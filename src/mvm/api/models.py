@@ -8,6 +8,7 @@ line, bytes base64-encoded in ``data``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable, Iterable
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -27,6 +28,20 @@ MAX_TTL = 7 * 24 * 3600.0
 #: Bounds on the caller's labels (workload_id, tags): one value for the SDK and mvmd.
 MAX_TAGS = 32
 MAX_LABEL = 256
+#: A sandbox's defaults and bounds when nothing else is said (policy may narrow them).
+DEFAULT_IMAGE = "python"
+DEFAULT_CPUS = 1
+DEFAULT_MEMORY_MB = 512
+MAX_CPUS = 16
+MIN_MEMORY_MB, MAX_MEMORY_MB = 128, 16384
+#: Bounds of the writable layer (``disk_mb``; by default half the memory).
+MIN_DISK_MB, MAX_DISK_MB = 16, 65536
+#: Each bounded integer of the shape: (least, most).
+BOUNDS = {
+    "cpus": (1, MAX_CPUS),
+    "memory_mb": (MIN_MEMORY_MB, MAX_MEMORY_MB),
+    "disk_mb": (MIN_DISK_MB, MAX_DISK_MB),
+}
 #: The kinds of sandbox mvm runs (more come with browser, desktop and builder VMs).
 KINDS = ("sandbox",)
 
@@ -73,9 +88,9 @@ class SandboxShape(msgspec.Struct, kw_only=True):
     are made from it (``admission.plan_from_shape``, ``service.core.spec_for``).
     """
 
-    image: str = "python"
-    cpus: int = 1
-    memory_mb: int = 512
+    image: str = DEFAULT_IMAGE
+    cpus: int = DEFAULT_CPUS
+    memory_mb: int = DEFAULT_MEMORY_MB
     disk_mb: int | None = None  # size of the writable layer; default half the memory
     ttl_seconds: float = DEFAULT_TTL
     env: dict[str, str] = {}
@@ -95,16 +110,28 @@ def shape_fields(obj: SandboxShape) -> dict[str, object]:
     return {f: getattr(obj, f) for f in SandboxShape.__struct_fields__}
 
 
+S = TypeVar("S", bound=SandboxShape)
+
+
+def extend(cls: type[S], shape: SandboxShape, **extra: Any) -> S:
+    """A ``cls`` (anything that extends the shape) with ``shape``'s fields and ``extra``:
+    how the SDK's spec, the IR's declaration and the API's create body pass one shape on."""
+    fields: dict[str, Any] = shape_fields(shape)
+    return cls(**(fields | extra))
+
+
 def check_shape(shape: SandboxShape) -> None:
-    """The rules of a shape that are not policy (policy is admission's): labels, kind, TTL."""
+    """The rules of a shape that are not policy (policy is admission's): kind, resources,
+    TTL, labels. mvmd checks them at create; the SDK at the call; replay in the IR."""
     if shape.kind not in KINDS:
         raise errors.InvalidArgument(
             f"unknown sandbox kind {shape.kind!r}", hint="kinds: " + ", ".join(KINDS)
         )
-    if not 0 < shape.ttl_seconds <= MAX_TTL:
-        raise errors.InvalidArgument(
-            f"TTL must be between 0 and {MAX_TTL:.0f} seconds (got {shape.ttl_seconds:g})"
-        )
+    for field in BOUNDS:
+        value = getattr(shape, field)
+        if value is not None:  # disk_mb: None is "half the memory"
+            check_bound(field, value)
+    check_ttl(shape.ttl_seconds)
     if shape.workload_id is not None and not 0 < len(shape.workload_id) <= MAX_LABEL:
         raise errors.InvalidArgument(f"workload_id must be 1 to {MAX_LABEL} characters")
     if len(shape.tags) > MAX_TAGS:
@@ -115,6 +142,25 @@ def check_shape(shape: SandboxShape) -> None:
                 f"tag {k[:40]!r}: keys must be 1 to {MAX_LABEL} characters, "
                 f"values at most {MAX_LABEL}"
             )
+
+
+def check_ttl(seconds: float) -> None:
+    """A sandbox's TTL, at create and at every ``set-ttl`` (policy may cap it lower)."""
+    if not 0 < seconds <= MAX_TTL:
+        raise errors.InvalidArgument(
+            f"TTL must be between 0 and {MAX_TTL:.0f} seconds (got {seconds:g})", max=MAX_TTL
+        )
+
+
+def check_bound(field: str, value: object, called: str | None = None) -> None:
+    """``value`` is an integer within the bounds of the shape's ``field`` (``BOUNDS``);
+    the error names it ``called`` (the caller's own word for it, e.g. the SDK's)."""
+    lo, hi = BOUNDS[field]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        what = called or field
+        raise errors.InvalidArgument(
+            f"{what} must be an integer from {lo} to {hi}, not {value!r}", field=what
+        )
 
 
 class CreateSandbox(SandboxShape, kw_only=True, forbid_unknown_fields=True):
@@ -149,6 +195,21 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     warnings: list[str] = []
     #: Set while a running sandbox's agent does not answer mvmd's health pings: why.
     unresponsive: str | None = None
+
+
+def info_for(shape: SandboxShape, **facts: Any) -> SandboxInfo:
+    """The API's view of a sandbox: what it shows of the shape (not env or secret names)
+    plus the facts of its life (id, name, state, times, ...)."""
+    return SandboxInfo(
+        image=shape.image,
+        cpus=shape.cpus,
+        memory_mb=shape.memory_mb,
+        disk_mb=shape.disk_mb or 0,
+        network=NetworkSpec(preset=shape.network.preset, allow=list(shape.network.allow)),
+        workload_id=shape.workload_id,
+        tags=dict(shape.tags),
+        **facts,
+    )
 
 
 class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mvm.api import models as M
 from mvm.sdk.include import IncludeFile
@@ -33,21 +33,11 @@ def is_placeholder(value: object) -> bool:
     return bool(getattr(value, "placeholder", False))
 
 
-@dataclass(frozen=True)
-class SandboxSpec:
-    """Everything ``Sandbox.create`` asks for, validated."""
+class SandboxSpec(M.SandboxShape, kw_only=True):
+    """Everything ``Sandbox.create`` asks for, validated: the one sandbox shape
+    (``api.models.SandboxShape``) plus the name and the files to copy in."""
 
-    image: str
-    name: str | None
-    cpus: int
-    memory_mb: int
-    disk_mb: int | None
-    ttl_seconds: float
-    network: M.NetworkSpec
-    env: dict[str, str] = field(default_factory=dict)
-    secret_env: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    workload_id: str | None = None
+    name: str | None = None
     includes: tuple[IncludeFile, ...] = ()
     #: Host directories the includes come from (admission checks them).
     mounts: tuple[str, ...] = ()

@@ -70,24 +70,24 @@ class IncludeRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mode: int
 
 
-class SandboxDecl(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class SandboxDecl(M.SandboxShape, kw_only=True, forbid_unknown_fields=True):
+    """A sandbox the script creates: the one sandbox shape (``api.models.SandboxShape``:
+    its fields, defaults and rules) plus what only a recording knows. IR v1 carries no
+    ``ports`` or ``kind`` here (forwards are operations; every kind is a plain sandbox):
+    ``wire`` leaves them out and ``decode`` refuses anything but their defaults."""
+
     ref: str
     name: str | None = None
-    image: str
-    workload_id: str | None = None
-    ttl_seconds: float
-    cpus: int
-    memory_mb: int
-    disk_mb: int | None = None
-    network: M.NetworkSpec
-    env: dict[str, str] = {}
-    secret_env: dict[str, str] = {}
-    tags: dict[str, str] = {}
-    includes: list[IncludeRecord] = []
+    includes: list[IncludeRecord] = msgspec.field(default_factory=list)
     #: The host directory include paths are relative to, and the included roots (absolute):
     #: what plan mode's admission checks. Replay never reads them.
     include_root: str | None = None
-    mounts: list[str] = []
+    mounts: list[str] = msgspec.field(default_factory=list)
+
+
+#: Shape fields IR v1 does not carry on a sandbox declaration.
+NOT_IN_V1 = ("ports", "kind")
+_SHAPE_DEFAULTS = M.SandboxShape()
 
 
 class Operation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -106,8 +106,31 @@ class IR(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     operations: list[Operation] = []
 
 
+def wire(ir: IR) -> dict[str, Any]:
+    """The IR as JSON values, in the v1 layout (``schemas/ir-v1.json``): each sandbox
+    declaration's own fields first, then its shape, without the fields v1 does not carry."""
+    doc: dict[str, Any] = msgspec.to_builtins(ir)
+    sandboxes = []
+    for sb in doc["sandboxes"]:
+        head = {"ref": sb.pop("ref"), "name": sb.pop("name")}
+        for k in NOT_IN_V1:
+            del sb[k]
+        sandboxes.append(head | sb)
+    doc["sandboxes"] = sandboxes
+    return doc
+
+
 def encode(ir: IR) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(ir), indent=2) + b"\n"
+    for sb in ir.sandboxes:
+        check_v1(sb)
+    return msgspec.json.format(msgspec.json.encode(wire(ir)), indent=2) + b"\n"
+
+
+def check_v1(sb: SandboxDecl, origin: str = "ir.json") -> None:
+    """What v1 cannot say about a sandbox is refused, not dropped."""
+    for k in NOT_IN_V1:
+        if getattr(sb, k) != getattr(_SHAPE_DEFAULTS, k):
+            raise InvalidArgument(f"{origin}: sandbox {sb.ref!r}: IR v1 has no {k!r}")
 
 
 def decode(data: bytes, origin: str = "ir.json") -> IR:
@@ -129,6 +152,11 @@ def decode(data: bytes, origin: str = "ir.json") -> IR:
         str(op.args.get("ref")) for op in ir.operations if op.op == "sandbox.connect"
     }
     for sb in ir.sandboxes:
+        check_v1(sb, origin)
+        try:
+            M.check_shape(sb)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{origin}: sandbox {sb.ref!r}: {exc}") from None
         for inc in sb.includes:
             if not SHA_RE.match(inc.sha256):
                 raise InvalidArgument(f"{origin}: bad sha256 for include {inc.path!r}")

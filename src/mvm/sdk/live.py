@@ -52,18 +52,10 @@ class LiveBackend(Backend):
     def create(self, spec: SandboxSpec) -> M.SandboxInfo:
         """Create, then copy the includes. The included host paths are declared as
         ``uploads``: mvmd decides on them (policy ``mount_roots``) before anything boots."""
-        req = M.CreateSandbox(
+        req = M.extend(
+            M.CreateSandbox,
+            spec,
             name=spec.name,
-            image=spec.image,
-            cpus=spec.cpus,
-            memory_mb=spec.memory_mb,
-            disk_mb=spec.disk_mb,
-            ttl_seconds=spec.ttl_seconds,
-            env=spec.env,
-            secret_env=spec.secret_env,
-            network=spec.network,
-            workload_id=spec.workload_id,
-            tags=spec.tags,
             uploads=list(spec.mounts),  # mvmd checks them against the policy's mount_roots
         )
         try:

@@ -14,10 +14,6 @@ from mvm.errors import InvalidArgument
 from mvm.policy.network import PRESETS as NETWORK_PRESETS
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-#: Bounds of ``resources(...)`` (the daemon enforces its own too).
-MAX_CPUS = 16
-MIN_MEMORY_MB, MAX_MEMORY_MB = 128, 16384
-MIN_ROOTFS_MB, MAX_ROOTFS_MB = 16, 65536
 #: Most ``allow`` entries one network declaration may carry.
 MAX_ALLOW = 256
 NETWORK_MODES = ("deny", "allow")
@@ -29,27 +25,23 @@ class Resources:
     """CPU cores, memory, and the size of the writable layer (``rootfs_size_mb``): the root
     filesystem is read-only and shared, so this is the tmpfs overlay every write lands in."""
 
-    cpu_cores: int = 1
-    memory_mb: int = 512
+    cpu_cores: int = M.DEFAULT_CPUS
+    memory_mb: int = M.DEFAULT_MEMORY_MB
     rootfs_size_mb: int | None = None
 
 
 def resources(
-    cpu_cores: int = 1, memory_mb: int = 512, rootfs_size_mb: int | None = None
+    cpu_cores: int = M.DEFAULT_CPUS,
+    memory_mb: int = M.DEFAULT_MEMORY_MB,
+    rootfs_size_mb: int | None = None,
 ) -> Resources:
-    """Validated ``Resources`` (InvalidArgument names the bound that was crossed)."""
-    _int_in("cpu_cores", cpu_cores, 1, MAX_CPUS)
-    _int_in("memory_mb", memory_mb, MIN_MEMORY_MB, MAX_MEMORY_MB)
+    """Validated ``Resources`` (InvalidArgument names the bound that was crossed): the
+    shape's own bounds (``M.BOUNDS``), checked at the line that wrote the value."""
+    M.check_bound("cpus", cpu_cores, "cpu_cores")
+    M.check_bound("memory_mb", memory_mb)
     if rootfs_size_mb is not None:
-        _int_in("rootfs_size_mb", rootfs_size_mb, MIN_ROOTFS_MB, MAX_ROOTFS_MB)
+        M.check_bound("disk_mb", rootfs_size_mb, "rootfs_size_mb")
     return Resources(cpu_cores, memory_mb, rootfs_size_mb)
-
-
-def _int_in(what: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidArgument(
-            f"{what} must be an integer from {lo} to {hi}, not {value!r}", field=what
-        )
 
 
 @dataclass(frozen=True)

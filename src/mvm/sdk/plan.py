@@ -5,6 +5,7 @@ Pure over an IR plus the facts passed in (policy, known images); printing is the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,17 +44,9 @@ def plan_for(decl: IRm.SandboxDecl, ir: IRm.IR) -> admission.SandboxPlan:
                     bool(op.args.get("allow_wildcard", False)),
                 )
             )
-    return admission.SandboxPlan(
-        image=decl.image,
-        cpus=decl.cpus,
-        memory_mb=decl.memory_mb,
-        disk_mb=decl.disk_mb,
-        ttl_seconds=decl.ttl_seconds,
-        network_preset=decl.network.preset,
-        network_allow=tuple(decl.network.allow),
-        ports=tuple(ports),
-        mounts=tuple(decl.mounts),
-        secrets=tuple(sorted(secrets)),
+    plan = admission.plan_from_shape(decl, decl.mounts)
+    return dataclasses.replace(
+        plan, ports=plan.ports + tuple(ports), secrets=tuple(sorted(secrets | set(plan.secrets)))
     )
 
 

@@ -101,22 +101,17 @@ class Recorder(Backend):
 
     def _info(self, sb: str, state: str = "running") -> M.SandboxInfo:
         ref = self._ref(sb)
-        d = self._decls.get(ref)
+        d = self._decls.get(ref)  # none for a sandbox the script connects to
+        shape = d or M.SandboxShape(image="unknown", cpus=0, memory_mb=0, ttl_seconds=0.0)
         now = time.time()
-        return M.SandboxInfo(
+        return M.info_for(
+            shape,
             id=f"recorded-{ref}",
             name=sb,
-            image=d.image if d else "unknown",
             state=state,
-            cpus=d.cpus if d else 0,
-            memory_mb=d.memory_mb if d else 0,
-            disk_mb=(d.disk_mb or 0) if d else 0,
             created=now,
-            expires_at=now + (d.ttl_seconds if d else 0.0),
-            ttl_left=d.ttl_seconds if d else 0.0,
-            network=d.network if d else M.NetworkSpec(),
-            workload_id=d.workload_id if d else None,
-            tags=d.tags if d else {},
+            expires_at=now + shape.ttl_seconds,
+            ttl_left=shape.ttl_seconds,
         )
 
     # -- sandboxes --------------------------------------------------------------------
@@ -137,23 +132,16 @@ class Recorder(Backend):
             name = spec.name or f"recorded-{ref}"
             if name in self._refs:
                 raise InvalidArgument(f"the script creates two sandboxes named {name!r}")
-            decl = IRm.SandboxDecl(
+            decl = M.extend(
+                IRm.SandboxDecl,
+                spec,
                 ref=ref,
                 name=spec.name,
-                image=spec.image,
-                workload_id=spec.workload_id,
-                ttl_seconds=spec.ttl_seconds,
-                cpus=spec.cpus,
-                memory_mb=spec.memory_mb,
-                disk_mb=spec.disk_mb,
-                network=spec.network,
-                env=dict(spec.env),
-                secret_env=dict(spec.secret_env),
-                tags=dict(spec.tags),
                 includes=includes,
                 include_root=spec.include_root,
                 mounts=list(spec.mounts),
             )
+            IRm.check_v1(decl)
             self.ir.sandboxes.append(decl)
             self._decls[ref] = decl
             self._refs[name] = ref

@@ -78,20 +78,7 @@ class Replayer:
                     inc.path, inc.sha256, inc.size, inc.mode, IRm.blob_path(self.dir, inc.sha256)
                 )
             )
-        return SandboxSpec(
-            image=decl.image,
-            name=decl.name,
-            cpus=decl.cpus,
-            memory_mb=decl.memory_mb,
-            disk_mb=decl.disk_mb,
-            ttl_seconds=decl.ttl_seconds,
-            network=decl.network,
-            env=decl.env,
-            secret_env=decl.secret_env,
-            tags=decl.tags,
-            workload_id=decl.workload_id,
-            includes=tuple(files),
-        )
+        return M.extend(SandboxSpec, decl, name=decl.name, includes=tuple(files))
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, ir: IRm.IR) -> None:

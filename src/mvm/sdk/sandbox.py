@@ -32,9 +32,10 @@ from mvm.sdk.logs import logs as _logs
 from mvm.sdk.options import EnvValue, Network, Resources, split_env
 from mvm.sdk.ports import AsyncPorts, Ports
 
+#: The SDK's own rule for label names (workload_id, tag keys), on top of the shape's
+#: bounds: a script's labels stay plain words (mvmd also takes E2B metadata keys).
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
-MAX_TAG_VALUE = M.MAX_LABEL
-DEFAULT_TTL = "30m"
+DEFAULT_TTL: str | float = M.DEFAULT_TTL
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def build_spec(
     env: dict[str, EnvValue] | None,
     base: Path,
 ) -> SandboxSpec:
-    """Validate everything ``create`` takes (InvalidArgument at the call) into a spec."""
+    """Validate everything ``create`` takes (InvalidArgument at the call) into a spec:
+    the argument types here, the shape's own rules in ``M.check_shape`` (as mvmd does)."""
     names.check("image", image)
     if name is not None:
         names.check("sandbox", name)
@@ -84,17 +86,12 @@ def build_spec(
         not isinstance(workload_id, str) or not LABEL_RE.match(workload_id)
     ):
         raise InvalidArgument(f"invalid workload_id {workload_id!r}")
-    ttl_seconds = parse_duration(ttl, "ttl")
-    if ttl_seconds > M.MAX_TTL:
-        raise InvalidArgument(f"ttl is at most {M.MAX_TTL:g}s (7 days)", max=M.MAX_TTL)
     tag_map = dict(tags or {})
-    if len(tag_map) > M.MAX_TAGS:
-        raise InvalidArgument(f"at most {M.MAX_TAGS} tags")
     for k, v in tag_map.items():
         if not isinstance(k, str) or not LABEL_RE.match(k):
             raise InvalidArgument(f"invalid tag name {k!r}")
-        if not isinstance(v, str) or len(v) > MAX_TAG_VALUE:
-            raise InvalidArgument(f"tag {k} must be a str of at most {MAX_TAG_VALUE} characters")
+        if not isinstance(v, str):
+            raise InvalidArgument(f"tag {k} must be a str, not {type(v).__name__}")
     res = resources or Resources()
     if not isinstance(res, Resources):
         raise InvalidArgument("resources= takes mvm.resources(...)")
@@ -104,13 +101,13 @@ def build_spec(
     plain, secrets = split_env(env)
     files = includes.collect(base, include) if include else []
     mounts = sorted({str(base.resolve() / includes.check_entry(e)) for e in include or ()})
-    return SandboxSpec(
+    spec = SandboxSpec(
         image=image,
         name=name,
         cpus=res.cpu_cores,
         memory_mb=res.memory_mb,
         disk_mb=res.rootfs_size_mb,
-        ttl_seconds=ttl_seconds,
+        ttl_seconds=parse_duration(ttl, "ttl"),
         network=net.spec(),
         env=plain,
         secret_env=secrets,
@@ -120,6 +117,8 @@ def build_spec(
         mounts=tuple(mounts),
         include_root=str(base.resolve()) if include else None,
     )
+    M.check_shape(spec)
+    return spec
 
 
 class Sandbox:
@@ -150,7 +149,7 @@ class Sandbox:
     @classmethod
     def create(
         cls,
-        image: str = "python",
+        image: str = M.DEFAULT_IMAGE,
         *,
         name: str | None = None,
         workload_id: str | None = None,
@@ -206,8 +205,7 @@ class Sandbox:
 
     def set_ttl(self, ttl: str | float) -> None:
         seconds = parse_duration(ttl, "ttl")
-        if seconds > M.MAX_TTL:
-            raise InvalidArgument(f"ttl is at most {M.MAX_TTL:g}s")
+        M.check_ttl(seconds)
         self._info = self._be.set_ttl(self._key, seconds)
 
     def pause(self) -> None:
@@ -305,7 +303,7 @@ class AsyncSandbox:
         return f"AsyncSandbox(name={self.name!r}, image={self.image!r})"
 
     @classmethod
-    async def create(cls, image: str = "python", **kw: Any) -> AsyncSandbox:
+    async def create(cls, image: str = M.DEFAULT_IMAGE, **kw: Any) -> AsyncSandbox:
         include = kw.get("include") or ()
         base = caller_dir(1) if include else Path.cwd()
         spec = build_spec(
