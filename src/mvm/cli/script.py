@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import click
-import msgspec
 from rich.markup import escape
 
 from mvm.cli.common import fail_on_errors
@@ -205,7 +204,7 @@ def run_mode(mode: str, target: str, as_json: bool) -> int:
         click.echo(
             json.dumps(
                 {
-                    "ir": msgspec.to_builtins(ir),
+                    "ir": IRm.wire(ir),
                     "decisions": [
                         {
                             "sandbox": v.decl.ref,
