@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 #: How often the reaper checks TTLs and QEMU liveness (seconds).
 REAP_INTERVAL = 1.0
-MIN_DISK_MB = 16
 
 
 class Sandboxes:
@@ -132,9 +131,9 @@ class Sandboxes:
         core.resolve_secrets(None, req.secret_env)  # unknown names fail before booting
         ports = [check_spec(p) for p in req.ports]  # refuse bad forwards before booting
         netpolicy = await policy_for(req.network.preset, list(req.network.allow))
-        disk_mb = req.disk_mb if req.disk_mb is not None else max(MIN_DISK_MB, req.memory_mb // 2)
-        if disk_mb < MIN_DISK_MB:
-            raise InvalidArgument(f"disk must be at least {MIN_DISK_MB} MiB")
+        disk_mb = req.disk_mb if req.disk_mb is not None else max(M.MIN_DISK_MB, req.memory_mb // 2)
+        if disk_mb < M.MIN_DISK_MB:
+            raise InvalidArgument(f"disk must be at least {M.MIN_DISK_MB} MiB")
         image = await asyncio.to_thread(core.store.ensure, req.image)
         shape = M.shape_fields(req) | {
             "image": image.name,

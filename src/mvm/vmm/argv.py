@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The shape's bounds (one rule, in api.models); the VM config checks them again because
+# it is also built by code that never saw a shape (templates, fork, the builder).
+from mvm.api.models import MAX_CPUS, MAX_MEMORY_MB, MIN_MEMORY_MB
+
 AGENT_PORT_NAME = "org.mvm.agent"
-MIN_MEMORY_MB = 128
-MAX_MEMORY_MB = 16384
-MAX_CPUS = 16
 
 
 @dataclass(frozen=True)
