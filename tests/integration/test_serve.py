@@ -334,6 +334,22 @@ def test_a_tenants_sandbox_reaped_by_ttl_leaves_its_records_in_the_tenants_chain
     assert served.ctl.ok("audit", "verify").out.startswith("ok: ")
 
 
+def test_the_owners_own_calls_carry_the_actor_they_name(served: Served) -> None:
+    """MVM_ACTOR labels the owner's calls on mvmd's socket (X-Mvm-Actor without a tenant):
+    mvmd's records of them name it instead of mvmd; a malformed label is refused."""
+    ctl = Ctl(served.home)
+    ctl.env["MVM_ACTOR"] = "ci-bot"
+    r = ctl("up", "--image", IMAGE, "--name", "labelled", "--memory", "16000")
+    assert r.rc != 0 and "policy denied" in r.err, r
+    log = served.home / "audit" / "default.jsonl"
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    denied = [r for r in recs if r["event"] == "plan.denied" and r["sandbox"] == "labelled"]
+    assert [r["actor"] for r in denied] == ["ci-bot"]
+    ctl.env["MVM_ACTOR"] = "not a label"
+    r = ctl("ls")
+    assert r.rc == 2 and "invalid actor" in r.err, r
+
+
 # ------------------------------------------------------------------------------ remote mvmctl
 
 
