@@ -105,6 +105,12 @@ class SandboxRecord(SandboxShape, kw_only=True):
     run_dir: str = ""
     memory_file: str | None = None  # the template RAM file a clone maps (for snapshots)
     reason: str = ""
+    #: Whose sandbox it is: the tenant a request relayed by `mvmctl serve` spoke for
+    #: (None: the host owner's) and the token id it came with. Every record about the
+    #: sandbox, also those mvmd makes on its own (TTL, guest events, failures, egress),
+    #: goes to this tenant's chain.
+    tenant: str | None = None
+    token_id: str | None = None
 
     def ttl_left(self, now: float | None = None) -> float:
         return max(0.0, self.expires_at - (now if now is not None else time.time()))

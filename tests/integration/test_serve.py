@@ -268,25 +268,86 @@ def test_tenant_audit_chain_has_the_token_as_actor(served: Served, sb: Sandbox) 
     chain = served.home / "audit" / "acme.jsonl"
     assert wait_until(chain.exists, 10)
     recs = [json.loads(line) for line in chain.read_text().splitlines()]
-    assert any(r["event"] == "serve.request" and r["actor"] == served.acme_id for r in recs)
-    # mvmd's own records of the tenant's sandbox (its creation, files, processes) too
-    mine = [r for r in recs if r["event"] != "serve.request"]
-    assert mine and all(r["actor"] == served.acme_id for r in mine)
+    # The server writes no record of its own: mvmd records what each request did.
+    assert not [r for r in recs if r["event"].startswith("serve.")]
+    # mvmd's records of the tenant's sandbox (its creation, files, processes) too: those
+    # made for a request name the token; those mvmd makes on its own (a guest's exit
+    # event, read by the agent connection) name mvmd, in the same chain.
+    mine = recs
+    assert mine and {r["actor"] for r in mine} <= {served.acme_id, "mvmd"}
+    assert any(r["actor"] == served.acme_id for r in mine)
     assert any(r["sandbox"] and r["sandbox"].endswith("-" + sb.sandbox_id) for r in mine)
     owner_log = served.home / "audit" / "default.jsonl"
     owner = (
         [json.loads(x) for x in owner_log.read_text().splitlines()] if owner_log.exists() else []
     )
-    # What mvmd records on its own (a guest's exit event, read by the agent connection)
-    # still goes to the owner's chain: the sandbox record does not carry its tenant yet.
-    leaked = [
-        r
-        for r in owner
-        if (r["sandbox"] or "").endswith("-" + sb.sandbox_id) and r["event"] != "proc.exited"
-    ]
+    leaked = [r for r in owner if (r["sandbox"] or "").endswith("-" + sb.sandbox_id)]
     assert not leaked, leaked
     assert all(r["tenant"] == "acme" for r in recs)
     assert served.acme not in chain.read_text()
+
+
+def test_a_tenants_sandbox_reaped_by_ttl_leaves_its_records_in_the_tenants_chain(
+    served: Served,
+) -> None:
+    """Records mvmd makes on its own, between requests (a guest-reported exit, the TTL
+    reaper), go to the chain of the tenant whose sandbox it is, not the owner's."""
+    h = {"Authorization": f"Bearer {served.acme}"}
+    api = f"{served.url}/v1/sandboxes"
+    r = httpx.post(api, json={"name": "reapme", "image": IMAGE}, headers=h, timeout=600)
+    assert r.status_code == 201, r.text
+    full = tenancy.to_service("acme", "reapme")
+    r = httpx.post(f"{api}/reapme/procs", json={"argv": ["sh", "-c", "exit 5"]}, headers=h)
+    assert r.status_code == 201, r.text
+    proc = r.json()["proc"]
+
+    def exited() -> bool:
+        ps = httpx.get(f"{api}/reapme/procs", headers=h, timeout=30).json()
+        return any(p["proc"] == proc and not p["running"] for p in ps)
+
+    assert wait_until(exited, 120)
+    r = httpx.post(f"{api}/reapme/ttl", json={"ttl_seconds": 1}, headers=h, timeout=30)
+    assert r.status_code == 200, r.text
+    gone = lambda: httpx.get(f"{api}/reapme", headers=h, timeout=30).status_code == 404  # noqa: E731
+    assert wait_until(gone, 120)
+
+    def records(tenant: str) -> list[dict[str, object]]:
+        p = served.home / "audit" / f"{tenant}.jsonl"
+        return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+    assert wait_until(
+        lambda: any(r["sandbox"] == full and r["event"] == "proc.exited" for r in records("acme")),
+        30,
+    )
+    acme = [r for r in records("acme") if r["sandbox"] == full]
+    stopped = [r for r in acme if r["event"] == "sandbox.stopped"]
+    assert [(r["actor"], r["data"]["reason"]) for r in stopped] == [("mvmd", "ttl")]  # type: ignore[index]
+    exits = [r for r in acme if r["event"] == "proc.exited"]
+    assert [(r["actor"], r["data"]["exit_code"]) for r in exits] == [("mvmd", 5)]  # type: ignore[index]
+    launched = [r for r in acme if r["event"] == "sandbox.launched"]
+    assert [r["actor"] for r in launched] == [served.acme_id]
+    assert not [r for r in records("default") if r["sandbox"] == full]
+    verified = served.ctl.ok("audit", "verify", "--file", str(served.home / "audit" / "acme.jsonl"))
+    assert verified.out.startswith("ok: ")
+    # The owner's chain: one record of its own at least (a denied launch), then verified.
+    assert served.ctl("up", "--image", IMAGE, "--name", "owner-big", "--memory", "16000").rc
+    assert served.ctl.ok("audit", "verify").out.startswith("ok: ")
+
+
+def test_the_owners_own_calls_carry_the_actor_they_name(served: Served) -> None:
+    """MVM_ACTOR labels the owner's calls on mvmd's socket (X-Mvm-Actor without a tenant):
+    mvmd's records of them name it instead of mvmd; a malformed label is refused."""
+    ctl = Ctl(served.home)
+    ctl.env["MVM_ACTOR"] = "ci-bot"
+    r = ctl("up", "--image", IMAGE, "--name", "labelled", "--memory", "16000")
+    assert r.rc != 0 and "policy denied" in r.err, r
+    log = served.home / "audit" / "default.jsonl"
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    denied = [r for r in recs if r["event"] == "plan.denied" and r["sandbox"] == "labelled"]
+    assert [r["actor"] for r in denied] == ["ci-bot"]
+    ctl.env["MVM_ACTOR"] = "not a label"
+    r = ctl("ls")
+    assert r.rc == 2 and "invalid actor" in r.err, r
 
 
 # ------------------------------------------------------------------------------ remote mvmctl

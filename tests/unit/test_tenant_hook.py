@@ -63,3 +63,57 @@ def test_a_tenant_may_have_its_own_policy(tmp_path: Path, monkeypatch: pytest.Mo
         assert load_policy().max_memory_mb == 256
     with acting_for("other", "t2"):
         assert load_policy().max_memory_mb == 8192  # no file: the host's policy
+
+
+def test_the_owner_may_name_its_actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``X-Mvm-Actor`` without a tenant (the owner's own socket): mvmd's records name it."""
+    monkeypatch.setenv("MVM_HOME", str(tmp_path))
+    monkeypatch.delenv("MVM_TENANT", raising=False)
+
+    async def main() -> list[int]:
+        app = web.Application(middlewares=[errors_middleware, tenant_middleware])
+        app.router.add_get("/s/{name}", _handler)
+        async with TestClient(TestServer(app)) as c:
+            codes = [(await c.get("/s/web", headers={ACTOR_HEADER: "mcp:claude"})).status]
+            codes.append((await c.get("/s/web", headers={ACTOR_HEADER: "a b"})).status)
+            codes.append((await c.get("/s/web")).status)
+            return codes
+
+    assert asyncio.run(main()) == [200, 400, 200]
+    owner = [json.loads(x) for x in (tmp_path / "audit" / "default.jsonl").read_text().splitlines()]
+    assert [(r["tenant"], r["actor"]) for r in owner] == [
+        ("default", "mcp:claude"),
+        ("default", "mvmd"),
+    ]
+
+
+def test_the_client_labels_its_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from mvm import client
+    from mvm.errors import InvalidArgument
+
+    monkeypatch.setenv("MVM_HOME", str(tmp_path))
+    monkeypatch.delenv("MVM_URL", raising=False)
+    monkeypatch.delenv(client.ACTOR_ENV, raising=False)
+
+    def sent(c: client.Client) -> str | None:
+        req = httpx.Request("GET", "http://mvmd/v1/status")
+        c._label(req)
+        return req.headers.get(client.ACTOR_HEADER)
+
+    assert sent(client.Client()) is None
+    assert sent(client.Client(actor="alice")) == "alice"
+    monkeypatch.setenv(client.ACTOR_ENV, "ci-bot")
+    c = client.Client()
+    assert sent(c) == "ci-bot"
+    with client.acting_as("mcp:agent"):
+        assert sent(c) == "mcp:agent"
+
+        async def in_thread() -> str | None:
+            return await asyncio.to_thread(sent, c)
+
+        assert asyncio.run(in_thread()) == "mcp:agent"
+    assert sent(c) == "ci-bot"
+    with pytest.raises(InvalidArgument):
+        client.Client(actor="no spaces")

@@ -34,12 +34,13 @@ __all__ = [
 
 
 def record(event: str, *, actor: str = "mvmd", sandbox: str | None = None, **fields: Any) -> str:
-    """Append one signed, chained record to the default log; return its audit id.
+    """Append one signed, chained record to the default log (that of the tenant owning
+    ``sandbox``, when a sandbox service knows it); return its audit id.
 
     ``fields`` must be JSON-able metadata (str/int/float/bool/None, lists, dicts);
     bytes are refused. Raises ``AuditError`` if the log cannot be written.
     """
-    return default_log().append(event, actor=actor, sandbox=sandbox, **fields)
+    return default_log(sandbox).append(event, actor=actor, sandbox=sandbox, **fields)
 
 
 def verify(path: Path | None = None) -> Report:

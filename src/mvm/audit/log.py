@@ -22,7 +22,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,74 @@ def acting_for(tenant_name: str, actor: str) -> Iterator[None]:
 def acting() -> tuple[str, str] | None:
     """``(tenant, actor)`` of the request being served for a tenant, if any."""
     return _ACTING.get()
+
+
+#: Who acts for the host's owner in this request (``X-Mvm-Actor`` on mvmd's own socket,
+#: ``MVM_ACTOR``, ``Client(actor=)``): the actor of records mvmd would sign as ``mvmd``.
+_LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("mvm_audit_label", default=None)
+ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
+
+
+@contextlib.contextmanager
+def labelled(actor: str) -> Iterator[None]:
+    """Records made inside name ``actor`` (checked: ``ACTOR_RE``) instead of ``mvmd``."""
+    if not ACTOR_RE.match(actor):
+        raise AuditError(f"invalid actor {actor[:80]!r}", hint="letters, digits, '_.:@-' (64)")
+    token = _LABEL.set(actor)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+
+@contextlib.contextmanager
+def on_own() -> Iterator[None]:
+    """Records made inside are mvmd's own (actor ``mvmd``), even in a task that inherited
+    a request's tenant and actor: a guest's exit event, a failure found, an egress
+    decision are observations, not the caller's acts."""
+    acting_token, label_token = _ACTING.set(None), _LABEL.set(None)
+    try:
+        yield
+    finally:
+        _LABEL.reset(label_token)
+        _ACTING.reset(acting_token)
+
+
+def own_context() -> contextvars.Context:
+    """A copy of the current context without a request's tenant and actor: for tasks
+    that outlive the request (listeners, readers)."""
+    ctx = contextvars.copy_context()
+    ctx.run(_ACTING.set, None)
+    ctx.run(_LABEL.set, None)
+    return ctx
+
+
+#: Lookups ``sandbox name -> tenant`` registered by each sandbox service (weakly): a
+#: record about a sandbox goes to the chain of the tenant that owns it, whoever acts,
+#: also when mvmd acts on its own between requests (TTL, guest events, egress).
+_routes: list[weakref.WeakMethod[Callable[[str], str | None]]] = []
+_routes_lock = threading.Lock()
+
+
+def route_sandboxes(lookup: Callable[[str], str | None]) -> None:
+    """Register a bound method answering which tenant owns a sandbox (None: not its own
+    or the host owner's); it is dropped when its object goes."""
+    with _routes_lock:
+        _routes[:] = [r for r in _routes if r() is not None]
+        _routes.append(weakref.WeakMethod(lookup))
+
+
+def sandbox_tenant(sandbox: str | None) -> str | None:
+    """The tenant owning ``sandbox`` by the registered lookups, if one knows it."""
+    if not sandbox:
+        return None
+    with _routes_lock:
+        lookups = [r() for r in _routes]
+    for fn in lookups:
+        t = fn(sandbox) if fn is not None else None
+        if t is not None:
+            return t
+    return None
 
 
 def tenant() -> str:
@@ -144,8 +213,11 @@ class AuditLog:
             raise AuditError(f"invalid audit event name {event!r}", hint="use dotted.lower_case")
         data = check_fields(fields)
         acting = _ACTING.get()
-        if actor == "mvmd" and acting is not None and acting[0] == self.tenant:
-            actor = acting[1]
+        if actor == "mvmd":
+            if acting is not None and acting[0] == self.tenant:
+                actor = acting[1]
+            elif acting is None:
+                actor = _LABEL.get() or actor
         hk = keys.load_or_create(self.dir)
         with self._lock, self._locked() as f:
             last = last_line(f)
@@ -325,9 +397,10 @@ _logs: dict[tuple[Path, str], AuditLog] = {}
 _logs_lock = threading.Lock()
 
 
-def default_log() -> AuditLog:
-    """The log for the current ``MVM_HOME`` and ``MVM_TENANT`` (resolved on every call)."""
-    t = tenant()
+def default_log(sandbox: str | None = None) -> AuditLog:
+    """The log for the current ``MVM_HOME`` and tenant (resolved on every call): the
+    tenant owning ``sandbox`` when a service knows it, else :func:`tenant`."""
+    t = sandbox_tenant(sandbox) or tenant()
     path = audit_dir() / f"{t}.jsonl"
     with _logs_lock:
         log = _logs.get((path, t))

@@ -18,10 +18,13 @@ from mvm.api import models as M
 from mvm.e2b import connect as C
 from mvm.e2b.control import Control, e2b_error, from_mvm_error, json_body
 from mvm.e2b.envd import STREAM_CT, Envd, RpcError, decode_request, rpc_error, unary_error
+from mvm.e2b.snapshots import Snapshots, no_filesystem_only, parse_snapshot_id
+from mvm.e2b.watch import Watches
 from mvm.serve.upstream import Upstream
 from mvm.tokens import Identity
 
 SANDBOX_HEADER = "E2b-Sandbox-Id"
+WATCHER_VERBS = ("CreateWatcher", "GetWatcherEvents", "RemoveWatcher")
 #: Largest RPC request body.
 MAX_RPC_BODY = 1024 * 1024
 _HOST_RE = re.compile(r"^\d{1,5}-([a-z0-9][a-z0-9_-]{0,62})\.")
@@ -66,6 +69,8 @@ class E2BFace:
         self.up = upstream
         self.control = Control(upstream)
         self.envd = Envd(upstream)
+        self.snapshots = Snapshots(upstream)
+        self.watches = Watches(upstream)
 
     def install(self, app: web.Application) -> None:
         r = app.router
@@ -77,6 +82,11 @@ class E2BFace:
         r.add_post("/v2/sandboxes/{id}/connect", self._c(self.connect))
         r.add_post("/sandboxes/{id}/pause", self._c(self.pause))
         r.add_post("/sandboxes/{id}/timeout", self._c(self.timeout))
+        r.add_post("/sandboxes/{id}/resume", self._c(self.resume))
+        r.add_post("/sandboxes/{id}/fork", self._c(self.fork))
+        r.add_post("/sandboxes/{id}/snapshots", self._c(self.snapshot))
+        r.add_get("/snapshots", self._c(self.list_snapshots))
+        r.add_delete("/templates/{id}", self._c(self.delete_template))
         r.add_get("/health", self._e(self.health))
         r.add_get("/files", self._e(self.files_get))
         r.add_post("/files", self._e(self.files_post))
@@ -116,7 +126,12 @@ class E2BFace:
 
     # -- control plane ----------------------------------------------------------------
     async def create(self, request: web.Request, ident: Identity) -> web.StreamResponse:
-        return await self.control.create(ident, await json_body(request), _token(request))
+        body = await json_body(request)
+        template = body.get("templateID")
+        src = parse_snapshot_id(ident, template) if isinstance(template, str) else None
+        if src is not None:
+            return await self.snapshots.restore(ident, src, body, _token(request))
+        return await self.control.create(ident, body, _token(request))
 
     async def list(self, request: web.Request, ident: Identity) -> web.StreamResponse:
         return await self.control.list(ident, request.query)
@@ -129,10 +144,35 @@ class E2BFace:
 
     async def connect(self, request: web.Request, ident: Identity) -> web.StreamResponse:
         body = await json_body(request)
+        no_filesystem_only(body, "resume (on_resume='reboot')")
         return await self.control.connect(ident, request.match_info["id"], body, _token(request))
 
+    async def resume(self, request: web.Request, ident: Identity) -> web.StreamResponse:
+        """The older ``/resume``: like connect, but only for a paused sandbox (409 else)."""
+        body = await json_body(request)
+        sid = request.match_info["id"]
+        info = await self.control._info(ident, sid)
+        if info.state != "paused":
+            return e2b_error(409, f"sandbox {sid} is not paused")
+        return await self.control.connect(ident, sid, body, _token(request))
+
     async def pause(self, request: web.Request, ident: Identity) -> web.StreamResponse:
+        no_filesystem_only(await json_body(request), "pause")
         return await self.control.pause(ident, request.match_info["id"])
+
+    async def fork(self, request: web.Request, ident: Identity) -> web.StreamResponse:
+        body = await json_body(request)
+        return await self.snapshots.fork(ident, request.match_info["id"], body, _token(request))
+
+    async def snapshot(self, request: web.Request, ident: Identity) -> web.StreamResponse:
+        body = await json_body(request)
+        return await self.snapshots.create(ident, request.match_info["id"], body)
+
+    async def list_snapshots(self, request: web.Request, ident: Identity) -> web.StreamResponse:
+        return await self.snapshots.list(ident, request.query)
+
+    async def delete_template(self, request: web.Request, ident: Identity) -> web.StreamResponse:
+        return await self.snapshots.delete(ident, request.match_info["id"])
 
     async def timeout(self, request: web.Request, ident: Identity) -> web.StreamResponse:
         body = await json_body(request)
@@ -161,7 +201,15 @@ class E2BFace:
         body = decode_request(raw, streaming)
         name = await self._sandbox(request, ident)
         if not streaming:
+            service, _, verb = method.partition("/")
+            if service == "filesystem.Filesystem" and verb in WATCHER_VERBS:
+                try:
+                    return web.json_response(await self.watches.unary(ident, name, verb, body))
+                except errors.MvmError as exc:
+                    raise rpc_error(ident, exc) from None
             return web.json_response(await self.envd.unary(ident, name, method, body))
+        if method == "filesystem.Filesystem/WatchDir":
+            return await self._watch(request, ident, name, body)
         if method == "process.Process/Start":
             pid = await self.envd.start(ident, name, body, user=basic_user(request))
         elif method == "process.Process/Connect":
@@ -177,6 +225,17 @@ class E2BFace:
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError):
             pass  # the client went away (a background command handle, say)
+        return resp
+
+    async def _watch(
+        self, request: web.Request, ident: Identity, name: str, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"content-type": STREAM_CT})
+        try:
+            await self.watches.stream(ident, name, body, resp, prepare=request)
+            await resp.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            pass  # the client stopped watching
         return resp
 
     async def files_get(self, request: web.Request, ident: Identity) -> web.StreamResponse:

@@ -1,10 +1,10 @@
 """``mvmctl mcp``: mvm as MCP tools for agents, over stdio (default) or streamable HTTP.
 
 Built on the official ``mcp`` SDK's ``MCPServer``. Each tool parses its arguments (the SDK
-validates their types: a malformed call is an MCP error result, never a crash), records an
-``mcp.tool`` audit record naming the MCP client and the tool (never argument values),
-then calls the Python SDK in a worker thread and renders the answer (tools.py). mvmd does
-the rest — admission, secrets, redaction and its own audit — as for every client.
+validates their types: a malformed call is an MCP error result, never a crash), then calls
+the Python SDK in a worker thread, labelled ``mcp:<client>`` (``X-Mvm-Actor``), and
+renders the answer (tools.py). mvmd does the rest — admission, secrets, redaction and the
+audit records of what the tool does, with that actor — as for every client.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
-from mvm import audit, names
+from mvm.client import acting_as
 from mvm.errors import InvalidArgument, MvmError
 from mvm.mcp import tools as T
 
@@ -62,6 +62,11 @@ def client_name(ctx: Context[Any, Any] | None) -> str:
     return _CLIENT_RE.sub("?", name)[:48] or "unknown"
 
 
+def mcp_actor(ctx: Context[Any, Any] | None) -> str:
+    """The audit actor of a tool call: ``mcp:<client name>`` in the actor alphabet."""
+    return "mcp:" + re.sub(r"[^A-Za-z0-9_.@-]", "_", client_name(ctx))[:59]
+
+
 def result(parts: list[T.Part]) -> CallToolResult:
     content: list[TextContent | ImageContent] = []
     for p in parts:
@@ -97,15 +102,10 @@ def build(image: str = "python", persist: bool = False) -> tuple[MCPServer[Any],
         fn: Callable[[], list[T.Part]],
     ) -> CallToolResult:
         try:
-            named = sandbox if names.is_valid("sandbox", sandbox) else None
-            await asyncio.to_thread(
-                audit.record,
-                "mcp.tool",
-                actor=f"mcp:{client_name(ctx)}",
-                sandbox=named,
-                tool=tool,
-            )
-            return result(await asyncio.to_thread(fn))
+            # mvmd audits what the tool does (launch, exec, file writes...) with the MCP
+            # client as actor: the worker thread inherits this label (to_thread copies it).
+            with acting_as(mcp_actor(ctx)):
+                return result(await asyncio.to_thread(fn))
         except MvmError as exc:
             msg = exc.message + (f"\nhint: {exc.hint}" if exc.hint else "")
             raise ToolError(msg) from None

@@ -3,14 +3,14 @@
 An adapter: authenticate (bearer token, ``X-API-Key`` or ``X-Access-Token``) → tenant
 → forward to the service (mvmd on its Unix socket) with the tenant's names. Failed
 authentication is a bare 401; each source address is rate-limited (429), bodies are
-bounded (413) and so is the number of requests in flight (429 beyond it). Requests
-that change something are recorded in the tenant's own audit chain, the token id as
-actor.
+bounded (413) and so is the number of requests in flight (429 beyond it). It writes no
+audit record of its own: each request reaches mvmd with the tenant and the token id
+(``X-Mvm-Tenant``/``X-Mvm-Actor``), and the service records what it does in the
+tenant's chain with the token id as actor, as it does for every caller.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import os
@@ -23,7 +23,6 @@ from aiohttp import web
 
 from mvm import audit, client, errors
 from mvm.api import models as M
-from mvm.audit.log import AuditLog, audit_dir
 from mvm.daemon.server import error_body, http_error_body, json_response
 from mvm.serve.limits import RateLimiter
 from mvm.serve.native import NativeRelay
@@ -94,21 +93,7 @@ class Server:
             self.per_tenant[ident.tenant] -= 1
             if not self.per_tenant[ident.tenant]:
                 del self.per_tenant[ident.tenant]
-        if request.method not in ("GET", "HEAD"):
-            asyncio.get_running_loop().run_in_executor(
-                None, self._audit, ident, request.method, request.path, resp.status
-            )
         return resp
-
-    @staticmethod
-    def _audit(ident: Identity, method: str, path: str, status: int) -> None:
-        try:
-            chain = AuditLog(audit_dir() / f"{ident.tenant}.jsonl", tenant_name=ident.tenant)
-            chain.append(
-                "serve.request", actor=ident.token_id, method=method, path=path[:200], status=status
-            )
-        except errors.MvmError as exc:
-            log.error("audit of %s %s failed: %s", method, path, exc)
 
     @web.middleware
     async def errors_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:

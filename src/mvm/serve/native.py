@@ -96,6 +96,14 @@ class NativeRelay:
                 if tenant != tenancy.LOCAL:
                     _map_secrets(tenant, obj)
                 body = msgspec.json.encode(obj)
+            elif request.method == "POST" and (
+                parts[2:] == ["fork"] or (len(parts) == 5 and parts[4] == "restore-as")
+            ):
+                # The child's name is the tenant's: mapped like a create's.
+                obj = _decode_obj(await self._read_json(request))
+                if tenant != tenancy.LOCAL and isinstance(obj.get("name"), str):
+                    obj["name"] = tenancy.to_service(tenant, obj["name"])
+                body = msgspec.json.encode(obj)
             elif request.method == "POST" and parts[2:] == ["forwards"]:
                 raw = await self._read_json(request)
                 if tenant != tenancy.LOCAL:

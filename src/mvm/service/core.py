@@ -17,11 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mvm import names, paths, redact, state
+from mvm import names, paths, redact, state, tenancy
 from mvm.agent.client import AgentClient
+from mvm.audit import log as audit_log
 from mvm.daemon.egress import EgressProxy, Verdict, policy_for
 from mvm.daemon.forwards import Forwards
-from mvm.errors import MvmError, SandboxNotFound, SandboxStateError
+from mvm.errors import MvmError, PolicyDenied, SandboxNotFound, SandboxStateError
 from mvm.images.store import Image, ImageStore
 from mvm.policy.network import Policy as NetPolicy
 from mvm.secrets import SecretStore
@@ -49,9 +50,17 @@ def new_record(
     fields: dict[str, Any], *, vm_id: str, name: str, image_id: str, ttl_seconds: float
 ) -> SandboxRecord:
     """The record of a sandbox about to be made (create, recreate, fork): ``fields`` is its
-    shape (``M.shape_fields``, adjusted), the rest is what every new sandbox gets."""
+    shape (``M.shape_fields``, adjusted), the rest is what every new sandbox gets,
+    including whose it is (the tenant of a request `mvmctl serve` relayed, and its token)."""
     now = time.time()
+    who = audit_log.acting()
+    if who is not None and not tenancy.owns(who[0], name):
+        # A relayed request names only its tenant's sandboxes (mvmctl serve maps them);
+        # a child, a copy or a new one outside that namespace is refused here too.
+        raise PolicyDenied(f"sandbox {name} is not in the namespace of tenant {who[0]}")
     return SandboxRecord(
+        tenant=who[0] if who else None,
+        token_id=who[1] if who else None,
         **fields,
         id=vm_id,
         name=name,
@@ -72,6 +81,13 @@ class Core:
         self.secrets = SecretStore()
         self.gate = gate or Gate()
         self.forwards = Forwards(db, lambda sandbox_id: self.running(sandbox_id)[1])
+        audit_log.route_sandboxes(self.tenant_of)
+
+    def tenant_of(self, name: str) -> str | None:
+        """The tenant owning sandbox ``name`` (None: the host owner's, or unknown): the
+        audit log routes every record about it there, whoever acts and when."""
+        live = self.live.get(name)
+        return live.rec.tenant if live is not None else None
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Live:
@@ -171,7 +187,8 @@ class Core:
         live.egress = EgressProxy(
             live.name, pol, Path(rec.run_dir) / "egress.sock", on_decision=note
         )
-        await live.egress.start()
+        # Its connections outlive the request that made it: their records are mvmd's.
+        await asyncio.create_task(live.egress.start(), context=audit_log.own_context())
         return True
 
     async def close_egress(self, live: Live) -> None:
@@ -195,13 +212,14 @@ class Core:
         if not isinstance(proc, int) or proc not in live.procs:
             return None
         if live.procs[proc] is None:
-            live.procs[proc] = audit_after(
-                "proc.exited",
-                live.name,
-                proc=proc,
-                exit_code=exit_code if isinstance(exit_code, int) else None,
-                signal=sig if isinstance(sig, int) else None,
-            )
+            with audit_log.on_own():  # mvmd saw it end, whoever asked (the tenant's chain)
+                live.procs[proc] = audit_after(
+                    "proc.exited",
+                    live.name,
+                    proc=proc,
+                    exit_code=exit_code if isinstance(exit_code, int) else None,
+                    signal=sig if isinstance(sig, int) else None,
+                )
         return live.procs[proc]
 
     # -- teardown -------------------------------------------------------------------------
@@ -236,9 +254,10 @@ class Core:
         await self.teardown(live)
         live.logbook = postmortem.kept_book(live.rec)
         live.rec = self.db.transition(live.rec, state.FAILED, reason=reason[:2000], pid=None)
-        live.audit_id = audit_after(
-            "sandbox.failed", live.name, id=live.rec.id, **reason_fields(reason)
-        )
+        with audit_log.on_own():
+            live.audit_id = audit_after(
+                "sandbox.failed", live.name, id=live.rec.id, **reason_fields(reason)
+            )
 
     async def detach_all(self) -> None:
         """Stop serving (sandboxes keep running; a new mvmd reattaches)."""

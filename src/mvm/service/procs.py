@@ -70,15 +70,19 @@ class Procs:
         if not 1 <= sig <= 64:
             raise InvalidArgument("signal must be between 1 and 64")
         live, agent = self.core.running(name)
-        return self._exited(live, await agent.proc_signal(proc, sig))
+        p = await agent.proc_signal(proc, sig)
+        audit_after("proc.signalled", live.name, proc=proc, signal=sig)
+        return self._exited(live, p)
 
     async def stdin(self, name: str, proc: int, data: bytes, eof: bool) -> None:
-        _, agent = self.core.running(name)
+        live, agent = self.core.running(name)
         view = memoryview(data)
         while len(view) > MAX_PAYLOAD:
             await agent.proc_stdin(proc, bytes(view[:MAX_PAYLOAD]))
             view = view[MAX_PAYLOAD:]
         await agent.proc_stdin(proc, bytes(view), eof=eof)
+        # Size only: stdin is often short and typed (a hash of "y" or a PIN says too much).
+        audit_after("proc.stdin", live.name, proc=proc, size=len(data), eof=eof)
 
     async def output(self, name: str, proc: int, stream: str) -> bytes:
         live, agent = self.core.running(name)

@@ -245,15 +245,15 @@ class Sandboxes:
             await core.teardown(live)
             live.rec = core.db.transition(live.rec, state.STOPPED)
             core.db.delete(live.rec.id)
-            core.live.pop(live.name, None)
-            postmortem.discard(live.rec)
-            live.audit_id = audit_after(
+            live.audit_id = audit_after(  # while it is known: routed to its tenant's chain
                 "sandbox.stopped",
                 live.name,
                 id=live.rec.id,
                 reason=reason,
                 lived_seconds=round(time.time() - live.rec.created, 3),
             )
+            core.live.pop(live.name, None)
+            postmortem.discard(live.rec)
         return info(live)
 
     async def pause(self, name: str) -> Live:
@@ -291,6 +291,7 @@ class Sandboxes:
         M.check_shape(msgspec.structs.replace(live.rec, ttl_seconds=ttl))
         self.core.gate.ttl(live.name, ttl)
         live.rec = self.core.db.update(live.rec, ttl_seconds=ttl, expires_at=time.time() + ttl)
+        live.audit_id = audit_after("sandbox.ttl_set", live.name, id=live.rec.id, ttl_seconds=ttl)
         return live
 
     async def wait(self, name: str, timeout: float) -> M.SandboxInfo:
