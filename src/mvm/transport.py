@@ -10,8 +10,9 @@ mvmd runs as the same user, but sizes are bounded anyway. ``MVM_URL`` (a remote
 
 from __future__ import annotations
 
+import io
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -39,56 +40,40 @@ class Timeout(TransportError):
 class Response:
     """A response: status, lower-cased headers, and a body read whole or streamed."""
 
-    def __init__(self, sock: socket.socket, status: int, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        rf: io.BufferedReader[socket.SocketIO],
+        status: int,
+        headers: dict[str, str],
+    ) -> None:
         self.status_code = status
         self.headers = headers
         self._sock = sock
-        self._buf = b""
-        self._eof = False
+        self._rf = rf  # buffered (C code): no Python-level buffer juggling per chunk
         self._content: bytes | None = None
         chunked = headers.get("transfer-encoding", "").lower() == "chunked"
         length = headers.get("content-length")
         self._chunks = self._chunked() if chunked else self._sized(length)
 
     # -- raw reading ------------------------------------------------------------------
-    def _fill(self) -> bool:
-        if self._eof:
-            return False
-        try:
-            data = self._sock.recv(CHUNK)
-        except TimeoutError:
-            raise Timeout("mvmd did not answer in time") from None
-        except OSError as exc:
-            raise TransportError(str(exc)) from None
-        if not data:
-            self._eof = True
-            return False
-        self._buf += data
-        return True
-
     def _line(self) -> bytes:
-        while True:
-            i = self._buf.find(b"\r\n")
-            if i >= 0:
-                line, self._buf = self._buf[:i], self._buf[i + 2 :]
-                return line
-            if len(self._buf) > MAX_LINE:
-                raise TransportError("mvmd sent an over-long line")
-            if not self._fill():
-                raise TransportError("mvmd closed the connection mid-response")
+        line = _readline(self._rf)
+        if not line.endswith(b"\r\n"):
+            raise TransportError("mvmd closed the connection mid-response")
+        return line[:-2]
 
     def _exactly(self, n: int) -> Iterator[bytes]:
         while n > 0:
-            if not self._buf and not self._fill():
+            part = _io(self._rf.read1, min(n, CHUNK))
+            if not part:
                 raise TransportError("mvmd closed the connection mid-body")
-            part, self._buf = self._buf[:n], self._buf[n:]
             n -= len(part)
             yield part
 
     def _sized(self, length: str | None) -> Iterator[bytes]:
         if length is None:  # until the connection closes
-            while self._buf or self._fill():
-                part, self._buf = self._buf, b""
+            while part := _io(self._rf.read1, CHUNK):
                 yield part
             return
         if not length.isdecimal() or int(length) > MAX_BODY:
@@ -116,15 +101,22 @@ class Response:
 
     def iter_lines(self) -> Iterator[bytes]:
         """Newline-separated lines of the body (without the newline), as they arrive."""
-        pending = b""
+        pieces: list[bytes] = []
+        size = 0
         for part in self._chunks:
-            pending += part
-            *lines, pending = pending.split(b"\n")
-            if len(pending) > MAX_BODY:
-                raise TransportError("mvmd sent an over-long line")
-            yield from lines
-        if pending:
-            yield pending
+            start = 0
+            while (i := part.find(b"\n", start)) >= 0:
+                pieces.append(part[start:i])
+                yield b"".join(pieces)
+                pieces, size = [], 0
+                start = i + 1
+            if start < len(part):
+                pieces.append(part[start:])
+                size += len(part) - start
+                if size > MAX_BODY:
+                    raise TransportError("mvmd sent an over-long line")
+        if pieces:
+            yield b"".join(pieces)
 
     def read(self) -> bytes:
         if self._content is None:
@@ -147,6 +139,7 @@ class Response:
         return self.read().decode("utf-8", "replace")
 
     def close(self) -> None:
+        self._rf.close()
         self._sock.close()
 
     def __enter__(self) -> Response:
@@ -225,15 +218,35 @@ class UnixTransport:
         """Nothing is pooled: each request had its own connection."""
 
 
+def _io(fn: Callable[[int], bytes], n: int) -> bytes:
+    """One read, its errors as this module's."""
+    try:
+        return fn(n)
+    except TimeoutError:
+        raise Timeout("mvmd did not answer in time") from None
+    except OSError as exc:
+        raise TransportError(str(exc)) from None
+
+
+def _readline(rf: io.BufferedReader[socket.SocketIO]) -> bytes:
+    line = _io(rf.readline, MAX_LINE + 1)
+    if len(line) > MAX_LINE:
+        raise TransportError("mvmd sent an over-long line")
+    return line
+
+
 def _read_head(sock: socket.socket) -> Response:
-    resp = Response(sock, 0, {})
-    status_line = resp._line()
+    rf = io.BufferedReader(socket.SocketIO(sock, "rb"), CHUNK)
+    status_line = _readline(rf).rstrip(b"\r\n")
     parts = status_line.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         raise TransportError(f"mvmd sent no HTTP status line: {status_line[:80]!r}")
     headers: dict[str, str] = {}
     for _ in range(MAX_HEADERS + 1):
-        line = resp._line()
+        raw = _readline(rf)
+        if not raw.endswith(b"\r\n"):
+            raise TransportError("mvmd closed the connection mid-headers")
+        line = raw[:-2]
         if not line:
             break
         key, sep, value = line.decode("latin-1").partition(":")
@@ -242,9 +255,7 @@ def _read_head(sock: socket.socket) -> Response:
         headers[key.strip().lower()] = value.strip()
     else:
         raise TransportError("mvmd sent too many headers")
-    out = Response(sock, int(parts[1]), headers)
-    out._buf = resp._buf
-    return out
+    return Response(sock, rf, int(parts[1]), headers)
 
 
 class HttpxResponse:
