@@ -30,6 +30,7 @@ def home() -> Iterator[Path]:
 def ctl(home: Path) -> Ctl:
     c = Ctl(home)
     c.env["MVM_POOL_SIZE"] = str(SIZE)  # mvmd, started by the first call, inherits it
+    c.env["MVM_POOL_WARM"] = "0"  # the unwarmed path (the pre-warmed one has its own test)
     return c
 
 
