@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -87,6 +89,37 @@ async def set_ignore_shared(qmp: Qmp, on: bool) -> None:
         "migrate-set-capabilities",
         {"capabilities": [{"capability": "x-ignore-shared", "state": on}]},
     )
+
+
+def place_ram(dest: Path, memory_mb: int) -> None:
+    """Put the fork's shared RAM file (``dest/ram``, a symlink) on tmpfs when there is room
+    for twice the guest's memory: QEMU loads pages into a tmpfs file about 1.8x faster than
+    into one on ext4 (bench/README.md), and the pages are the children's memory either
+    way. ``MVM_FORK_RAM_DIR`` picks another directory; empty: beside the work directory."""
+    dest.mkdir(parents=True, exist_ok=True)
+    where = os.environ.get("MVM_FORK_RAM_DIR", "/dev/shm")
+    if not where:
+        return
+    try:
+        st = os.statvfs(where)
+        if st.f_bavail * st.f_frsize < 2 * (memory_mb << 20):
+            return
+        fd, name = tempfile.mkstemp(prefix="mvm-fork-", dir=where)
+        os.close(fd)  # created here: QEMU opens it through the link (no O_CREAT|O_EXCL)
+    except OSError:
+        return
+    try:
+        (dest / "ram").symlink_to(name)
+    except OSError:
+        os.unlink(name)
+
+
+def remove_ram(dest: Path) -> None:
+    """Remove what ``place_ram`` made outside ``dest`` (children keep their mappings)."""
+    link = dest / "ram"
+    if link.is_symlink():
+        with contextlib.suppress(OSError):
+            os.unlink(os.readlink(link))
 
 
 def _loader_config(spec: VMSpec, dest: Path, store: ImageStore) -> VMConfig:

@@ -56,6 +56,7 @@ class Fork:
             assert live.vm is not None
             # One copy of the snapshot's memory (a loader QEMU's shared RAM file), mapped
             # copy-on-write by every child; the source streams straight into it.
+            forkvm.place_ram(work / "img", live.vm.spec.memory_mb)
             loader = await forkvm.start_loader(live.vm.spec, work / "img", core.store)
             try:
                 async with live.lock:
@@ -79,6 +80,7 @@ class Fork:
                 "children": round(time.monotonic() - t2, 4),
             }
         finally:
+            forkvm.remove_ram(work / "img")
             shutil.rmtree(work, ignore_errors=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         children = [r for r in results if isinstance(r, Live)]
