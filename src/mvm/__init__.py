@@ -4,10 +4,32 @@
 tests/unit/test_exported_members.py). Everything else under ``mvm`` (the daemon, the CLI,
 the SDK's submodules) is internal.
 
+The names are loaded on first use (PEP 562): ``import mvm.cli.main`` or ``mvm.client`` must
+not pay for the whole SDK (httpx, the browser and desktop classes) when a command needs none
+of it.
+
 >>> import mvm
 >>> with mvm.Sandbox.create("python-3.11") as sandbox:  # doctest: +SKIP
 ...     print(sandbox.commands.run(["python", "-c", "print(1)"]).stdout)
 """
 
-from mvm.sdk import *  # noqa: F403  (the SDK's __all__ is the package's)
+import typing as _typing
+
 from mvm.sdk import __all__ as __all__
+
+if _typing.TYPE_CHECKING:
+    from mvm.sdk import *  # noqa: F403
+
+
+def __getattr__(name: str) -> object:
+    if name in __all__:
+        import mvm.sdk
+
+        value = getattr(mvm.sdk, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mvm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

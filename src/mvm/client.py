@@ -1,4 +1,5 @@
-"""A client of mvmd (httpx over the daemon's Unix socket), starting the daemon if needed.
+"""A client of mvmd (HTTP over the daemon's Unix socket, :mod:`mvm.transport`), starting the
+daemon if needed.
 
 Used by the CLI and the SDK. Errors come back from the daemon as JSON
 ``ErrorBody`` objects and are raised here as the same ``mvm.errors`` classes.
@@ -19,10 +20,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import httpx
 import msgspec
 
 from mvm import errors, names, paths
+from mvm import transport as tp
 from mvm.agent import protocol as P
 from mvm.api import models as M
 from mvm.api.fork import ForkRequest, ForkResult, RestoreAs
@@ -33,6 +34,8 @@ T = TypeVar("T")
 DAEMON_START_TIMEOUT = 15.0
 #: Default HTTP timeout for calls that do not run commands.
 HTTP_TIMEOUT = 120.0
+#: Seconds a followed log may stay silent (mvmd sends nothing while nothing happens).
+LOGS_TIMEOUT = 7 * 86400.0
 
 
 def seg(kind: names.Kind, name: str) -> str:
@@ -112,7 +115,7 @@ def remote_token() -> str:
     return token
 
 
-def _raise_for(resp: httpx.Response) -> None:
+def _raise_for(resp: tp.AnyResponse) -> None:
     if resp.status_code < 400:
         return
     try:
@@ -149,30 +152,25 @@ class Client:
         self.remote = remote_url()
         label = actor or os.environ.get(ACTOR_ENV, "").strip()
         self.actor = check_actor(label) if label else None
+        self._http: tp.UnixTransport | tp.HttpxTransport
         if self.remote is not None:
             # MVM_URL + MVM_TOKEN: a remote `mvmctl serve`, same API over HTTP(S).
             self.autostart = False
-            self._http = httpx.Client(
-                base_url=f"{self.remote}/{M.API_VERSION}",
-                headers={"Authorization": f"Bearer {remote_token()}"},
-                timeout=httpx.Timeout(timeout, connect=10.0),
+            self._http = tp.HttpxTransport(
+                f"{self.remote}/{M.API_VERSION}", remote_token(), timeout, 10.0
             )
         else:
             check_socket_owner(self.socket)
-            self._http = httpx.Client(
-                transport=httpx.HTTPTransport(uds=str(self.socket)),
-                base_url=f"http://mvmd/{M.API_VERSION}",
-                timeout=httpx.Timeout(timeout, connect=5.0),
-                event_hooks={"request": [self._label]},
-            )
+            self._http = tp.UnixTransport(str(self.socket), f"/{M.API_VERSION}", timeout, 5.0)
         self._ensured = False
 
-    def _label(self, request: httpx.Request) -> None:
-        """Name the actor of this call for mvmd's audit (the owner's socket only: over
-        TCP the token is the actor)."""
+    def _label(self, headers: dict[str, str]) -> dict[str, str]:
+        """``headers`` plus the actor of this call for mvmd's audit (the owner's socket
+        only: over TCP the token is the actor)."""
         actor = _acting_as.get() or self.actor
-        if actor is not None:
-            request.headers[ACTOR_HEADER] = actor
+        if actor is not None and self.remote is None:
+            headers[ACTOR_HEADER] = actor
+        return headers
 
     def close(self) -> None:
         self._http.close()
@@ -186,10 +184,8 @@ class Client:
     # -- daemon ---------------------------------------------------------------------
     def ping(self) -> M.DaemonStatus | None:
         try:
-            resp = self._http.get("/status", timeout=5.0)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError, httpx.ReadError):
-            return None
-        except httpx.TimeoutException:
+            resp = self._http.request("GET", "/status", timeout=5.0)
+        except tp.TransportError:
             return None
         _raise_for(resp)
         return msgspec.json.decode(resp.content, type=M.DaemonStatus)
@@ -227,7 +223,7 @@ class Client:
         content: bytes | None = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
-    ) -> httpx.Response:
+    ) -> tp.AnyResponse:
         self.ensure_daemon()
         body = msgspec.json.encode(json) if json is not None else content
         headers = {"content-type": "application/json"} if json is not None else {}
@@ -237,14 +233,12 @@ class Client:
                 url,
                 content=body,
                 params=params,
-                headers=headers,
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                headers=self._label(headers),
+                timeout=timeout,
             )
-        except httpx.TimeoutException:
+        except tp.Timeout:
             raise errors.CommandTimeout(f"mvmd did not answer {method} {url} in time") from None
-        except httpx.InvalidURL as exc:
-            raise errors.InvalidArgument(f"cannot build a request from that: {exc}") from None
-        except httpx.TransportError as exc:
+        except tp.TransportError as exc:
             raise errors.MvmError(f"lost the connection to mvmd: {exc}") from None
         _raise_for(resp)
         return resp
@@ -306,12 +300,12 @@ class Client:
         self.ensure_daemon()
         decoder = msgspec.json.Decoder(M.ExecEvent)
         try:
-            with self._http.stream(
+            with self._http.open(
                 "POST",
                 path,
                 content=msgspec.json.encode(req),
-                headers={"content-type": "application/json"},
-                timeout=httpx.Timeout(req.timeout + 60.0, connect=5.0),
+                headers=self._label({"content-type": "application/json"}),
+                timeout=req.timeout + 60.0,
             ) as resp:
                 _raise_for(resp)
                 for line in resp.iter_lines():
@@ -326,9 +320,9 @@ class Client:
                     if event.type == "error" and event.error is not None:
                         raise error_from_body(event.error)
                     yield event
-        except httpx.TimeoutException:
+        except tp.Timeout:
             raise errors.CommandTimeout("mvmd stopped answering during exec") from None
-        except httpx.TransportError as exc:
+        except tp.TransportError as exc:
             raise errors.MvmError(f"lost the connection to mvmd: {exc}") from None
 
     # -- files ----------------------------------------------------------------------
@@ -441,11 +435,11 @@ class Client:
             params["since"] = since
         decoder = msgspec.json.Decoder(M.LogEvent)
         try:
-            with self._http.stream(
+            with self._http.open(
                 "GET",
                 f"/sandboxes/{seg('sandbox', name)}/logs",
                 params=params,
-                timeout=httpx.Timeout(None, connect=5.0),
+                timeout=LOGS_TIMEOUT,
             ) as resp:
                 _raise_for(resp)
                 for line in resp.iter_lines():
@@ -458,7 +452,7 @@ class Client:
                             f"mvmd sent a malformed log event: {line[:200]!r}"
                         ) from None
                     yield event
-        except httpx.TransportError as exc:
+        except tp.TransportError as exc:
             raise errors.MvmError(f"lost the connection to mvmd: {exc}") from None
 
     # -- snapshots ------------------------------------------------------------------
@@ -490,12 +484,12 @@ class Client:
     def fork(self, name: str, new: str, count: int = 1) -> ForkResult:
         """Children of running sandbox ``name``: ``new`` or ``new-1`` .. ``new-N``."""
         req = ForkRequest(name=new, count=count)
-        return self._post(f"/sandboxes/{name}/fork", ForkResult, req, timeout=600.0)
+        return self._post(f"/sandboxes/{seg('sandbox', name)}/fork", ForkResult, req, timeout=600.0)
 
     def snapshot_restore_as(self, name: str, snap: str, new: str) -> M.SandboxInfo:
         """Snapshot ``snap`` of ``name`` started as a new sandbox ``new``."""
         return self._post(
-            f"/sandboxes/{name}/snapshots/{snap}/restore-as",
+            f"/sandboxes/{seg('sandbox', name)}/snapshots/{seg('snapshot', snap)}/restore-as",
             M.SandboxInfo,
             RestoreAs(name=new),
             timeout=600.0,

@@ -30,6 +30,7 @@ def home() -> Iterator[Path]:
 def ctl(home: Path) -> Ctl:
     c = Ctl(home)
     c.env["MVM_POOL_SIZE"] = str(SIZE)  # mvmd, started by the first call, inherits it
+    c.env["MVM_POOL_WARM"] = "0"  # the unwarmed path (the pre-warmed one has its own test)
     return c
 
 
@@ -70,3 +71,40 @@ def test_pool_hands_out_distinct_vms_refills_and_drains(ctl: Ctl, home: Path) ->
     running = sandbox_pids()
     ctl.ok("daemon", "stop", timeout=60)
     assert wait_until(lambda: set(qemu_pids(home)) == running, 30), (qemu_pids(home), running)
+
+
+@pytest.fixture(scope="module")
+def warm_home() -> Iterator[Path]:
+    with private_home("mvmw-") as h:
+        yield h
+
+
+def test_prewarmed_pool_hands_out_running_vms_with_their_own_identity(warm_home: Path) -> None:
+    """MVM_POOL_WARM=1: waiting VMs are restored and have run one exec already; each
+    hand-out still gets the create's own handshake (its RNG reseeded: two hand-outs of the
+    same template read different random bytes) and is its own sandbox."""
+    ctl = Ctl(warm_home)
+    ctl.env["MVM_POOL_SIZE"] = str(SIZE)
+    ctl.env["MVM_POOL_WARM"] = "1"
+    ctl.ok("up", "--name", "w0", "--ttl", "10m", timeout=300)
+
+    def waiting() -> set[int]:
+        return set(qemu_pids(warm_home)) - {s["pid"] for s in ctl.sandboxes().values()}
+
+    assert wait_until(lambda: len(waiting()) == SIZE, 240, interval=1.0), waiting()
+    assert status(ctl)["pool"]["warm"] == 1
+    ready = waiting()
+    ctl.ok("up", "--name", "w1", "--ttl", "10m", timeout=300)
+    ctl.ok("up", "--name", "w2", "--ttl", "10m", timeout=300)
+    listed = ctl.sandboxes()
+    assert {listed["w1"]["pid"], listed["w2"]["pid"]} <= ready
+    rand = {
+        n: ctl.ok("exec", n, "--", "sh", "-c", "head -c 16 /dev/urandom | od -An -tx1").out
+        for n in ("w1", "w2")
+    }
+    assert rand["w1"] != rand["w2"]
+    ctl.ok("exec", "w1", "--", "sh", "-c", "echo mine > /tmp/x")
+    assert ctl("exec", "w2", "--", "test", "-e", "/tmp/x").rc != 0
+    ctl.ok("down", "--all", timeout=120)
+    ctl.ok("daemon", "stop", timeout=60)
+    assert wait_until(lambda: not qemu_pids(warm_home), 60), qemu_pids(warm_home)

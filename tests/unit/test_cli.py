@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from mvm.cli import images as cli_images
 from mvm.cli import main as cli_main
+from mvm.cli import run as cli_run
+from mvm.cli.common import parse_env
 from mvm.errors import InvalidArgument
 from mvm.oneshot import RunResult
 
@@ -48,8 +51,8 @@ class FakeRun:
 def calls(monkeypatch: pytest.MonkeyPatch) -> FakeRun:
     """run_once is faked and ImageStore forbidden: no VM, no image build, ever."""
     fake = FakeRun()
-    monkeypatch.setattr(cli_main, "run_once", fake)
-    monkeypatch.setattr(cli_main, "ImageStore", Forbidden)
+    monkeypatch.setattr(cli_run, "run_once", fake)
+    monkeypatch.setattr(cli_images, "ImageStore", Forbidden)
     return fake
 
 
@@ -79,14 +82,14 @@ def invoke(*args: str, stdin: bytes | None = None) -> Result:
 
 def test_parse_env() -> None:
     """KEY=VALUE pairs; the value may be empty or contain '='; later keys win."""
-    assert cli_main.parse_env(()) == {}
-    assert cli_main.parse_env(("A=1", "B=", "C=x=y", "A=2")) == {"A": "2", "B": "", "C": "x=y"}
+    assert parse_env(()) == {}
+    assert parse_env(("A=1", "B=", "C=x=y", "A=2")) == {"A": "2", "B": "", "C": "x=y"}
 
 
 @pytest.mark.parametrize("bad", ["NOEQUALS", "=value", ""])
 def test_parse_env_rejects(bad: str) -> None:
     with pytest.raises(InvalidArgument, match="KEY=VALUE") as info:
-        cli_main.parse_env(("OK=1", bad))
+        parse_env(("OK=1", bad))
     assert info.value.exit_code == 2
 
 
@@ -128,7 +131,7 @@ def test_run_option_ranges(calls: FakeRun, args: list[str]) -> None:
 
 
 def test_run_interactive_stdin_too_large(calls: FakeRun) -> None:
-    r = invoke("run", "-i", "--", "cat", stdin=b"x" * (cli_main.MAX_STDIN + 1))
+    r = invoke("run", "-i", "--", "cat", stdin=b"x" * (cli_run.MAX_STDIN + 1))
     assert r.exit_code == 2
     assert "stdin is larger" in r.output
     assert len(calls) == 0

@@ -38,6 +38,7 @@ def test_pool_disabled_or_networked_shapes_are_not_pooled(
     from mvm.images.store import ImageStore
 
     monkeypatch.setenv("MVM_POOL_SIZE", "2")
+    monkeypatch.delenv("MVM_POOL_WARM", raising=False)
     off = pool.Pool(ImageStore(tmp_path), enabled=False)
     assert off.size == 0 and off.status()["idle"] == 0
 
@@ -53,4 +54,14 @@ def test_pool_disabled_or_networked_shapes_are_not_pooled(
         "idle": 0,
         "idle_mb": 0,
         "handed_out": 0,
+        "warm": 1,
     }
+
+
+def test_pool_warm_is_the_default_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MVM_POOL_WARM", raising=False)
+    assert pool.pool_warm()
+    monkeypatch.setenv("MVM_POOL_WARM", "0")
+    assert not pool.pool_warm()
+    monkeypatch.setenv("MVM_POOL_WARM", "1")
+    assert pool.pool_warm()

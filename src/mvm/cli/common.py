@@ -1,4 +1,9 @@
-"""Pieces every mvmctl command shares: error reporting, option types, KEY=VALUE parsing."""
+"""Pieces every mvmctl command shares: error reporting, option types, KEY=VALUE parsing.
+
+Kept lean on purpose (click and mvm's own small modules only): every command imports it, and
+``mvmctl exec`` should cost little more than Python's start and one mvmd round trip. rich,
+the policy module and the client are imported where they are used.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,46 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.markup import escape
 
 from mvm import names
-from mvm.cli.ui import err_console
 from mvm.errors import InvalidArgument, MvmError
-from mvm.policy.network import PRESETS as NETWORK_PRESETS
+
+if TYPE_CHECKING:
+    from mvm.client import Client
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: Exit status when a command (or a wait) ran out of time.
+EXEC_TIMEOUT_EXIT = 124
+
+
+def emit_json(obj: Any) -> None:
+    import msgspec
+
+    click.echo(msgspec.json.encode(obj).decode())
+
+
+def connect() -> Client:
+    """A client of mvmd (started on demand)."""
+    from mvm.client import Client
+
+    return Client()
+
+
+def ago(ts: float) -> str:
+    s = max(0, int(time.time() - ts))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def warn(markup: str) -> None:
+    """One rich-markup line on stderr (rich is imported only when there is something to say)."""
+    from mvm.cli.ui import err_console
+
+    err_console.print(markup)
 
 
 def report(exc: MvmError, as_json: bool) -> None:
@@ -26,9 +59,11 @@ def report(exc: MvmError, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(exc.to_dict()))
     else:
-        err_console.print(f"[bold red]mvm:[/] {escape(exc.message)}")
+        from rich.markup import escape
+
+        warn(f"[bold red]mvm:[/] {escape(exc.message)}")
         if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+            warn(f"[yellow]hint:[/] {escape(exc.hint)}")
     sys.exit(exc.exit_code)
 
 
@@ -42,7 +77,7 @@ def fail_on_errors(fn: F) -> F:
         except MvmError as exc:
             report(exc, bool(kwargs.get("as_json")))
         except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/]")
+            warn("[red]interrupted[/]")
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
@@ -112,11 +147,14 @@ def split_env(pairs: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
 
     Secret references go to mvmd by name only; it resolves them when the process starts.
     """
-    from mvm.secrets import check_name, secret_ref
-
     env: dict[str, str] = {}
     secret_env: dict[str, str] = {}
     for key, value in parse_env(pairs).items():
+        if not value.startswith("secret:"):  # mvm.secrets (cryptography) only when needed
+            env[key] = value
+            continue
+        from mvm.secrets import check_name, secret_ref
+
         ref = secret_ref(value)
         if ref is None:
             env[key] = value
@@ -128,6 +166,8 @@ def split_env(pairs: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
 
 def network_options(f: F) -> F:
     """``--network-preset`` and ``--network-allow``, for ``up`` and ``run`` alike."""
+    from mvm.policy.network import PRESETS as NETWORK_PRESETS
+
     f = click.option(
         "--network-allow",
         "network_allow",

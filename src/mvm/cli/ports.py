@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import click
 import msgspec
-from rich.table import Table
 
-from mvm import client as mvmclient
 from mvm.api import models as M
-from mvm.cli.common import fail_on_errors
-from mvm.cli.ui import out_console
+from mvm.cli.common import connect, fail_on_errors
 from mvm.errors import InvalidArgument
 
 
@@ -81,12 +78,16 @@ def forward(
             "give exactly one of HOST_PORT:GUEST_PORT, --list or --remove ID",
             hint="e.g. mvmctl forward NAME 8080:8000",
         )
-    with mvmclient.Client() as c:
+    with connect() as c:
         if list_:
             items = c.forwards(name)
             if as_json:
                 click.echo(msgspec.json.encode(items).decode())
                 return
+            from rich.table import Table
+
+            from mvm.cli.ui import out_console
+
             table = Table(box=None, header_style="bold")
             for col in ("ID", "HOST", "HOST PORT", "GUEST PORT"):
                 table.add_column(col)

@@ -4,17 +4,24 @@ The public surface is exactly ``__all__`` (``mvm`` re-exports it unchanged; a te
 list). The submodules (``mvm.sdk.sandbox``, ``commands``, ``files``, ``ports``, ``backend``,
 ``live``, ``record``, ``replay``, ``ir``, ``plan``, ...) are internal: the CLI and the tests
 use them, user code should not, and they change without notice.
+
+Each name is imported from its submodule on first use (PEP 562), so importing
+``mvm.sdk.options`` or ``mvm`` alone does not load the browser, desktop or code classes.
 """
 
-from mvm import errors
-from mvm.sdk.backend import CommandResult, RecordedBytes, RecordedStr, is_placeholder
-from mvm.sdk.browser import AsyncBrowserSandbox, BrowserSandbox
-from mvm.sdk.code import CodeContext, CodeError, CodeResult
-from mvm.sdk.commands import AsyncCommandHandle, CommandHandle
-from mvm.sdk.desktop import AsyncDesktopSandbox, DesktopSandbox
-from mvm.sdk.options import Network, Resources, SecretRef, network, resources, secret
-from mvm.sdk.ports import Forward
-from mvm.sdk.sandbox import AsyncSandbox, Sandbox, Snapshot
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from mvm import errors
+    from mvm.sdk.backend import CommandResult, RecordedBytes, RecordedStr, is_placeholder
+    from mvm.sdk.browser import AsyncBrowserSandbox, BrowserSandbox
+    from mvm.sdk.code import CodeContext, CodeError, CodeResult
+    from mvm.sdk.commands import AsyncCommandHandle, CommandHandle
+    from mvm.sdk.desktop import AsyncDesktopSandbox, DesktopSandbox
+    from mvm.sdk.options import Network, Resources, SecretRef, network, resources, secret
+    from mvm.sdk.ports import Forward
+    from mvm.sdk.sandbox import AsyncSandbox, Sandbox, Snapshot
 
 __all__ = [
     "AsyncBrowserSandbox",
@@ -42,3 +49,45 @@ __all__ = [
     "resources",
     "secret",
 ]
+
+#: Where each public name lives (its module; ``errors`` is a module itself).
+_HOME = {
+    "AsyncBrowserSandbox": "mvm.sdk.browser",
+    "AsyncCommandHandle": "mvm.sdk.commands",
+    "AsyncDesktopSandbox": "mvm.sdk.desktop",
+    "AsyncSandbox": "mvm.sdk.sandbox",
+    "BrowserSandbox": "mvm.sdk.browser",
+    "CodeContext": "mvm.sdk.code",
+    "CodeError": "mvm.sdk.code",
+    "CodeResult": "mvm.sdk.code",
+    "CommandHandle": "mvm.sdk.commands",
+    "CommandResult": "mvm.sdk.backend",
+    "DesktopSandbox": "mvm.sdk.desktop",
+    "Forward": "mvm.sdk.ports",
+    "Network": "mvm.sdk.options",
+    "RecordedBytes": "mvm.sdk.backend",
+    "RecordedStr": "mvm.sdk.backend",
+    "Resources": "mvm.sdk.options",
+    "Sandbox": "mvm.sdk.sandbox",
+    "SecretRef": "mvm.sdk.options",
+    "Snapshot": "mvm.sdk.sandbox",
+    "is_placeholder": "mvm.sdk.backend",
+    "network": "mvm.sdk.options",
+    "resources": "mvm.sdk.options",
+    "secret": "mvm.sdk.options",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name == "errors":
+        value: object = _importlib.import_module("mvm.errors")
+    elif name in _HOME:
+        value = getattr(_importlib.import_module(_HOME[name]), name)
+    else:
+        raise AttributeError(f"module 'mvm.sdk' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -52,28 +52,35 @@ class Fork:
         work = paths.run_dir() / f"fork-{secrets.token_hex(4)}"
         work.mkdir(parents=True)
         try:
-            async with live.lock:
-                live, _ = core.running(name)
-                assert live.vm is not None
-                t0 = time.monotonic()
-                paused = await forkvm.save_live(live.vm, work / "snap")
-                vmspec = live.vm.spec
+            t0 = time.monotonic()
+            assert live.vm is not None
+            # One copy of the snapshot's memory (a loader QEMU's shared RAM file), mapped
+            # copy-on-write by every child; the source streams straight into it.
+            forkvm.place_ram(work / "img", live.vm.spec.memory_mb)
+            loader = await forkvm.start_loader(live.vm.spec, work / "img", core.store)
+            try:
+                async with live.lock:
+                    live, _ = core.running(name)
+                    assert live.vm is not None
+                    t1 = time.monotonic()
+                    paused = await forkvm.stream_into(live.vm, loader)
+            except BaseException:
+                await loader.stop()
+                raise
             live.note(f"forked into {', '.join(kids)} (paused {paused:.3f}s)")
-            t1 = time.monotonic()
-            # One copy of the snapshot's memory, mapped copy-on-write by every child.
-            await forkvm.make_image(vmspec, work / "snap", work / "img", core.store)
-            (work / "snap").unlink()
+            await forkvm.finish_image(loader, work / "img")  # stops the loader
             t2 = time.monotonic()
             results = await asyncio.gather(
                 *(self._child(parent, image, work / "img", kid, cow=True) for kid in kids),
                 return_exceptions=True,
             )
             stages = {
-                "snapshot": round(t1 - t0, 4),
-                "image": round(t2 - t1, 4),
+                "loader": round(t1 - t0, 4),
+                "snapshot": round(t2 - t1, 4),
                 "children": round(time.monotonic() - t2, 4),
             }
         finally:
+            forkvm.remove_ram(work / "img")
             shutil.rmtree(work, ignore_errors=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         children = [r for r in results if isinstance(r, Live)]
