@@ -88,8 +88,6 @@ def test_the_owner_may_name_its_actor(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_the_client_labels_its_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import httpx
-
     from mvm import client
     from mvm.errors import InvalidArgument
 
@@ -98,9 +96,7 @@ def test_the_client_labels_its_calls(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv(client.ACTOR_ENV, raising=False)
 
     def sent(c: client.Client) -> str | None:
-        req = httpx.Request("GET", "http://mvmd/v1/status")
-        c._label(req)
-        return req.headers.get(client.ACTOR_HEADER)
+        return c._label({"content-type": "application/json"}).get(client.ACTOR_HEADER)
 
     assert sent(client.Client()) is None
     assert sent(client.Client(actor="alice")) == "alice"
