@@ -104,7 +104,9 @@ def place_ram(dest: Path, memory_mb: int) -> None:
         st = os.statvfs(where)
         if st.f_bavail * st.f_frsize < 2 * (memory_mb << 20):
             return
-        fd, name = tempfile.mkstemp(prefix="mvm-fork-", dir=where)
+        # The pid in the name lets a later mvmd remove what a killed one left
+        # (reap_orphan_ram).
+        fd, name = tempfile.mkstemp(prefix=f"mvm-fork-{os.getpid()}-", dir=where)
         os.close(fd)  # created here: QEMU opens it through the link (no O_CREAT|O_EXCL)
     except OSError:
         return
@@ -112,6 +114,25 @@ def place_ram(dest: Path, memory_mb: int) -> None:
         (dest / "ram").symlink_to(name)
     except OSError:
         os.unlink(name)
+
+
+def reap_orphan_ram() -> list[str]:
+    """Remove shared RAM files whose mvmd died mid-fork (``place_ram`` unlinks them as
+    soon as the children hold their mappings). Returns what it removed."""
+    where = os.environ.get("MVM_FORK_RAM_DIR", "/dev/shm")
+    removed: list[str] = []
+    if not where:
+        return removed
+    for path in Path(where).glob("mvm-fork-*-*"):
+        pid = path.name.split("-")[2]
+        if not pid.isdecimal() or path.is_symlink() or not path.is_file():
+            continue
+        if path.stat().st_uid != os.getuid() or Path(f"/proc/{pid}").exists():
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(str(path))
+    return removed
 
 
 def remove_ram(dest: Path) -> None:

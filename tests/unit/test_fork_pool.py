@@ -65,3 +65,23 @@ def test_pool_warm_is_the_default_and_can_be_turned_off(monkeypatch: pytest.Monk
     assert not pool.pool_warm()
     monkeypatch.setenv("MVM_POOL_WARM", "1")
     assert pool.pool_warm()
+
+
+def test_a_killed_mvmds_fork_ram_is_reaped_and_a_live_ones_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import subprocess
+
+    from mvm import forkvm
+
+    monkeypatch.setenv("MVM_FORK_RAM_DIR", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f"mvm-fork-{dead.pid}-abc"
+    mine = tmp_path / f"mvm-fork-{os.getpid()}-def"
+    other = tmp_path / "mvm-fork-notapid-x"
+    for p in (orphan, mine, other):
+        p.write_bytes(b"x")
+    assert forkvm.reap_orphan_ram() == [str(orphan)]
+    assert not orphan.exists() and mine.exists() and other.exists()

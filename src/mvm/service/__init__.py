@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+from mvm import forkvm
 from mvm.images.store import ImageStore
 from mvm.service.core import Core
 from mvm.service.execs import Execs
@@ -55,6 +56,7 @@ class SandboxService:
         return self.sandboxes.ready
 
     async def start(self) -> None:
+        forkvm.reap_orphan_ram()  # a killed mvmd's half-made fork
         await self.sandboxes.start()
         self.pool.reap_orphans({live.rec.pid for live in self.core.live.values() if live.rec.pid})
 
