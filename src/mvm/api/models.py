@@ -149,6 +149,8 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     warnings: list[str] = []
     #: Set while a running sandbox's agent does not answer mvmd's health pings: why.
     unresponsive: str | None = None
+    #: The cluster host that runs it (set by a cluster front, docs/cluster.md).
+    host: str | None = None
 
 
 class ExecRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -28,6 +28,7 @@ from mvm.cli.audit import write_run_receipt
 from mvm.cli.browser import COMMANDS as BROWSER_COMMANDS
 from mvm.cli.builder import COMMANDS as BUILDER_COMMANDS
 from mvm.cli.builder import build_in_builder
+from mvm.cli.cluster import COMMANDS as CLUSTER_COMMANDS
 from mvm.cli.code import COMMANDS as CODE_COMMANDS
 from mvm.cli.common import (
     Seconds,
@@ -313,6 +314,7 @@ for _command in [
     *SERVE_COMMANDS,
     *BROWSER_COMMANDS,
     *DESKTOP_COMMANDS,
+    *CLUSTER_COMMANDS,
 ]:
     cli.add_command(_command)
 cli.add_command(compile_command)

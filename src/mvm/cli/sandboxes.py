@@ -170,10 +170,13 @@ def ls(as_json: bool) -> None:
         emit_json(items)
         return
     table = Table(box=None, header_style="bold")
-    cols = (
+    cols: tuple[str, ...] = (
         "NAME", "ID", "IMAGE", "STATE", "AGE", "TTL LEFT", "CPUS", "MEMORY", "DISK", "NETWORK",
         "PORTS",
     )  # fmt: skip
+    clustered = any(s.host for s in items)
+    if clustered:
+        cols = (*cols, "HOST")
     for col in cols:
         table.add_column(col)
     for s in items:
@@ -192,6 +195,7 @@ def ls(as_json: bool) -> None:
             f"{s.disk_mb}M",
             s.network.preset + (f"+{len(s.network.allow)}" if s.network.allow else ""),
             ",".join(describe_forward(f) for f in s.forwards) or "-",
+            *((s.host or "-",) if clustered else ()),
         )
     out_console().print(table)
 
