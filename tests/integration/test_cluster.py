@@ -75,7 +75,7 @@ def test_two_creates_land_on_different_hosts_and_calls_are_routed(cl: Cluster) -
     # One cluster audit record per placement, in the front's own chain.
     text = "".join(p.read_text() for p in (cl.front.home / "audit").glob("*.jsonl"))
     placed = [json.loads(x) for x in text.splitlines() if '"cluster.place"' in x]
-    assert {(r["sandbox"], r["host"]) for r in placed} >= {
+    assert {(r["sandbox"], r["data"]["host"]) for r in placed} >= {
         ("spread1", listed["spread1"]["host"]),
         ("spread2", listed["spread2"]["host"]),
     }
