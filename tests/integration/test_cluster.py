@@ -123,3 +123,23 @@ def test_a_dead_host_loses_its_sandboxes_placement_continues_and_it_rejoins(
     assert cl.remote.sh("victim", "echo back", timeout=300).out.strip() == "back"
     for name in ("victim", "after1", "after2"):
         cl.remote.ok("down", name, timeout=300)
+
+
+def test_migrate_keeps_the_name_a_file_and_a_running_process(cl: Cluster) -> None:
+    cl.remote.ok(*UP, "--name", "mover", timeout=600)
+    src = cl.ls()["mover"]["host"]
+    dst = "h2" if src == "h1" else "h1"
+    cl.remote.ok("exec", "mover", "--", "sh", "-c", "echo kept > /work/f.txt", timeout=300)
+    loop = "i=0; while true; do i=$((i+1)); echo $i > /tmp/tick; sleep 1; done"
+    cl.remote.ok("proc", "start", "mover", "--", "sh", "-c", loop, timeout=300)
+    assert wait_until(lambda: cl.remote.sh("mover", "cat /tmp/tick").out.strip() != "", 120)
+    out = json.loads(cl.remote.ok("migrate", "mover", "--to", dst, "--json", timeout=900).out)
+    assert out["from"] == src and out["to"] == dst and out["pause_seconds"] > 0
+    assert out["total_seconds"] >= out["pause_seconds"]
+    assert cl.ls()["mover"]["host"] == dst and cl.ls()["mover"]["state"] == "running"
+    assert "mover" not in cl.host(src)["sandboxes"]
+    assert cl.remote.sh("mover", "cat /work/f.txt", timeout=300).out.strip() == "kept"
+    # The same loop, still counting on the new host (its count went on from before).
+    before = int(cl.remote.sh("mover", "cat /tmp/tick", timeout=300).out)
+    assert wait_until(lambda: int(cl.remote.sh("mover", "cat /tmp/tick").out or 0) > before, 120)
+    cl.remote.ok("down", "mover", timeout=300)

@@ -207,4 +207,42 @@ def rejoin(host: str) -> None:
     click.echo(f"{r['name']} {'up' if r['alive'] else 'still lost'} at {r['url']}")
 
 
-COMMANDS = [cluster]
+@click.command("migrate")
+@click.argument("name")
+@click.option("--to", "to", required=True, help="The host to move it to.")
+@click.option("--json", "as_json", is_flag=True)
+@fail_on_errors
+def migrate(name: str, to: str, as_json: bool) -> None:
+    """Move running sandbox NAME to host TO (a cluster front: MVM_URL + MVM_TOKEN); its
+    memory, files and processes go with it, the name stays. Prints the pause."""
+    from mvm import client, names
+
+    names.check("sandbox", name)
+    url = client.remote_url()
+    if url is None:
+        raise errors.InvalidArgument(
+            "migrate needs a cluster front", hint="set MVM_URL and MVM_TOKEN"
+        )
+    r = httpx.post(
+        f"{url}/v1/sandboxes/{name}/migrate",
+        params={"to": to},
+        headers={"Authorization": f"Bearer {os.environ.get('MVM_TOKEN', '')}"},
+        timeout=900.0,
+    )
+    if r.status_code >= 400:
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"message": r.text[:300]}
+        raise errors.MvmError(f"migrate failed ({r.status_code}): {body.get('message', body)}")
+    out = r.json()
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(
+        f"{name}: {out['from']} -> {out['to']}  pause {out['pause_seconds']:.2f}s  "
+        f"total {out['total_seconds']:.2f}s  state {out['state_bytes'] >> 20} MiB"
+    )
+
+
+COMMANDS = [cluster, migrate]

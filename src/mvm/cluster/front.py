@@ -289,12 +289,14 @@ class ClusterServer(Server):
 
     async def native_route(self, request: web.Request) -> web.StreamResponse:
         tail = request.match_info.get("tail", "")
+        parts = tail.split("/")
+        if len(parts) == 3 and parts[0] == "sandboxes" and parts[2] == "migrate":
+            return await self._migrate(request, parts[1])
         if not tail.startswith("cluster/"):
             return await super().native_route(request)
         if "admin" not in request[IDENT_KEY].scopes:
             return web.json_response({"code": 403, "message": "admin scope needed"}, status=403)
         reg = self.cluster.reg
-        parts = tail.split("/")
         if parts == ["cluster", "status"] and request.method == "GET":
             return web.json_response({**reg.status(), "policy": self.cluster.policy})
         if len(parts) == 4 and parts[1] == "hosts" and parts[3] == "rejoin":
@@ -307,3 +309,30 @@ class ClusterServer(Server):
             resp: web.StreamResponse = await handler(request, parts)
             return resp
         raise web.HTTPNotFound()
+
+    async def _migrate(self, request: web.Request, name: str) -> web.StreamResponse:
+        """``POST /v1/sandboxes/NAME/migrate?to=HOST``: move it there, name kept."""
+        from mvm import tenancy
+        from mvm.cluster.migrate import migrate
+
+        ident = request[IDENT_KEY]
+        if "sandboxes" not in ident.scopes or request.method != "POST":
+            return web.json_response({"code": 403, "message": "not allowed"}, status=403)
+        sb = tenancy.sandbox_for(ident.tenant, name)
+        reg = self.cluster.reg
+        to = request.query.get("to", "")
+        src = reg.owner.get(sb)
+        if src is None:
+            raise errors.SandboxNotFound(f"sandbox {name} not found", name=name)
+        if to not in reg.hosts or not reg.hosts[to].alive:
+            raise errors.InvalidArgument(f"no live host {to!r}", hint="see `mvmctl cluster status`")
+        if to == src:
+            raise errors.InvalidArgument(f"{name} already runs on {to}")
+        try:
+            out = await migrate(self.cluster, self.cluster.headers(ident), sb, src, to)
+        except errors.MvmError:
+            raise
+        except Exception as exc:  # a host actor's failure (Ray wraps it)
+            raise errors.MvmError(f"migration failed: {str(exc)[-300:]}") from None
+        out["name"] = name
+        return web.json_response(out)
