@@ -6,6 +6,7 @@ MVM_TOKEN) — placement, routing, tokens, failover and rejoin against real VMs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -17,11 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.mvmd_home import Ctl, pid_alive, private_home, wait_until
+from tests.integration.mvmd_home import SHARED, Ctl, pid_alive, private_home, wait_until
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 UP = ("up", "--image", "python-3.11", "--ttl", "30m")
+NO_ROOTFS = tuple(n for n in SHARED if n != "rootfs")
 
 
 @dataclass
@@ -46,7 +48,11 @@ class Cluster:
 def cl() -> Iterator[Cluster]:
     with contextlib.ExitStack() as stack:
         front_home = stack.enter_context(private_home("mvcf-"))
-        homes = [stack.enter_context(private_home(f"mvch{i}-")) for i in (1, 2)]
+        homes = [
+            stack.enter_context(private_home("mvch1-")),
+            # h2 keeps its own root filesystems: an image copied to it lands there.
+            stack.enter_context(private_home("mvch2-", share=NO_ROOTFS)),
+        ]
         front = Ctl(front_home)
         args = ["cluster", "up", "--local-hosts", "2"]
         for h in homes:
@@ -143,3 +149,30 @@ def test_migrate_keeps_the_name_a_file_and_a_running_process(cl: Cluster) -> Non
     before = int(cl.remote.sh("mover", "cat /tmp/tick", timeout=300).out)
     assert wait_until(lambda: int(cl.remote.sh("mover", "cat /tmp/tick").out or 0) > before, 120)
     cl.remote.ok("down", "mover", timeout=300)
+
+
+def test_an_image_a_host_lacks_is_copied_to_it_verified_and_runs(cl: Cluster) -> None:
+    records = cl.homes[1] / "images"
+    img = json.loads((records / "python-3.11.json").read_text())
+    for rec in records.glob("*.json"):  # h2 forgets the image (and its aliases)
+        if json.loads(rec.read_text()).get("id") == img["id"]:
+            rec.unlink()
+    assert wait_until(lambda: "python-3.11" not in cl.host("h2")["capacity"]["images"], 120)
+    r = httpx.post(
+        f"{cl.url}/v1/sandboxes",
+        params={"host": "h2"},
+        json={"name": "imgcopy", "image": "python-3.11", "ttl_seconds": 1800},
+        headers={"Authorization": f"Bearer {cl.token}"},
+        timeout=900,
+    )
+    assert r.status_code == 201, r.text
+    assert cl.ls()["imgcopy"]["host"] == "h2"
+    copied = Path(json.loads((records / "python-3.11.json").read_text())["rootfs"])
+    assert copied.parent == cl.homes[1] / "rootfs" and not copied.is_symlink()
+    h = hashlib.sha256()
+    with copied.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    assert h.hexdigest() == img["rootfs_sha256"]
+    assert cl.remote.sh("imgcopy", "echo ran", timeout=300).out.strip() == "ran"
+    cl.remote.ok("down", "imgcopy", timeout=300)

@@ -212,20 +212,27 @@ class RoutingUpstream(Upstream):
             if not order:
                 msg = "no host can take this sandbox" + (f" (tried: {tried})" if tried else "")
                 return Canned.error(errors.MvmError(msg, hint="see `mvmctl cluster status`"))
+            params = dict(kw.get("params") or {})
+            want = params.pop("host", None)
+            if want is not None:  # ?host=NAME: the caller's choice, if it can take it
+                if want not in order:
+                    return Canned.error(errors.InvalidArgument(f"host {want!r} cannot take it"))
+                order = [want]
             host = order[0]
             self.reg.hosts[host].placed += 1
             try:
+                await self._image_to(host, shape.image)
                 async with await self.to_host(
                     host,
                     "POST",
                     "/sandboxes",
                     data=data,
-                    params=kw.get("params"),
+                    params=params,
                     headers=dict(headers),
                 ) as r:
                     raw = await r.read()
                     status, ctype = r.status, r.headers.get("content-type", "application/json")
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, errors.MvmError) as exc:
                 tried.append({"host": host, "error": f"{exc!r}"[:200]})
                 await self.reg.report(self.reg.hosts[host])
                 continue
@@ -235,6 +242,21 @@ class RoutingUpstream(Upstream):
             if status < 300:
                 self._placed(host, raw, headers, tried, shape)
             return Canned(status, raw, ctype)
+
+    async def _image_to(self, host: str, image: str) -> None:
+        """Copy ``image`` to ``host`` from a host that has it, if it lacks it."""
+        h = self.reg.hosts[host]
+        if image in h.cap.images or not h.report:
+            return
+        src = next((o for o in self.reg.hosts.values() if o.alive and image in o.cap.images), None)
+        if src is None:
+            return  # nobody has it: the host's own mvmd says what is wrong
+        try:
+            got = await h.actor.import_image.remote(src.url, image)
+        except Exception as exc:  # Ray wraps the host's error
+            raise errors.MvmError(f"image {image} not copied to {host}: {exc}"[:300]) from None
+        h.cap.images.append(image)
+        log.info("image %s copied %s -> %s: %s", image, src.name, host, got)
 
     def _placed(
         self,

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mvm import names
+from mvm import errors, names
 
 #: The header carrying the cluster key from the front (and between hosts) to a relay.
 KEY_HEADER = "X-Mvm-Cluster-Key"
@@ -77,6 +77,8 @@ class HostAgent:
         self._up = Upstream(str(client.socket_path()))
         app = web.Application(client_max_size=64 << 20 | 1 << 16)
         app.router.add_get("/cluster/snapshots/{sandbox}/{snap}/{file}", self._snapshot_file)
+        app.router.add_get("/cluster/images/{image}", self._image_manifest)
+        app.router.add_get("/cluster/images/{image}/file", self._image_file)
         app.router.add_route("*", "/v1/{tail:.*}", self._relay)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -159,6 +161,45 @@ class HostAgent:
         from mvm.cluster.migrate import pull_snapshot
 
         return str(await pull_snapshot(src_url, self.key, sandbox, snap, want))
+
+    async def import_image(self, src_url: str, image: str) -> dict[str, Any]:
+        from mvm.cluster.images import pull_image
+        from mvm.images.store import ImageStore
+
+        return await pull_image(ImageStore(self.home), src_url, self.key, image)
+
+    async def _image_manifest(self, request: web.Request) -> web.StreamResponse:
+        from mvm.cluster.images import manifest
+        from mvm.images.store import ImageStore
+
+        if not self._authorized(request):
+            return web.json_response({"code": 401, "message": "unauthorized"}, status=401)
+        image = request.match_info["image"]
+        if not names.is_valid("image", image):
+            raise web.HTTPNotFound()
+        try:
+            man = await asyncio.to_thread(manifest, ImageStore(self.home), image)
+        except errors.MvmError:
+            raise web.HTTPNotFound() from None
+        return web.json_response(man)
+
+    async def _image_file(self, request: web.Request) -> web.StreamResponse:
+        from mvm.cluster.images import source_file
+        from mvm.images.store import ImageStore
+
+        if not self._authorized(request):
+            return web.json_response({"code": 401, "message": "unauthorized"}, status=401)
+        image = request.match_info["image"]
+        try:
+            f = source_file(
+                ImageStore(self.home),
+                image,
+                request.query.get("kind", ""),
+                request.query.get("rel", ""),
+            )
+        except errors.MvmError:
+            raise web.HTTPNotFound() from None
+        return web.FileResponse(f)
 
     def _authorized(self, request: web.Request) -> bool:
         got = request.headers.get(KEY_HEADER, "")
