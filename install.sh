@@ -15,7 +15,7 @@ extras="[mcp]"   # `mvmctl mcp` needs the official MCP SDK
 for arg in "$@"; do
     case "$arg" in
         --no-demo) demo=0 ;;
-        --dev) extras="[dev]" ;;
+        --dev) extras="[dev,ray]" ;;  # ray: the cluster tests (mvm[ray])
         *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -80,7 +80,7 @@ fi
 echo "==> building the default image (cached after the first time)"
 .venv/bin/mvmctl build --preset python
 
-if [ "$extras" = "[dev]" ]; then
+if [ "$extras" = "[dev,ray]" ]; then
     # The test suite's other images: big, so built once per machine (cached by content
     # hash in $MVM_HOME) rather than by the tests that need them.
     for preset in python-data browser desktop builder; do

@@ -195,6 +195,8 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     warnings: list[str] = []
     #: Set while a running sandbox's agent does not answer mvmd's health pings: why.
     unresponsive: str | None = None
+    #: The cluster host that runs it (set by a cluster front, docs/cluster.md).
+    host: str | None = None
 
 
 def info_for(shape: SandboxShape, **facts: Any) -> SandboxInfo:

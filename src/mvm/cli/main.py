@@ -35,6 +35,10 @@ LAZY: dict[str, tuple[str, str]] = {
         "mvm.cli.builder:builder",
         "The builder VM: where every image except its own is built.",
     ),
+    "cluster": (
+        "mvm.cli.cluster:cluster",
+        "Many hosts on Ray: placement, failover, migration (docs/cluster.md).",
+    ),
     "compile": (
         "mvm.cli.script:compile_command",
         "Record SCRIPT (no VM starts) into DIR/ir.json plus included files by hash.",
@@ -94,6 +98,11 @@ LAZY: dict[str, tuple[str, str]] = {
         "mvm.cli.code:mcp",
         "Serve mvm as MCP tools (stdio by default) for agents: sandboxes, run_code, commands, "
         "files, ports.",
+    ),
+    "migrate": (
+        "mvm.cli.cluster:migrate",
+        "Move running sandbox NAME to host TO (a cluster front: MVM_URL + MVM_TOKEN); its "
+        "memory, files and processes go with it, the name stays.",
     ),
     "pause": ("mvm.cli.sandboxes:pause", "Freeze a sandbox's vCPUs (it keeps its memory)."),
     "proc": (

@@ -36,10 +36,13 @@ def ls(as_json: bool) -> None:
     from mvm.cli.ui import out_console
 
     table = Table(box=None, header_style="bold")
-    cols = (
+    cols: tuple[str, ...] = (
         "NAME", "ID", "IMAGE", "STATE", "AGE", "TTL LEFT", "CPUS", "MEMORY", "DISK", "NETWORK",
         "PORTS",
     )  # fmt: skip
+    clustered = any(s.host for s in items)
+    if clustered:
+        cols = (*cols, "HOST")
     for col in cols:
         table.add_column(col)
     for s in items:
@@ -58,6 +61,7 @@ def ls(as_json: bool) -> None:
             f"{s.disk_mb}M",
             s.network.preset + (f"+{len(s.network.allow)}" if s.network.allow else ""),
             ",".join(describe_forward(f) for f in s.forwards) or "-",
+            *((s.host or "-",) if clustered else ()),
         )
     out_console().print(table)
 

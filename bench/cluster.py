@@ -1,0 +1,133 @@
+"""`mvmctl cluster` on one machine: creates per second through the front with 2 simulated
+hosts against 1, and a live migration's pause and total for a sandbox with dirtied memory.
+
+Run: ``.venv/bin/python bench/cluster.py [--creates N] [--dirty-mb N] [--json]``
+
+Each run: throw-away homes under /tmp (images shared with the default store), `mvmctl
+cluster up --local-hosts N`, ``--creates`` concurrent creates through the front (HTTP,
+admin token), every sandbox removed, then (2 hosts) one 1 GiB sandbox with
+``--dirty-mb`` of random data written into its memory is migrated to the other host.
+Figures are printed beside their floor from the same run (1 host for creates/s) and the
+issue's target as a ratio (2 hosts: twice the creates/s). `cluster down` and the homes
+removed at the end (also on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import httpx
+
+from common import default_store, kill_strays
+from mvm.cluster.local import host_home
+
+MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
+IMAGE = "python"
+
+
+def ctl(home: Path, *args: str, timeout: float = 900) -> str:
+    env = {**os.environ, "MVM_HOME": str(home)}
+    for k in ("MVM_URL", "MVM_TOKEN"):
+        env.pop(k, None)
+    p = subprocess.run([*MVMCTL, *args], env=env, capture_output=True, timeout=timeout)
+    if p.returncode != 0:
+        raise SystemExit(f"mvmctl {' '.join(args)} failed: {p.stderr.decode()[-800:]}")
+    return p.stdout.decode()
+
+
+async def creates(url: str, token: str, n: int, tag: str) -> tuple[float, list[str]]:
+    hdr = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, headers=hdr, timeout=900) as c:
+
+        async def one(i: int) -> str:
+            r = await c.post("/v1/sandboxes", json={"name": f"{tag}{i}", "image": IMAGE})
+            r.raise_for_status()
+            return str(r.json()["name"])
+
+        t0 = time.monotonic()
+        made = await asyncio.gather(*(one(i) for i in range(n)))
+        took = time.monotonic() - t0
+        await asyncio.gather(*(c.delete(f"/v1/sandboxes/{m}") for m in made))
+    return n / took, list(made)
+
+
+def migrate(url: str, token: str, dirty_mb: int) -> dict[str, Any]:
+    hdr = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, headers=hdr, timeout=900) as c:
+        r = c.post("/v1/sandboxes", json={"name": "mig", "image": IMAGE, "memory_mb": 1024})
+        r.raise_for_status()
+        src = r.json()
+        cmd = f"head -c {dirty_mb}M /dev/urandom > /work/dirty && sync"
+        c.post("/v1/sandboxes/mig/exec", json={"argv": ["sh", "-c", cmd]}).raise_for_status()
+        hosts = {s["name"]: s["host"] for s in c.get("/v1/sandboxes").json()}
+        to = "h2" if hosts["mig"] == "h1" else "h1"
+        out = c.post("/v1/sandboxes/mig/migrate", params={"to": to})
+        out.raise_for_status()
+        c.delete("/v1/sandboxes/mig")
+        return {**out.json(), "memory_mb": src["memory_mb"]}
+
+
+def run(n_hosts: int, n_creates: int, dirty_mb: int) -> dict[str, Any]:
+    store = default_store()
+    front = host_home(store, Path(tempfile.mkdtemp(prefix="mvbcf-", dir="/tmp")))
+    homes = [
+        host_home(store, Path(tempfile.mkdtemp(prefix=f"mvbh{i}-", dir="/tmp")))
+        for i in range(n_hosts)
+    ]
+    out: dict[str, Any] = {"hosts": n_hosts}
+    try:
+        args = ["cluster", "up", "--local-hosts", str(n_hosts), "--json"]
+        for h in homes:
+            args += ["--host-home", str(h)]
+        up = json.loads(ctl(front, *args))
+        out["creates_per_s"], _ = asyncio.run(creates(up["url"], up["token"], n_creates, "b"))
+        if n_hosts >= 2:
+            out["migration"] = migrate(up["url"], up["token"], dirty_mb)
+    finally:
+        try:
+            ctl(front, "cluster", "down", timeout=600)
+        finally:
+            for h in [front, *homes]:
+                kill_strays(str(h))
+                for n in ("rootfs", "kernels", "initramfs", "templates", "build.lock"):
+                    if (h / n).is_symlink():
+                        (h / n).unlink()
+                shutil.rmtree(h, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--creates", type=int, default=6)
+    p.add_argument("--dirty-mb", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    one = run(1, a.creates, a.dirty_mb)
+    two = run(2, a.creates, a.dirty_mb)
+    ratio = two["creates_per_s"] / one["creates_per_s"]
+    report = {"one_host": one, "two_hosts": two, "creates_ratio": ratio, "target_ratio": 2.0}
+    if a.json:
+        print(json.dumps(report))
+        return
+    m = two["migration"]
+    print(f"creates/s, {a.creates} concurrent: 2 hosts {two['creates_per_s']:.3f}  "
+          f"floor (1 host) {one['creates_per_s']:.3f}  ratio {ratio:.2f} (target 2.0: "
+          f"{ratio / 2.0:.2f} of it)")  # fmt: skip
+    print(f"migration, {a.dirty_mb} MB dirtied in {m['memory_mb']} MiB: pause "
+          f"{m['pause_seconds']:.2f}s  total {m['total_seconds']:.2f}s  state "
+          f"{m['state_bytes'] >> 20} MiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
