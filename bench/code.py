@@ -1,7 +1,8 @@
 """run_code costs, each beside its floor from the same run and sandbox:
 
 - a trivial cell ``1`` in a running context, beside a bare ``commands.run(["true"])`` (the
-  exec round trip every cell rides on): the ratio is what the cell path adds;
+  exec round trip every cell rides on): the ratio is what the cell path adds; and an exec
+  of ``python3 -I -S -c pass``, what each cell cost when its client was Python;
 - a new context's first cell (interpreter start included);
 - with ``--image python-data``: the first cell of a new sandbox importing numpy, pandas and
   matplotlib in its default context (warm: the template's snapshot has that interpreter
@@ -26,6 +27,7 @@ from collections.abc import Callable
 import mvm
 
 HEAVY = "import numpy, pandas, matplotlib.pyplot"
+PY_START = ["python3", "-I", "-S", "-c", "pass"]
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -57,6 +59,8 @@ def measure(image: str, rounds: int) -> dict[str, list[float]]:
         for _ in range(rounds):
             add("floor: commands.run(['true'])", lambda: sb.commands.run(["true"]))
             add("trivial cell `1`", lambda: sb.run_code("1"))
+            # what every cell paid before the bash client: a Python start per cell
+            add("ref: exec python3 -I -S -c pass", lambda: sb.commands.run(PY_START))
             add("trivial bash cell `:`", lambda: sb.run_code(":", language="bash"))
             ctx = sb.create_context()
             add("new context: first cell `1`", lambda c=ctx: sb.run_code("1", context=c))  # type: ignore[misc]
