@@ -22,9 +22,8 @@ import pytest
 
 import mvm
 from mvm.errors import InvalidArgument, SandboxNotFound
-from mvm.sdk import mode
 from mvm.sdk.code import MAX_CODE, code_for
-from tests.integration.mvmd_home import private_home
+from tests.integration.code_home import home_fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -63,23 +62,7 @@ def decode_png(data: bytes) -> tuple[int, int, bytes]:
     return width, height, zlib.decompress(idat)
 
 
-@pytest.fixture(scope="module")
-def home() -> Iterator[Path]:
-    with private_home("mvcode-") as h:
-        old = {k: os.environ.get(k) for k in ("MVM_HOME", "MVM_RUN_DIR", "MVM_SDK_MODE")}
-        os.environ["MVM_HOME"] = str(h)
-        for k in ("MVM_RUN_DIR", "MVM_SDK_MODE"):
-            os.environ.pop(k, None)
-        mode._backend = None
-        try:
-            yield h
-        finally:
-            mode._backend = None
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+home = home_fixture("mvcode-")
 
 
 def mvmctl(home: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:

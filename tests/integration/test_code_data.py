@@ -1,10 +1,11 @@
 """run_code on the ``python-data`` preset: a matplotlib figure comes back as a decodable
-PNG and a pandas DataFrame as HTML. The image is built into the default store if it is
-missing (a few minutes, once): a missing image is a failure, never a skip."""
+PNG and a pandas DataFrame as HTML; the default context comes warm from the template (its
+imports done, its PRNGs reseeded per sandbox); node contexts keep their state. The image
+is built into the default store if it is missing (a few minutes, once): a missing image
+is a failure, never a skip."""
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -13,9 +14,10 @@ import pytest
 
 import mvm
 from mvm.errors import SandboxNotFound
+from mvm.images.manifest import load_preset
 from mvm.images.store import ImageStore
-from mvm.sdk import mode
-from tests.integration.mvmd_home import default_home, private_home
+from tests.integration.code_home import sdk_home
+from tests.integration.mvmd_home import default_home
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
@@ -52,13 +54,10 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[mvm.Sandbox]:
-    ImageStore(default_home()).ensure("python-data")  # before the home copies image records
-    with private_home("mvdata-") as h:
-        old = {k: os.environ.get(k) for k in ("MVM_HOME", "MVM_RUN_DIR", "MVM_SDK_MODE")}
-        os.environ["MVM_HOME"] = str(h)
-        for k in ("MVM_RUN_DIR", "MVM_SDK_MODE"):
-            os.environ.pop(k, None)
-        mode._backend = None
+    # build, not ensure: an image recorded before the preset changed (its [warm] recipe)
+    # is recorded afresh (its rootfs is reused); before the home copies image records.
+    ImageStore(default_home()).build(load_preset("python-data"))
+    with sdk_home("mvdata-"):
         sb = mvm.Sandbox.create("python-data", ttl="30m", resources=mvm.resources(memory_mb=1024))
         try:
             yield sb
@@ -67,12 +66,6 @@ def sandbox() -> Iterator[mvm.Sandbox]:
                 sb.destroy()
             except SandboxNotFound:
                 pass
-            mode._backend = None
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def test_matplotlib_figures_come_back_as_png(sandbox: mvm.Sandbox) -> None:
@@ -95,3 +88,44 @@ def test_pandas_dataframe_has_html(sandbox: mvm.Sandbox) -> None:
     assert res.text is not None and "a  b" in res.text
     assert "<table" in res.value["text/html"]
     assert any("text/html" in o for o in res.outputs)
+
+
+def test_default_context_is_warm_with_its_own_prng(sandbox: mvm.Sandbox) -> None:
+    # The template's recipe started the default context with the imports done (no cell
+    # started it: the SDK never passes --preload), so a first cell pays for neither.
+    res = sandbox.run_code(
+        "import sys\n'--preload' in sys.argv, 'pandas' in sys.modules, 'numpy' in sys.modules"
+    )
+    assert res.text == "(True, True, True)", res
+    # Every clone of the template resumed the same interpreter: each reseeds before its
+    # first cell, so two sandboxes draw different numbers.
+    draw = "import random, numpy\nrandom.getrandbits(64), int(numpy.random.randint(1 << 30))"
+    with mvm.Sandbox.create(
+        "python-data", ttl="10m", resources=mvm.resources(memory_mb=1024)
+    ) as other:
+        theirs = other.run_code(draw, timeout_seconds=600).text
+    ours = sandbox.run_code(draw, timeout_seconds=600).text
+    assert ours and theirs and ours != theirs
+    a, b = (t.strip("()").split(", ") for t in (ours, theirs))
+    assert a[0] != b[0] and a[1] != b[1]
+
+
+def test_node_context_keeps_state(sandbox: mvm.Sandbox) -> None:
+    ctx = sandbox.create_context("node")
+    first = sandbox.run_code(
+        "const os = require('os');\nlet count = 41;\nconsole.log('user', os.userInfo().uid);\n"
+        "count + 1",
+        context=ctx,
+        timeout_seconds=600,
+    )
+    assert first.ok and first.stdout == "user 1000\n" and first.text == "42", first
+    again = sandbox.run_code("count += 1; [count, typeof os.cpus]", context=ctx)
+    assert again.text == "[ 42, 'function' ]", again
+    err = sandbox.run_code("null.x", context=ctx)
+    assert err.error is not None and err.error.name == "TypeError"
+    assert "<cell 3>" in err.error.traceback
+    loop = sandbox.run_code("for (;;) {}", context=ctx, timeout_seconds=3)
+    assert loop.timed_out and loop.error is not None and loop.error.name == "KeyboardInterrupt"
+    assert sandbox.run_code("count", context=ctx).text == "42"
+    default = sandbox.run_code("1 + 1", language="node")  # the language's default context
+    assert default.text == "2" and default.context == "node"

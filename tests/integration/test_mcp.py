@@ -19,7 +19,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 import mvm
 from mvm.errors import SandboxNotFound
-from mvm.sdk import mode
-from tests.integration.mvmd_home import private_home
+from tests.integration.code_home import home_fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -50,23 +48,7 @@ TOOLS = {
 MARK = "mcp-arg-" + os.urandom(4).hex()  # an argument value that must not reach the audit log
 
 
-@pytest.fixture(scope="module")
-def home() -> Iterator[Path]:
-    with private_home("mvmcp-") as h:
-        old = {k: os.environ.get(k) for k in ("MVM_HOME", "MVM_RUN_DIR", "MVM_SDK_MODE")}
-        os.environ["MVM_HOME"] = str(h)
-        for k in ("MVM_RUN_DIR", "MVM_SDK_MODE"):
-            os.environ.pop(k, None)
-        mode._backend = None
-        try:
-            yield h
-        finally:
-            mode._backend = None
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+home = home_fixture("mvmcp-")
 
 
 def texts(res: Any) -> str:

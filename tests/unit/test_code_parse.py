@@ -75,7 +75,7 @@ def test_resolve_contexts() -> None:
         with pytest.raises(InvalidArgument):
             resolve(bad, "python")
     with pytest.raises(InvalidArgument):
-        resolve(None, "node")
+        resolve(None, "cobol")
 
 
 def test_clip_notes_truncation() -> None:
@@ -119,8 +119,11 @@ def test_bearer_guard() -> None:
 
 def test_initramfs_ships_the_code_programs() -> None:
     from mvm.images import initramfs
+    from mvm.sdk.code import client_script
 
     src = initramfs.code_sources()
-    assert set(src) == {"code_server.py", "code_output.py", "code_bash.py", "code_client.py"}
-    assert b"def serve(" in src["code_server.py"] and b"MVMCODE:" in src["code_client.py"]
+    assert set(src) == {"code_server.py", "code_output.py", "code_bash.py", "code_node.py"}
+    assert b"class Server" in src["code_server.py"] and b"MVMCODE:" in src["code_output.py"]
+    # the per-cell client travels in the exec's argv, as package data of the SDK
+    assert "MVMCODE:" in client_script() and client_script().startswith("# run_code")
     assert b"/run/mvm-code" in initramfs.init_script()

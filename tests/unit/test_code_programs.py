@@ -19,13 +19,20 @@ GUEST = Path(__file__).resolve().parents[2] / "src" / "mvm" / "agent" / "guest"
 
 
 def client(head: dict[str, object], code: str = "") -> dict[str, object]:
-    nonce = os.urandom(8).hex()
-    data = json.dumps({**head, "nonce": nonce}) + "\n" + code
+    """Run code_client.sh as the SDK does and return its record (plus ``_stdout``)."""
+    nonce = os.urandom(16).hex()
+    op, ctx = str(head.get("op", "run")), str(head.get("context", "python"))
+    timeout = float(head.get("timeout", 300))  # type: ignore[arg-type]
+    grace = float(head.get("grace", 5))  # type: ignore[arg-type]
+    argv = ["bash", "--norc", "--noprofile", "-c", (GUEST / "code_client.sh").read_text()]
+    argv += ["mvm-code", op, ctx, str(head.get("wait", 0)), f"{timeout + grace:.3f}", nonce]
+    lang = head.get("language", "python")
+    data = f"MVM1 {op} {ctx} {lang} {timeout:.3f} {nonce}\n{code}" if op == "run" else ""
     p = subprocess.run(
-        [sys.executable, "-I", "-S", str(GUEST / "code_client.py")],
+        argv,
         input=data.encode(),
         capture_output=True,
-        timeout=60,
+        timeout=120,
         check=True,
         start_new_session=True,
     )
@@ -33,6 +40,7 @@ def client(head: dict[str, object], code: str = "") -> dict[str, object]:
     out, _, rec = p.stdout.partition(marker)
     result: dict[str, object] = json.loads(rec)
     result["_stdout"] = out.decode()
+    result["_stderr"] = p.stderr.decode()
     return result
 
 
@@ -64,7 +72,7 @@ def contexts() -> object:
         p.wait(timeout=10)
     d = Path(f"/tmp/.mvm-code-{os.getuid()}")
     for name in names.values():
-        for f in d.glob(f"{name}*"):
+        for f in d.glob(f"{name}.*"):
             shutil.rmtree(f) if f.is_dir() else f.unlink()
 
 
@@ -102,3 +110,83 @@ def test_python_and_bash_contexts_on_the_host(contexts: dict[str, str]) -> None:
     assert isinstance(listed, list) and {py, sh} <= set(listed)
     assert client({"context": sh, "language": "bash", "op": "kill"})["status"] == "killed"
     assert client({"context": sh, "language": "bash"}, "true")["status"] == "no_context"
+
+
+def test_a_stuck_cell_is_killed_and_cells_queue(contexts: dict[str, str]) -> None:
+    py = contexts["python"]
+    assert client({"context": py, "wait": 30}, "import time\nn = 1")["status"] == "ok"
+    # Two cells at once: the second waits for the first (a queue, not an error).
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(client, {"context": py}, "time.sleep(2)\nn += 1\nn")
+        time.sleep(0.5)
+        fast = pool.submit(client, {"context": py}, "n * 10")
+        assert slow.result()["value"] == {"text/plain": "2"}
+        assert fast.result()["value"] == {"text/plain": "20"}
+    stuck = client(
+        {"context": py, "timeout": 1, "grace": 2},
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('spin')\nwhile True: pass",
+    )
+    assert stuck["status"] == "killed" and stuck["timed_out"]
+    assert stuck["_stdout"] == "spin\n"
+    assert client({"context": py}, "1")["status"] == "no_context"
+
+
+def test_preload_and_bad_requests(tmp_path: Path) -> None:
+    name = f"hq-{os.urandom(4).hex()}"
+    proc = subprocess.Popen(
+        [sys.executable, str(GUEST / "code_server.py"), name, "python", "--preload", "json,x;y"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        res = client({"context": name, "wait": 30}, "import sys\n'json' in sys.modules")
+        assert res["value"] == {"text/plain": "True"}
+        bad = subprocess.run(
+            ["bash", "-c", (GUEST / "code_client.sh").read_text(), "mvm-code", "run", "../x"],
+            capture_output=True,
+            timeout=30,
+        )
+        assert bad.returncode == 2 and b"bad arguments" in bad.stderr
+    finally:
+        client({"op": "kill", "context": name})
+        proc.kill()
+        proc.wait(timeout=10)
+        for f in Path(f"/tmp/.mvm-code-{os.getuid()}").glob(f"{name}.*"):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+
+
+def test_node_context_on_the_host() -> None:
+    # install.sh installs Node.js on the host (the TypeScript SDK needs it)
+    name = f"hn-{os.urandom(4).hex()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", str(GUEST / "code_server.py"), name, "node"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    node = {"context": name, "language": "node"}
+    try:
+        first = client({**node, "wait": 60}, "let n = 6 * 7;\nconsole.log('hi');\nn")
+        assert first["status"] == "ok" and first["_stdout"] == "hi\n", first
+        assert first["value"] == {"text/plain": "42"}
+        assert client(node, "const o = {a: [1, 2]}; n + 1")["value"] == {"text/plain": "43"}
+        assert client(node, "Promise.resolve(o.a.length)")["value"] == {"text/plain": "2"}
+        err = client(node, "function f() { throw new TypeError('bad') }\nf()")
+        assert isinstance(err["error"], dict) and err["error"]["name"] == "TypeError"
+        assert err["error"]["value"] == "bad" and "<cell 4>:1" in err["error"]["traceback"]
+        loop = client({**node, "timeout": 1, "grace": 10}, "while (true) {}")
+        assert loop["timed_out"] and isinstance(loop["error"], dict)
+        assert loop["error"]["name"] == "KeyboardInterrupt"
+        assert client(node, "n")["value"] == {"text/plain": "42"}  # the context lived on
+        assert client({**node, "language": "python"}, "1")["status"] == "wrong_language"
+    finally:
+        client({"op": "kill", "context": name})
+        proc.kill()
+        proc.wait(timeout=10)
+        for f in Path(f"/tmp/.mvm-code-{os.getuid()}").glob(f"{name}.*"):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()

@@ -22,7 +22,7 @@ from mvm.images.kernel import Kernel
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 #: The run_code programs (docs/code.md), shipped beside the agent.
-CODE_FILES = ("code_server.py", "code_output.py", "code_bash.py", "code_client.py")
+CODE_FILES = ("code_server.py", "code_output.py", "code_bash.py", "code_node.py")
 
 
 @dataclass(frozen=True)

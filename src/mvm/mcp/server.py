@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
+import inspect
 import os
 import re
 import secrets
@@ -30,13 +32,15 @@ from mvm.mcp import tools as T
 
 INSTRUCTIONS = """\
 mvm runs code in microVM sandboxes on this machine. run_code keeps a persistent Python
-(or bash) interpreter per sandbox: variables, imports and the working directory survive
-between calls, like a notebook; matplotlib figures come back as images. If you name no
-sandbox, a default one is created on first use and removed when this session ends.
-Sandboxes have no network unless created with network_allow. Files live in the sandbox
-(/work is the working directory); nothing of this host is visible inside."""
+(or bash; or node where the image has it) interpreter per sandbox: variables, imports and
+the working directory survive between calls, like a notebook; matplotlib figures come
+back as images. If you name no sandbox, a default one is created on first use and removed
+when this session ends. Sandboxes have no network unless created with network_allow.
+Files live in the sandbox (/work is the working directory); nothing of this host is
+visible inside."""
 
 TOKEN_ENV = "MVM_MCP_TOKEN"
+ToolFn = Callable[..., list[T.Part]]
 _CLIENT_RE = re.compile(r"[^A-Za-z0-9._ -]")
 
 
@@ -110,12 +114,34 @@ def build(image: str = "python", persist: bool = False) -> tuple[MCPServer[Any],
             msg = exc.message + (f"\nhint: {exc.hint}" if exc.hint else "")
             raise ToolError(msg) from None
 
-    @server.tool(
-        description="Create a sandbox (a microVM). Subject to the host's admission "
-        "policy. Returns its name; pass it as `sandbox` to the other tools. It is "
-        "removed when this MCP session ends unless persist=true."
+    def tool(description: str, sandbox_arg: str = "sandbox") -> Callable[[ToolFn], ToolFn]:
+        """Register ``fn`` (sync, returns parts) as the tool named after it: ``call`` audits
+        it, runs it in a worker thread, renders its parts and maps mvm errors to MCP tool
+        errors. The SDK reads the arguments' schema from ``fn``'s signature."""
+
+        def register(fn: ToolFn) -> ToolFn:
+            @functools.wraps(fn)
+            async def run(**kw: Any) -> CallToolResult:
+                named = kw.get(sandbox_arg)
+                return await call(kw["ctx"], fn.__name__, named, lambda: fn(**kw))
+
+            # The SDK reads arguments from fn's signature but the result type from this
+            # one: a CallToolResult, not structured output.
+            sig = inspect.signature(fn, eval_str=True)
+            run.__signature__ = sig.replace(return_annotation=CallToolResult)  # type: ignore[attr-defined]
+            run.__annotations__ = {**fn.__annotations__, "return": CallToolResult}
+            server.tool(description=description)(run)
+            return fn
+
+        return register
+
+    @tool(
+        "Create a sandbox (a microVM). Subject to the host's admission policy. Returns its "
+        "name; pass it as `sandbox` to the other tools. It is removed when this MCP session "
+        "ends unless persist=true.",
+        sandbox_arg="name",
     )
-    async def sandbox_create(
+    def sandbox_create(
         ctx: Context[Any, Any],
         image: Annotated[
             str | None,
@@ -129,122 +155,96 @@ def build(image: str = "python", persist: bool = False) -> tuple[MCPServer[Any],
             list[str], Field(description="host[:port] patterns it may reach (default: no network)")
         ] = [],  # noqa: B006
         persist: Annotated[bool, Field(description="Keep it after this session")] = False,
-    ) -> CallToolResult:
-        def go() -> list[T.Part]:
-            sb = session.create(image, name, ttl, cpu_cores, memory_mb, network_allow, persist)
-            return [T.Part(text=f"created sandbox {sb.name} (image {sb.image})")]
+    ) -> list[T.Part]:
+        sb = session.create(image, name, ttl, cpu_cores, memory_mb, network_allow, persist)
+        return [T.Part(text=f"created sandbox {sb.name} (image {sb.image})")]
 
-        return await call(ctx, "sandbox_create", name, go)
+    @tool("List sandboxes (name, image, state, time left).", sandbox_arg="-")
+    def sandbox_list(ctx: Context[Any, Any]) -> list[T.Part]:
+        import json
 
-    @server.tool(description="List sandboxes (name, image, state, time left).")
-    async def sandbox_list(ctx: Context[Any, Any]) -> CallToolResult:
-        def go() -> list[T.Part]:
-            import json
+        import mvm
 
-            import mvm
+        rows = [T.info_dict(i, session) for i in mvm.Sandbox.list()]
+        return [T.Part(text=T.clip(json.dumps(rows, indent=1), "listing"))]
 
-            rows = [T.info_dict(i, session) for i in mvm.Sandbox.list()]
-            return [T.Part(text=T.clip(json.dumps(rows, indent=1), "listing"))]
+    @tool("Stop and remove a sandbox (its files and processes are gone).")
+    def sandbox_kill(ctx: Context[Any, Any], sandbox: str) -> list[T.Part]:
+        session.kill(sandbox)
+        return [T.Part(text=f"sandbox {sandbox} removed")]
 
-        return await call(ctx, "sandbox_list", None, go)
-
-    @server.tool(description="Stop and remove a sandbox (its files and processes are gone).")
-    async def sandbox_kill(ctx: Context[Any, Any], sandbox: str) -> CallToolResult:
-        def go() -> list[T.Part]:
-            session.kill(sandbox)
-            return [T.Part(text=f"sandbox {sandbox} removed")]
-
-        return await call(ctx, "sandbox_kill", sandbox, go)
-
-    @server.tool(
-        description="Run code in a persistent interpreter inside a sandbox, like a "
-        "notebook cell: variables, imports and the working directory survive between "
-        "calls. Returns stdout, stderr, the last expression's value, errors with "
-        "traceback, and images (matplotlib figures, display()). language: python or "
-        "bash. A cell past timeout_seconds is interrupted (KeyboardInterrupt)."
+    @tool(
+        "Run code in a persistent interpreter inside a sandbox, like a notebook cell: "
+        "variables, imports and the working directory survive between calls. Returns "
+        "stdout, stderr, the last expression's value, errors with traceback, and images "
+        "(matplotlib figures, display()). language: python, bash or node (where the "
+        "image has Node, e.g. python-data). A cell past "
+        "timeout_seconds is interrupted (KeyboardInterrupt)."
     )
-    async def run_code(
+    def run_code(
         ctx: Context[Any, Any],
         code: Annotated[str, Field(max_length=512 * 1024)],
-        language: Annotated[str, Field(pattern="^(python|bash)$")] = "python",
+        language: Annotated[str, Field(pattern="^(python|bash|node)$")] = "python",
         sandbox: SandboxArg = None,
         context: Annotated[
             str | None,
             Field(description="Interpreter id within the sandbox (default: one per language)"),
         ] = None,
         timeout_seconds: TimeoutArg = 120.0,
-    ) -> CallToolResult:
-        def go() -> list[T.Part]:
-            sb = session.get(sandbox)
-            res = sb.run_code(code, language, context=context, timeout_seconds=timeout_seconds)
-            return T.render_code(res, sb.name)
+    ) -> list[T.Part]:
+        sb = session.get(sandbox)
+        res = sb.run_code(code, language, context=context, timeout_seconds=timeout_seconds)
+        return T.render_code(res, sb.name)
 
-        return await call(ctx, "run_code", sandbox, go)
-
-    @server.tool(
-        description="Run a shell command (sh -c) in a sandbox as an unprivileged "
-        "user; returns exit code, stdout and stderr."
+    @tool(
+        "Run a shell command (sh -c) in a sandbox as an unprivileged user; returns exit "
+        "code, stdout and stderr."
     )
-    async def run_command(
+    def run_command(
         ctx: Context[Any, Any],
         command: Annotated[str, Field(min_length=1, max_length=65536)],
         sandbox: SandboxArg = None,
         cwd: Annotated[str | None, Field(description="Working directory (default /work)")] = None,
         timeout_seconds: TimeoutArg = 120.0,
-    ) -> CallToolResult:
-        def go() -> list[T.Part]:
-            return T.run_command(session.get(sandbox), command, timeout_seconds, cwd)
+    ) -> list[T.Part]:
+        return T.run_command(session.get(sandbox), command, timeout_seconds, cwd)
 
-        return await call(ctx, "run_command", sandbox, go)
-
-    @server.tool(description="Write a file in a sandbox (absolute path; parents are made).")
-    async def write_file(
+    @tool("Write a file in a sandbox (absolute path; parents are made).")
+    def write_file(
         ctx: Context[Any, Any],
         path: Annotated[str, Field(pattern="^/", max_length=4096)],
         content: str,
         base64: Annotated[bool, Field(description="content is base64 (binary files)")] = False,
         sandbox: SandboxArg = None,
-    ) -> CallToolResult:
-        def go() -> list[T.Part]:
-            return T.write_file(session.get(sandbox), path, content, base64)
+    ) -> list[T.Part]:
+        return T.write_file(session.get(sandbox), path, content, base64)
 
-        return await call(ctx, "write_file", sandbox, go)
-
-    @server.tool(description="Read a file from a sandbox: text, or an image for PNG/JPEG.")
-    async def read_file(
+    @tool("Read a file from a sandbox: text, or an image for PNG/JPEG.")
+    def read_file(
         ctx: Context[Any, Any],
         path: Annotated[str, Field(pattern="^/", max_length=4096)],
         sandbox: SandboxArg = None,
-    ) -> CallToolResult:
-        def go() -> list[T.Part]:
-            return T.read_file(session.get(sandbox), path)
+    ) -> list[T.Part]:
+        return T.read_file(session.get(sandbox), path)
 
-        return await call(ctx, "read_file", sandbox, go)
-
-    @server.tool(description="List a directory in a sandbox (name, type, size).")
-    async def list_files(
+    @tool("List a directory in a sandbox (name, type, size).")
+    def list_files(
         ctx: Context[Any, Any],
         path: Annotated[str, Field(pattern="^/", max_length=4096)] = "/work",
         sandbox: SandboxArg = None,
-    ) -> CallToolResult:
-        def go() -> list[T.Part]:
-            return T.list_files(session.get(sandbox), path)
+    ) -> list[T.Part]:
+        return T.list_files(session.get(sandbox), path)
 
-        return await call(ctx, "list_files", sandbox, go)
-
-    @server.tool(
-        description="Expose a TCP port of a server running in the sandbox on this "
-        "host's loopback; returns the http://127.0.0.1:PORT/ URL."
+    @tool(
+        "Expose a TCP port of a server running in the sandbox on this host's loopback; "
+        "returns the http://127.0.0.1:PORT/ URL."
     )
-    async def sandbox_expose_port(
+    def sandbox_expose_port(
         ctx: Context[Any, Any],
         port: Annotated[int, Field(ge=1, le=65535)],
         sandbox: SandboxArg = None,
-    ) -> CallToolResult:
-        def go() -> list[T.Part]:
-            return T.expose_port(session.get(sandbox), port)
-
-        return await call(ctx, "sandbox_expose_port", sandbox, go)
+    ) -> list[T.Part]:
+        return T.expose_port(session.get(sandbox), port)
 
     return server, session
 

@@ -2,11 +2,12 @@
 
 A *context* is one interpreter (``python`` or ``bash``) started as an ordinary background
 process of the unprivileged user (``/run/mvm-code/code_server.py``, shipped with the
-agent). A cell is an ordinary exec of ``code_client.py`` with the cell on stdin, so
-admission, secrets, redaction, output bounds and audit apply exactly as for commands.
-The client streams the cell's stdout/stderr and ends stdout with a result record behind a
-marker carrying a nonce the cell never sees (it comes on the client's stdin). Everything in
-the record comes from the guest: it is parsed with bounds and type checks.
+agent). A cell is an ordinary exec of a small bash client (agent/guest/code_client.sh,
+builtins only, so a cell does not pay an interpreter's start-up) with the cell on stdin,
+so admission, secrets, redaction, output bounds and audit apply exactly as for commands.
+The context streams the cell's stdout/stderr into the exec's and ends stdout with a
+result record behind a marker carrying a per-call nonce. Everything in the record comes
+from the guest: it is parsed with bounds and type checks.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import asyncio
 import base64
 import binascii
 import codecs
+import functools
 import json
 import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from mvm.api import models as M
@@ -30,9 +33,10 @@ from mvm.sdk.live import LiveBackend
 if TYPE_CHECKING:
     from mvm.sdk.sandbox import Sandbox
 
-LANGUAGES = ("python", "bash")
+LANGUAGES = ("python", "bash", "node")
 CODE_DIR = "/run/mvm-code"
-CLIENT = ["python3", "-I", "-S", f"{CODE_DIR}/code_client.py"]
+#: ``bash --norc --noprofile -c SCRIPT mvm-code OP CONTEXT WAIT LIMIT NONCE`` runs a cell.
+CLIENT = ["bash", "--norc", "--noprofile", "-c"]
 #: Largest cell, in UTF-8 bytes (the exec's stdin carries it).
 MAX_CODE = 512 * 1024
 DEFAULT_TIMEOUT = 300.0
@@ -285,7 +289,7 @@ class Code:
             self._start(ctx, lang)
             self._pending.add(ctx)
         wait = START_WAIT if ctx in self._pending else 0.0
-        head = {"op": "run", "context": ctx, "language": lang, "timeout": timeout, "grace": GRACE}
+        head = {"op": "run", "context": ctx, "language": lang, "timeout": timeout}
         rec, res = self._call(head, body, wait, on_stdout, on_stderr)
         if rec.get("status") == "no_context":
             self._start(ctx, lang)
@@ -295,7 +299,7 @@ class Code:
         if status == "no_context":
             raise MvmError(
                 f"the {lang} context {ctx!r} did not start",
-                hint="the image needs python3 (and bash for bash); see the sandbox's logs",
+                hint="the image needs python3 (bash for bash, node for node); see the sandbox's logs",
                 context=ctx,
             )
         if status == "wrong_language":
@@ -307,6 +311,13 @@ class Code:
             raise SandboxStateError(
                 f"context {ctx!r} is still running another cell",
                 hint="wait for it, use another context, or restart_context()",
+                context=ctx,
+            )
+        if status == "unreachable":
+            raise MvmError(
+                "the code context may not reach its client's pipes",
+                hint="run_code needs pidfd_getfd between processes of the guest user: "
+                "kernel.yama.ptrace_scope must be 0 in the guest",
                 context=ctx,
             )
         if status == "bad_request":
@@ -362,15 +373,19 @@ class Code:
         on_stderr: OutputCallback | None,
     ) -> tuple[dict[str, Any], CodeResult]:
         nonce = secrets.token_hex(16)
-        header = json.dumps({**head, "nonce": nonce, "wait": wait}).encode()
-        timeout = float(head.get("timeout", 30.0)) + GRACE + wait + HOST_MARGIN
+        op, ctx = str(head.get("op", "run")), str(head.get("context", "python"))
+        cell_timeout = float(head.get("timeout", 30.0))
+        argv = [*CLIENT, client_script(), "mvm-code", op, ctx, str(int(wait))]
+        argv += [f"{cell_timeout + GRACE:.3f}", nonce]
+        header = f"MVM1 {op} {ctx} {head.get('language', 'python')} {cell_timeout:.3f} {nonce}"
+        timeout = cell_timeout + GRACE + wait + HOST_MARGIN
         req = M.ExecRequest(
-            argv=list(CLIENT),
-            stdin=header + b"\n" + body,
+            argv=argv,
+            stdin=header.encode() + b"\n" + body if op == "run" else b"",
             timeout=timeout,
             output_limit=OUTPUT_LIMIT,
         )
-        ctx, lang = str(head.get("context", "")), str(head.get("language", ""))
+        lang = str(head.get("language", ""))
         be, key = self._sb._be, self._sb._key
         split = Splitter(b"\x1eMVMCODE:" + nonce.encode() + b"\n")
         err = bytearray()
@@ -400,12 +415,18 @@ class Code:
             split.end()
             raise MvmError(
                 "the code client gave no result",
-                hint="the image needs python3; "
+                hint="the image needs bash and python3; "
                 + (err.decode(errors="replace")[-500:] or "no error output"),
                 exit_code=end.exit_code if end else None,
             )
         rec = parse_record(bytes(split.record))
         return rec, build_result(rec, ctx, lang, bytes(split.out), bytes(err), end)
+
+
+@functools.cache
+def client_script() -> str:
+    """The per-cell client (agent/guest/code_client.sh), passed as ``bash -c``'s script."""
+    return resources.files("mvm.agent.guest").joinpath("code_client.sh").read_text()
 
 
 def code_for(sandbox: Sandbox) -> Code:

@@ -113,6 +113,16 @@ class BashKernel:
 
     def _pump(self, discard: bool = False) -> int | None:
         """Forward output until the status line comes (or the shell is gone)."""
+        line = self._pump_line(discard)
+        if line is None:
+            return None
+        try:
+            return int(line.strip() or b"1")
+        except ValueError:
+            return 1
+
+    def _pump_line(self, discard: bool = False) -> bytes | None:
+        """Forward output until a line comes on fd 3 (None: the child is gone)."""
         assert self.proc.stdout is not None and self.proc.stderr is not None
         fds = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}
         decs = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in fds}
@@ -132,10 +142,7 @@ class BashKernel:
                 line, _, self.status_buf = self.status_buf.partition(b"\n")
                 for fd in fds:  # output written before the status is in the pipes now
                     self._drain(fd, fds[fd], decs[fd], discard)
-                try:
-                    return int(line.strip() or b"1")
-                except ValueError:
-                    return 1
+                return line
             if not ready and self.proc.poll() is not None:
                 return None
 

@@ -1,17 +1,23 @@
-"""A run_code context inside the guest: one persistent interpreter behind a Unix socket.
+"""A run_code context inside the guest: one persistent interpreter serving cells.
 
 Started by the host as an ordinary background process (``proc.start``) of the unprivileged
-user: ``python3 code_server.py CONTEXT LANGUAGE``. It serves one cell at a time to
-``code_client.py`` (run by an ordinary exec) over ``/tmp/.mvm-code-<uid>/<context>.sock``
-in a 0700 directory, so it is no network service and no other user can reach it.
+user: ``python3 code_server.py CONTEXT LANGUAGE [--preload MOD,...]``. Its state lives in
+``/tmp/.mvm-code-<uid>/`` (a 0700 directory: no other user reaches it; no network):
+``CONTEXT.req`` (a FIFO of requests), ``CONTEXT.pid`` (present once it takes cells) and
+``CONTEXT.pgids`` (what ``kill`` kills).
 
-Wire: JSON lines. The client sends ``{"op": "run", "code": ...}`` and may send
-``{"op": "interrupt"}``; the server sends ``hello`` (pid, language, process groups to kill),
-``out`` (stream, text), ``display`` (a MIME bundle) and one ``done`` (status, value, error).
+A cell is an ordinary exec of ``code_client.sh`` (bash builtins only) that writes its pid
+to the FIFO and waits. We take copies of its stdin, stdout and stderr (pidfd_getfd: the
+exec's pipes are the agent's, so they cannot be opened by path), read the header and the
+cell from the first, stream the cell's output into the others and end stdout with the
+result record behind ``\\x1eMVMCODE:<nonce>\\n``; then we say ``done`` on its fd 3.
+Cells run one at a time, in the order they came. At the cell's timeout it is interrupted
+(KeyboardInterrupt); if the client goes away (the host gave up) too. The client kills the
+context if no answer comes ``grace`` seconds later.
 
 Languages: ``python`` (here: exec of the cell, the last expression's value shown like a
 notebook, matplotlib figures as PNG, ``display()`` and ``_repr_*_`` rich outputs) and
-``bash`` (code_bash.py). Output handling is in code_output.py. Standard library only: the
+``bash`` (code_bash.py) and ``node`` (code_node.py). Output handling is in code_output.py. Standard library only: the
 image may have nothing else.
 """
 
@@ -26,32 +32,37 @@ import json
 import linecache
 import os
 import re
+import select
 import signal
-import socket
 import sys
 import threading
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if TYPE_CHECKING:
     from mvm.agent.guest.code_bash import BashKernel
+    from mvm.agent.guest.code_node import NodeKernel
     from mvm.agent.guest.code_output import (
         CONN,
+        Client,
         capture_fds,
         clip,
         drain_fds,
         private_dir,
-        socket_dir,
+        state_dir,
     )
 else:
     sys.path.insert(0, HERE)
     from code_bash import BashKernel
-    from code_output import CONN, capture_fds, clip, drain_fds, private_dir, socket_dir
+    from code_node import NodeKernel
+    from code_output import CONN, Client, capture_fds, clip, drain_fds, private_dir, state_dir
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-LANGUAGES = ("python", "bash")
-MAX_LINE = 4 * 1024 * 1024  # one client message (the cell is at most 1 MiB)
+LANGUAGES = ("python", "bash", "node")
+NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 RICH = (
     ("_repr_png_", "image/png", True),
@@ -168,6 +179,22 @@ def patch_show() -> None:
 # --------------------------------------------------------------------------- python
 
 
+def reseed() -> None:
+    """Before the first cell: a context started in a warm template was copied into every
+    sandbox with the same PRNG states; give this one its own (the agent reseeded the
+    kernel's RNG on restore, so os.urandom differs)."""
+    mods = sys.modules
+    try:
+        if "random" in mods:
+            mods["random"].seed()
+        if "tempfile" in mods:
+            mods["tempfile"]._name_sequence = None  # type: ignore[attr-defined]
+        if "numpy.random" in mods:
+            mods["numpy.random"].seed()
+    except Exception:
+        pass
+
+
 class PythonKernel:
     """Cells run in the main thread (so SIGINT raises KeyboardInterrupt in them)."""
 
@@ -200,6 +227,8 @@ class PythonKernel:
 
     def run(self, code: str) -> dict[str, Any]:
         self.count += 1
+        if self.count == 1:
+            reseed()
         fname = f"<cell {self.count}>"
         linecache.cache[fname] = (len(code), None, code.splitlines(True), fname)
         value: dict[str, str] | None = None
@@ -279,112 +308,182 @@ class PythonKernel:
 # --------------------------------------------------------------------------- serving
 
 
-def read_lines(sock: socket.socket, on_line: Any) -> None:
-    """Call ``on_line(dict)`` for each JSON line; bounded; ends at EOF or garbage."""
-    buf = b""
-    while True:
-        try:
-            data = sock.recv(65536)
-        except OSError:
-            data = b""
-        if not data:
-            on_line({"op": "eof"})
-            return
-        buf += data
-        while b"\n" in buf:
-            line, _, buf = buf.partition(b"\n")
+def parse_request(data: bytes, language: str) -> tuple[dict[str, Any], str] | None:
+    """``MVM1 run CONTEXT LANGUAGE TIMEOUT NONCE\\n`` and the cell; None if malformed."""
+    head, _, body = data.partition(b"\n")
+    parts = head.decode("ascii", "replace").split(" ")
+    if len(parts) != 6 or parts[:2] != ["MVM1", "run"] or not NONCE_RE.match(parts[5]):
+        return None
+    try:
+        timeout = float(parts[4])
+        code = body.decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not 0 < timeout <= 90000:
+        return None
+    return {"context": parts[2], "language": parts[3], "timeout": timeout, "nonce": parts[5]}, code
+
+
+class Server:
+    """One context: a request FIFO (pids of waiting clients, one per line), an acceptor
+    thread that takes each client's cell, and the main thread running cells in order."""
+
+    def __init__(self, context: str, language: str, modules: list[str]) -> None:
+        import queue
+
+        self.context, self.language = context, language
+        d = state_dir()
+        private_dir(d)
+        self.base = os.path.join(d, context)
+        lock = os.open(self.base + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        for _ in range(100):  # a killed predecessor lets go of it when the kernel reaps it
             try:
-                msg = json.loads(line)
-            except ValueError:
-                msg = None
-            if not isinstance(msg, dict):
-                on_line({"op": "eof"})
-                return
-            on_line(msg)
-        if len(buf) > MAX_LINE:
-            on_line({"op": "eof"})
-            return
-
-
-def serve(context: str, language: str) -> None:
-    d = socket_dir()
-    private_dir(d)
-    lock = os.open(os.path.join(d, f"{context}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return  # another server holds this context: it serves
-    path = os.path.join(d, f"{context}.sock")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    workdir = os.path.join(d, f"{context}.d")
-    os.makedirs(workdir, mode=0o700, exist_ok=True)
-    kernel: PythonKernel | BashKernel
-    kernel = PythonKernel() if language == "python" else BashKernel(workdir)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
-    try:
-        listener.bind(path + ".new")
-    finally:
-        os.umask(old)
-    listener.listen(16)
-    os.replace(path + ".new", path)  # the socket appears only when it accepts
-    while True:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise SystemExit(0)  # another server holds this context: it serves
+        workdir = self.base + ".d"
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        self.kernel: PythonKernel | BashKernel
+        if language == "python":
+            self.kernel = PythonKernel()
+        elif language == "node":
+            self.kernel = NodeKernel(workdir)
+        else:
+            self.kernel = BashKernel(workdir)
+        preload(modules)
+        self.write_pgids()
+        fifo = self.base + ".req"
         try:
-            sock, _ = listener.accept()
-        except InterruptedError:
-            continue
-        except KeyboardInterrupt:
-            continue
-        try:
-            serve_one(sock, kernel)
-        except KeyboardInterrupt:
+            os.unlink(fifo)  # requests to a dead predecessor are nobody's
+        except FileNotFoundError:
             pass
-        finally:
-            CONN.attach(None)
+        os.mkfifo(fifo, 0o600)
+        self.fifo = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)  # never EOF, never blocks
+        self.fifo_st = os.fstat(self.fifo)
+        self.queue: queue.Queue[tuple[Client, float]] = queue.Queue()
+        threading.Thread(target=self.accept, daemon=True).start()
+        with open(self.base + ".pid.new", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(self.base + ".pid.new", self.base + ".pid")  # now clients come
+
+    def write_pgids(self) -> None:
+        """What ``kill`` (code_client.sh) kills: the process groups of this context."""
+        with open(self.base + ".pgids.new", "w") as f:
+            f.write(" ".join(str(p) for p in self.kernel.pgids()) + "\n")
+        os.replace(self.base + ".pgids.new", self.base + ".pgids")
+
+    def accept(self) -> None:
+        buf = b""
+        while True:
+            data = os.read(self.fifo, 4096)
+            buf += data
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                if not line.isdigit() or len(line) > 10:
+                    continue
+                try:
+                    client = Client(int(line), self.fifo_st)
+                except (OSError, ValueError):
+                    continue  # gone, not ours, or not a client: nobody to answer
+                self.queue.put((client, time.monotonic()))
+            if len(buf) > 4096:
+                buf = b""
+
+    def serve_forever(self) -> None:
+        while True:
             try:
-                sock.close()
+                client, came = self.queue.get()
+                self.serve_one(client, came)
+                self.write_pgids()  # a bash that exited was started afresh
+            except KeyboardInterrupt:
+                pass
             except OSError:
                 pass
 
+    def serve_one(self, client: Client, came: float) -> None:
+        CONN.attach(client)
+        try:
+            req = parse_request(client.stdin, self.language)
+            if req is None:
+                return CONN.record("0" * 32, {"status": "bad_request", "message": "bad request"})
+            head, code = req
+            nonce = head["nonce"]
+            if head["context"] != self.context:
+                return CONN.record(nonce, {"status": "bad_request", "message": "wrong context"})
+            if head["language"] != self.language:
+                return CONN.record(nonce, {"status": "wrong_language", "language": self.language})
+            left = head["timeout"] - (time.monotonic() - came)
+            if left <= 0:
+                return CONN.record(nonce, {"status": "busy"})
+            done, timed_out = self.run(client, code, left)
+            CONN.record(nonce, {**done, "timed_out": timed_out})
+        finally:
+            CONN.attach(None)
+            client.done()
 
-def serve_one(sock: socket.socket, kernel: PythonKernel | BashKernel) -> None:
-    """One client: hello, one cell, done. Interrupts come on the same connection."""
-    CONN.attach(sock)
-    CONN.send(
-        {"t": "hello", "pid": os.getpid(), "language": kernel.language, "pgids": kernel.pgids()}
-    )
-    import queue
+    def run(self, client: Client, code: str, timeout: float) -> tuple[dict[str, Any], bool]:
+        """Run the cell; interrupt it at ``timeout`` or when its client goes away."""
+        r, w = os.pipe()
+        flags = [False]  # interrupted at the timeout
 
-    cells: queue.Queue[dict[str, Any]] = queue.Queue()
-    active = [True]  # this connection's cell has not ended yet
+        def watch() -> None:
+            poll = select.poll()
+            poll.register(client.pidfd, select.POLLIN)
+            poll.register(r, select.POLLIN)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                ready = poll.poll(max(0, left) * 1000 if not flags[0] else None)
+                fds = {fd for fd, _ in ready}
+                if r in fds:
+                    return
+                if client.pidfd in fds:  # the host gave up on it: stop its cell
+                    CONN.attach(None)
+                    client.release_output()
+                    self.kernel.interrupt()
+                    return
+                if not ready and not flags[0]:
+                    flags[0] = True
+                    self.kernel.interrupt()
 
-    def on_line(msg: dict[str, Any]) -> None:
-        op = msg.get("op")
-        if op in ("interrupt", "eof") and active[0]:
-            kernel.interrupt()  # a vanished client gave up: stop its cell
-        if op == "eof" or op == "run":
-            cells.put(msg)
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
+        try:
+            done = self.kernel.run(code)
+        finally:
+            os.write(w, b"x")
+            th.join()
+            os.close(r)
+            os.close(w)
+        return done, flags[0]
 
-    threading.Thread(target=read_lines, args=(sock, on_line), daemon=True).start()
-    msg = cells.get()
-    code = msg.get("code")
-    if msg.get("op") != "run" or not isinstance(code, str):
-        return
-    done = kernel.run(code)
-    active[0] = False
-    with CONN.lock:
-        done["truncated"] = CONN.truncated
-    CONN.send({"t": "done", **done})
+
+def preload(modules: list[str]) -> None:
+    """Import modules before the context takes cells (a warm template's context has them)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            CONN.out("stderr", f"mvm-code: preload {name}: {type(exc).__name__}: {exc}\n")
 
 
 def main(argv: list[str]) -> int:
+    modules: list[str] = []
+    if len(argv) == 4 and argv[2] == "--preload":
+        modules = [m for m in argv[3].split(",") if MODULE_RE.match(m)]
+        argv = argv[:2]
     if len(argv) != 2 or not NAME_RE.match(argv[0]) or argv[1] not in LANGUAGES:
-        print(f"usage: code_server.py CONTEXT {{{','.join(LANGUAGES)}}}", file=sys.stderr)
+        print(
+            f"usage: code_server.py CONTEXT {{{','.join(LANGUAGES)}}} [--preload MOD,...]",
+            file=sys.stderr,
+        )
         return 2
-    serve(argv[0], argv[1])
+    Server(argv[0], argv[1], modules).serve_forever()
     return 0
 
 
