@@ -219,7 +219,7 @@ def images(as_json: bool) -> None:
     "it) or replay a compiled IR dir (live). Takes SCRIPT or DIR instead of COMMAND.",
 )
 @network_options
-@click.argument("command", nargs=-1, required=True)
+@click.argument("command", nargs=-1)
 @fail_on_errors
 def run(
     image: str,
@@ -241,6 +241,7 @@ def run(
 
     \b
     Example: mvmctl run --timeout 10 -- python3 -c 'print(2 + 2)'
+    With no COMMAND, runs the image's recorded CMD (images built from a Dockerfile or OCI).
     SDK scripts: mvmctl run --mode plan ./script.py | --mode live ./script.py | --mode live DIR
     """
     if sdk_mode is not None:
