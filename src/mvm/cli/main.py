@@ -196,8 +196,11 @@ def images(as_json: bool) -> None:
 @click.option(
     "-e", "--env", "env", multiple=True, help="KEY=VALUE or KEY=secret:NAME (repeatable)."
 )
-@click.option("--cwd", help="Working directory in the guest (default /work).")
-@click.option("--user", help="Guest user (default: the unprivileged 'user'; 'root' allowed).")
+@click.option("--cwd", help="Working directory in the guest (default: the image's, else /work).")
+@click.option(
+    "--user",
+    help="Guest user (default: the image's, else the unprivileged 'user'; 'root' allowed).",
+)
 @click.option("-i", "--interactive", is_flag=True, help=f"Forward stdin (up to {MAX_STDIN} bytes).")
 @click.option(
     "--json",
