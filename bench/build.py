@@ -77,7 +77,9 @@ def host_unpack(layer: bytes, tmp: Path) -> float:
         tar.extractall(root, filter="tar")
     size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) * 13 // 10 >> 20
     subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-d", str(root), str(img), f"{size_mb + 64}M"], check=True
+        ["mkfs.ext4", "-q", "-F", "-d", str(root), str(img), f"{size_mb + 64}M"],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     return time.monotonic() - t
 
