@@ -1,11 +1,19 @@
-"""Image build times: a preset built on the host vs the same packages built inside the
-builder VM, and the import time of a ~100 MB OCI archive.
+"""Image build times, each beside its floor from the same run.
 
-    python bench/build.py [--preset minimal] [--skip-debian] [--oci-mb 100]
+    python bench/build.py [--preset minimal] [--skip-debian] [--oci-mb 100] [--json]
 
-Uses the current ``MVM_HOME``. Under TCG the builder VM emulates every instruction of
-mmdebstrap/dpkg, so expect the builder to be many times slower than the host there; the
-≤ 1.5x goal is for KVM hosts. Prints one JSON object.
+- the preset's packages built by mmdebstrap *inside the builder VM* (through its egress
+  proxy), against the floor of the same preset rebuilt *on the host*; the issue's goal is
+  a ratio ≤ 1.5 (a KVM figure: under TCG the builder emulates every instruction of
+  mmdebstrap/dpkg/mke2fs);
+- the import of a ``--oci-mb`` MiB OCI archive (incompressible files plus busybox, so the
+  bundled runtime is included) in the builder, against the floor of the same unpacking
+  and ``mkfs.ext4 -d`` done on the host with no VM (the cost of the VM boundary itself);
+- the builder VM's cold boot inside each build: what a warm, already running builder
+  would save per build.
+
+Uses the current ``MVM_HOME`` (give it a home of its own: builds there hold its build
+lock). Prints a table, or one JSON object with ``--json``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -22,14 +31,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.ocitools import Layer, Member, write_oci
+from tests.ocitools import Layer, Member, layer_bytes, write_oci
 
-from mvm.builder.build import _debian_source, epoch, import_oci
-from mvm.builder.vmrun import Job, run_job
+from mvm.builder.build import _debian_source, epoch
+from mvm.builder.vmrun import Job, Output, run_job
 from mvm.images import manifest as manifests
 from mvm.images.initramfs import find_busybox
 from mvm.images.store import ImageStore
 from mvm.vmm import accel
+
+GOAL_RATIO = 1.5
 
 
 def host_build(preset: str) -> float:
@@ -39,29 +50,47 @@ def host_build(preset: str) -> float:
     return time.monotonic() - t
 
 
-def builder_build(preset: str) -> float:
+def builder_build(preset: str) -> Output:
     m = manifests.load_preset(preset)
     job = Job(
         _debian_source(m.suite, list(m.packages), None), epoch=epoch(), network_preset="registries"
     )
+    return asyncio.run(run_job(job, ImageStore()))
+
+
+def oci_members(megabytes: int) -> list[Member]:
+    members = [
+        Member("bin/", kind=tarfile.DIRTYPE, mode=0o755),
+        Member("bin/busybox", find_busybox().read_bytes(), mode=0o755),
+        Member("bin/sh", kind=tarfile.SYMTYPE, link="busybox"),
+    ]
+    return members + [Member(f"data/blob{i}", os.urandom(1 << 20)) for i in range(megabytes)]
+
+
+def host_unpack(layer: bytes, tmp: Path) -> float:
+    """The floor: the same layer unpacked and made into an ext4 on the host, no VM."""
+    root, img = tmp / "floor-root", tmp / "floor.ext4"
+    root.mkdir()
     t = time.monotonic()
-    asyncio.run(run_job(job, ImageStore()))
+    (tmp / "layer.tar").write_bytes(layer)
+    with tarfile.open(tmp / "layer.tar") as tar:
+        tar.extractall(root, filter="tar")
+    size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) * 13 // 10 >> 20
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-d", str(root), str(img), f"{size_mb + 64}M"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.monotonic() - t
 
 
-def oci_import(megabytes: int) -> tuple[float, int]:
+def oci_import(megabytes: int) -> tuple[Output, float, int]:
     with tempfile.TemporaryDirectory(prefix="mvm-bench-") as tmp:
-        members = [
-            Member("bin/", kind=tarfile.DIRTYPE, mode=0o755),
-            Member("bin/busybox", find_busybox().read_bytes(), mode=0o755),
-            Member("bin/sh", kind=tarfile.SYMTYPE, link="busybox"),
-        ]
-        members += [Member(f"data/blob{i}", os.urandom(1 << 20)) for i in range(megabytes)]
-        arch = write_oci(Path(tmp) / "big.tar", [Layer(members)], {}, gz=False)
-        size = arch.stat().st_size
-        t = time.monotonic()
-        import_oci(arch, "bench-oci")
-        return time.monotonic() - t, size
+        layer = Layer(oci_members(megabytes))
+        arch = write_oci(Path(tmp) / "big.tar", [layer], {}, gz=False)
+        floor = host_unpack(layer_bytes(layer), Path(tmp))
+        job = Job({"kind": "oci", "archive": "bench"}, input_disk=arch, epoch=epoch())
+        return asyncio.run(run_job(job, ImageStore())), floor, arch.stat().st_size
 
 
 def main() -> None:
@@ -69,15 +98,71 @@ def main() -> None:
     ap.add_argument("--preset", default="minimal")
     ap.add_argument("--skip-debian", action="store_true")
     ap.add_argument("--oci-mb", type=int, default=100)
+    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     out: dict[str, object] = {"accel": accel.detect().accel, "preset": a.preset}
+    rows: list[tuple[str, float, str, float, str]] = []
     if not a.skip_debian:
-        out["host_build_s"] = round(host_build(a.preset), 1)
-        out["builder_build_s"] = round(builder_build(a.preset), 1)
-        out["ratio"] = round(float(out["builder_build_s"]) / float(out["host_build_s"]), 2)  # type: ignore[arg-type]
-    secs, size = oci_import(a.oci_mb)
-    out["oci_import_s"], out["oci_archive_bytes"] = round(secs, 1), size
-    print(json.dumps(out))
+        host = host_build(a.preset)
+        built = builder_build(a.preset)
+        ratio = built.seconds / host
+        out |= {
+            "host_build_s": round(host, 1),
+            "builder_build_s": round(built.seconds, 1),
+            "builder_build_boot_s": round(built.boot_seconds, 1),
+            "ratio": round(ratio, 2),
+            "goal_ratio": GOAL_RATIO,
+        }
+        rows.append(
+            (
+                f"{a.preset} in the builder VM",
+                built.seconds,
+                "host build",
+                host,
+                f"{ratio:.2f}x (goal <= {GOAL_RATIO}x: {ratio / GOAL_RATIO:.2f} of the way)",
+            )
+        )
+        rows.append(
+            (
+                "  of which the builder's cold boot",
+                built.boot_seconds,
+                "whole build",
+                built.seconds,
+                f"{built.boot_seconds / built.seconds:.0%} (saved by a warm builder)",
+            )
+        )
+    imported, floor, size = oci_import(a.oci_mb)
+    out |= {
+        "oci_import_s": round(imported.seconds, 1),
+        "oci_import_boot_s": round(imported.boot_seconds, 1),
+        "oci_host_floor_s": round(floor, 1),
+        "oci_archive_bytes": size,
+    }
+    rows.append(
+        (
+            f"{size >> 20} MiB OCI import",
+            imported.seconds,
+            "host unpack+mkfs",
+            floor,
+            f"{imported.seconds / floor:.1f}x (the issue sets no goal)",
+        )
+    )
+    rows.append(
+        (
+            "  of which the builder's cold boot",
+            imported.boot_seconds,
+            "whole import",
+            imported.seconds,
+            f"{imported.boot_seconds / imported.seconds:.0%} (saved by a warm builder)",
+        )
+    )
+    if a.json:
+        print(json.dumps(out))
+        return
+    print(f"accel={out['accel']}")
+    print(f"{'figure':<36} {'s':>8}   {'floor':<18} {'s':>8}   ratio")
+    for name, v, fname, f, ratio_text in rows:
+        print(f"{name:<36} {v:8.1f}   {fname:<18} {f:8.1f}   {ratio_text}")
 
 
 if __name__ == "__main__":

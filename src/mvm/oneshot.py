@@ -21,10 +21,11 @@ import msgspec
 from mvm import paths
 from mvm.agent import protocol as P
 from mvm.api import models as M
-from mvm.errors import CommandTimeout, MvmError
+from mvm.errors import CommandTimeout, InvalidArgument, MvmError
 from mvm.images.store import ImageStore
 from mvm.progress import Reporter
 from mvm.service import SandboxService
+from mvm.service.imagedefaults import from_build
 from mvm.service.live import ACTOR
 from mvm.state import StateDB
 
@@ -86,7 +87,9 @@ async def run_once(
     other than preset ``none`` gives the VM a NIC whose only way out is the egress proxy
     the service serves (in this process) for the run."""
     store = store or ImageStore()
-    store.ensure(image, reporter)  # build with progress shown, before anything else
+    img = store.ensure(image, reporter)  # build with progress shown, before anything else
+    if not argv and not from_build(img.build).argv:  # refused before anything boots
+        raise InvalidArgument(f"no command given, and image {image!r} records no CMD")
     started_at = time.time()
     actor = ACTOR.set("mvmctl")
     try:

@@ -132,8 +132,8 @@ def test_builder_config_is_reduced_to_bounded_fields() -> None:
     )
     assert got == {
         "env": {"OK": "1"},
-        "workdir": "/",
-        "user": "root",
+        "workdir": "",
+        "user": "",
         "cmd": ["a"],
         "entrypoint": [],
     }

@@ -96,11 +96,12 @@ def test_parse_env_rejects(bad: str) -> None:
 # --------------------------------------------------------------------------- usage errors
 
 
-def test_run_without_command_is_usage_error(calls: FakeRun) -> None:
-    r = invoke("run")
-    assert r.exit_code == 2
-    assert "Missing argument" in r.output
-    assert len(calls) == 0
+def test_run_without_command_asks_for_the_images_cmd(calls: FakeRun) -> None:
+    """No COMMAND: the run gets an empty argv, which the service fills with the image's
+    recorded CMD (or refuses before booting: test_builder_runconfig)."""
+    r = invoke("run", "--image", "app")
+    assert r.exit_code == 0, r.output
+    assert calls.seen[0]["argv"] == [] and calls.seen[0]["image"] == "app"
 
 
 def test_run_bad_env_exits_2(calls: FakeRun) -> None:

@@ -61,16 +61,15 @@ def sha256_path(path: Path) -> str:
 
 
 def _debian_source(suite: str, packages: list[str], pins: list[str] | None) -> dict[str, Any]:
-    base = sorted(set(manifests.BASE_PACKAGES) | set(packages))
-    if pins:
-        pinned = {p.split("=", 1)[0]: p for p in pins}
-        base = sorted(pinned.values())
-    return {
+    source: dict[str, Any] = {
         "kind": "debian",
         "suite": suite,
-        "packages": base,
+        "packages": sorted(set(manifests.BASE_PACKAGES) | set(packages)),
         "sources": apt_sources.sources_for_suite(suite),
     }
+    if pins:  # apt preferences in the builder: same request, the lock's versions
+        source["pins"] = sorted(pins)
+    return source
 
 
 def _finish(
@@ -99,6 +98,7 @@ def _finish(
             inputs=inputs,
             builder_vm=out.builder_vm,  # egress decisions of the build carry this sandbox id
             seconds=round(out.seconds, 3),
+            builder_boot_seconds=round(out.boot_seconds, 3),
         )
     except MvmError:
         pass
@@ -159,7 +159,9 @@ def build_dockerfile(
         source = _debian_source(suite, list(pkgs), lock.pins() if lock else None)
     elif store.find(df.base) is not None:
         base = store.resolve(df.base)
-        source, input_disk = {"kind": "image", "id": base.id}, Path(base.rootfs)
+        base_config = {**dict(base.build.get("config") or {}), "env": base.env}
+        source = {"kind": "image", "id": base.id, "config": base_config}
+        input_disk = Path(base.rootfs)
         inputs["base_image"] = base.id
     elif (project / df.base).is_file():
         input_disk = project / df.base
@@ -174,17 +176,13 @@ def build_dockerfile(
         )
     copies = [s for st in df.steps if st.kind == "copy" for s in st.args[:-1]]
     steps = [_step_json(s) for s in df.steps]
-    config = {
-        "env": df.env,
-        "workdir": df.workdir,
-        "user": df.user,
-        "cmd": list(df.cmd),
-        "entrypoint": list(df.entrypoint),
-    }
+    config = explicit_config(df)
     with tempfile.TemporaryDirectory(prefix="mvm-ctx-") as tmp:
         ctx = _context(project, copies, str(dockerfile), Path(tmp))
         if ctx is not None:
             inputs["context"] = sha256_path(ctx)
+        if lock is not None:
+            locks.check_inputs(lock, inputs, _wanted(source))
         job = Job(
             source,
             steps,
@@ -195,9 +193,26 @@ def build_dockerfile(
             network_preset="registries",
             network_allow=list(network_allow or []),
         )
-        out = _locked_run(job, store, reporter, lock is not None)
-    m = Manifest(name=name, description=f"built from {dockerfile.name}", env=dict(df.env))
-    return _finish(out, m, inputs, store, project, config)
+        out = _locked_run(job, store, reporter, lock)
+    env = dict(out.config["env"])  # the base's, then the Dockerfile's ENV
+    m = Manifest(name=name, description=f"built from {dockerfile.name}", env=env)
+    return _finish(out, m, inputs, store, project, out.config)
+
+
+def explicit_config(df: dockerfiles.Dockerfile) -> dict[str, Any]:
+    """The run defaults the Dockerfile itself sets; the builder lays them over the base's
+    (an OCI config or a built image's record). As in Docker, ENTRYPOINT resets CMD."""
+    config: dict[str, Any] = {"env": dict(df.env)}
+    kinds = {s.kind for s in df.steps}
+    if "workdir" in kinds:
+        config["workdir"] = df.workdir
+    if "user" in kinds:
+        config["user"] = df.user
+    if df.entrypoint:
+        config["entrypoint"], config["cmd"] = list(df.entrypoint), list(df.cmd)
+    elif df.cmd:
+        config["cmd"] = list(df.cmd)
+    return config
 
 
 def build_project(
@@ -223,22 +238,42 @@ def build_project(
         ctx = _context(project, list(sec.files), str(f), Path(tmp))
         if ctx is not None:
             inputs["context"] = sha256_path(ctx)
+        if lock is not None:
+            locks.check_inputs(lock, inputs, _wanted(source))
         job = Job(source, steps, context_tar=ctx, epoch=epoch(), network_preset="registries")
-        out = _locked_run(job, store, reporter, lock is not None)
+        out = _locked_run(job, store, reporter, lock)
     return _finish(out, m, inputs, store, project, {"env": dict(sec.env)})
 
 
-def _locked_run(job: Job, store: ImageStore, reporter: Reporter | None, locked: bool) -> Output:
+def _wanted(source: dict[str, Any]) -> list[str]:
+    """The package names a Debian source asks for (none for an archive or a built image)."""
+    if source["kind"] != "debian":
+        return []
+    return list(source["packages"])
+
+
+def _locked_run(
+    job: Job, store: ImageStore, reporter: Reporter | None, lock: locks.Lock | None
+) -> Output:
+    before = set(store.rootfs_dir.glob("*.ext4")) if store.rootfs_dir.is_dir() else set()
     try:
-        return _run(job, store, reporter)
+        out = _run(job, store, reporter)
     except ImageBuildError as exc:
-        if locked and "mmdebstrap" in exc.message:
+        if lock is not None and "mmdebstrap" in exc.message:
             raise ImageBuildError(
                 f"--locked: the mirror no longer serves a version pinned in {locks.LOCK_NAME}: "
                 f"{exc.message[-1500:]}",
                 hint=f"build without --locked to re-resolve and rewrite {locks.LOCK_NAME}",
             ) from None
         raise
+    if lock is not None:
+        try:
+            locks.check_result(lock, out.packages, out.sha256)
+        except MvmError:
+            if out.rootfs not in before:  # this build made it, and no record names it
+                out.rootfs.unlink(missing_ok=True)
+            raise
+    return out
 
 
 def _step_json(s: dockerfiles.Step) -> dict[str, Any]:

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oci  # type: ignore[import-not-found]
 
 SCRATCH = "/mnt/scratch"
+GUEST_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = SCRATCH + "/root"
 
 
@@ -173,11 +174,49 @@ def debootstrap(spec: dict[str, Any]) -> None:
     ]
     argv = ["mmdebstrap", "--variant=minbase", "--format=directory"]
     argv += [f"--include={','.join(src['packages'])}", '--aptopt=Acquire::Retries "3"']
+    if src.get("pins"):
+        # The lock's versions as apt preferences (priority 1001) for the same request: the
+        # packages apt picks as dependencies stay marked automatic, as in the unlocked
+        # build, so equal versions give equal bytes. Removed before the root is packed; a
+        # version the mirror lacks is not installed, and the host refuses the result.
+        prefs = GUEST_DIR + "/lock.pref"
+        with open(prefs, "w") as f:
+            for pin in src["pins"]:
+                name, _, version = pin.partition("=")
+                f.write(f"Package: {name}\nPin: version {version}\nPin-Priority: 1001\n\n")
+        pref_dir = '"$1/etc/apt/preferences.d"'
+        argv.append(f"--setup-hook=mkdir -p {pref_dir} && cp {prefs} {pref_dir}/mvm-lock.pref")
+        hooks.append(f"rm -f {pref_dir}/mvm-lock.pref")
     argv += [f"--customize-hook={h}" for h in hooks]
     argv += [src["suite"], ROOT, "-"]
     env = {**os.environ, **spec.get("proxy_env", {}), "SOURCE_DATE_EPOCH": str(spec["epoch"])}
     os.rmdir(ROOT)
     sh(argv, input=src["sources"], env=env, timeout=7200)
+    if src.get("pins"):
+        check_pins(src["pins"], installed(ROOT))
+
+
+def installed(root: str) -> list[str]:
+    """``name=version`` of every package dpkg has in ``root``."""
+    if not os.path.exists(root + "/var/lib/dpkg/status"):
+        return []
+    r = subprocess.run(
+        ["chroot", root, "dpkg-query", "-W", "-f=${Package}=${Version}\\n"],
+        capture_output=True,
+        text=True,
+    )
+    return sorted(r.stdout.split())
+
+
+def check_pins(pins: list[str], got: list[str]) -> None:
+    """A pinned version apt could not find was replaced by another: name the pins."""
+    have = dict(p.split("=", 1) for p in got)
+    lost = [p for p in pins if p.split("=", 1)[0] in have and p not in got]
+    if lost:
+        raise oci.OciError(
+            "--locked: the mirror no longer serves "
+            + ", ".join(f"{p} (got {have[p.split('=', 1)[0]]})" for p in lost[:10])
+        )
 
 
 RT = "/.mvm/rt"
@@ -195,6 +234,15 @@ SKIP_STDLIB = {
 
 def has_python(root: str) -> bool:
     return any(os.path.exists(root + p) for p in ("/usr/bin/python3", "/usr/local/bin/python3"))
+
+
+def clear_runtime(root: str) -> None:
+    """Remove ``/.mvm/rt`` from the new root, never following a link the image planted."""
+    for path in (root + "/.mvm", root + RT):
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            os.unlink(path)
+    if os.path.isdir(root + RT):
+        shutil.rmtree(root + RT)
 
 
 def bundle_runtime(root: str) -> None:
@@ -250,6 +298,31 @@ def ensure_guest_user(root: str) -> None:
         os.chown(root + "/work", 1000, 1000)
 
 
+def user_name(root: str, user: str) -> str:
+    """``USER`` as the name the agent runs commands as: a uid or ``name:group`` becomes
+    the passwd name (the agent takes names); one the image lacks fails the build."""
+    name = user.partition(":")[0]
+    try:
+        with open(os.path.join(root, "etc/passwd")) as f:
+            for line in f:
+                parts = line.split(":")
+                if len(parts) > 3 and name in (parts[0], parts[2]):
+                    return parts[0]
+    except OSError:
+        pass
+    raise oci.OciError(f"user {name!r} (the image's USER) is not in its /etc/passwd")
+
+
+def run_config(base: dict[str, Any], explicit: dict[str, Any], root: str) -> dict[str, Any]:
+    """The image's run defaults: the base's (OCI config or base image), then what the
+    Dockerfile set itself (``explicit`` holds only those keys; ``env`` is merged)."""
+    config = {**base, **{k: v for k, v in explicit.items() if k != "env"}}
+    config["env"] = {**base.get("env", {}), **explicit.get("env", {})}
+    if config.get("user"):
+        config["user"] = user_name(root, config["user"])
+    return config
+
+
 def build(spec: dict[str, Any]) -> dict[str, Any]:
     scratch = disk("mvmscratch")
     out = disk("mvmoutput")
@@ -266,13 +339,14 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
     elif source == "debian":
         debootstrap(spec)
     elif source == "image":
+        config = dict(spec["source"].get("config") or {})  # the base image's run defaults
         os.makedirs("/mnt/base", exist_ok=True)
         sh(["mount", "-o", "ro,noload", disk("mvminput"), "/mnt/base"])
         sh(["cp", "-a", "/mnt/base/.", ROOT])
         sh(["umount", "/mnt/base"])
     env: dict[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     env.update(config.get("env", {}))
-    workdir, user = config.get("workdir", "/"), "root"
+    workdir, user = config.get("workdir") or "/", config.get("user") or "root"
     context = disk("mvmcontext") if spec.get("context") else ""
     for step in spec["steps"]:
         kind, args = step["kind"], step["args"]
@@ -289,15 +363,9 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
             run_env = {**env, **spec.get("proxy_env", {})}
             run_step(args, run_env, workdir, user, step.get("line", 0))
     if not has_python(ROOT):
+        clear_runtime(ROOT)  # a base image built here has one: the builder's own replaces it
         bundle_runtime(ROOT)
-    packages: list[str] = []
-    if os.path.exists(ROOT + "/var/lib/dpkg/status"):
-        r = subprocess.run(
-            ["chroot", ROOT, "dpkg-query", "-W", "-f=${Package}=${Version}\\n"],
-            capture_output=True,
-            text=True,
-        )
-        packages = sorted(r.stdout.split())
+    packages = installed(ROOT)
     entries = clamp(ROOT, spec["epoch"])
     used = 0
     for dirpath, _dirs, files in os.walk(ROOT):
@@ -309,7 +377,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
     mkfs(out, spec, tree=ROOT, blocks=size >> 10)
     fix_inode_times(out, entries + 11, spec["epoch"])
     os.sync()
-    config = {**config, **spec.get("config", {})}
+    config = run_config(config, spec.get("config", {}), ROOT)
     return {"bytes": size, "config": config, "packages": packages[:20000], "user_env": env}
 
 

@@ -35,11 +35,12 @@ class OciError(Exception):
 
 @dataclass
 class ImageConfig:
-    """What the image's config says about running it (kept in the mvm image record)."""
+    """What the image's config says about running it (kept in the mvm image record).
+    An empty ``workdir``/``user`` means the image names none (mvm's defaults apply)."""
 
     env: dict[str, str] = field(default_factory=dict)
-    workdir: str = "/"
-    user: str = "root"
+    workdir: str = ""
+    user: str = ""
     cmd: list[str] = field(default_factory=list)
     entrypoint: list[str] = field(default_factory=list)
 
@@ -141,10 +142,8 @@ def _config(c: dict[str, Any]) -> ImageConfig:
         k, eq, v = item.partition("=")
         if eq and k:
             env[k] = v
-    user = c.get("User") if isinstance(c.get("User"), str) and c.get("User") else "root"
-    wd = (
-        c.get("WorkingDir") if isinstance(c.get("WorkingDir"), str) and c.get("WorkingDir") else "/"
-    )
+    user = c.get("User") if isinstance(c.get("User"), str) else ""
+    wd = c.get("WorkingDir") if isinstance(c.get("WorkingDir"), str) else ""
     return ImageConfig(env, str(wd), str(user), _strs(c.get("Cmd")), _strs(c.get("Entrypoint")))
 
 

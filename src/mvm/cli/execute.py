@@ -20,8 +20,8 @@ from mvm.errors import InvalidArgument
 @click.option(
     "-e", "--env", "env", multiple=True, help="KEY=VALUE or KEY=secret:NAME (repeatable)."
 )
-@click.option("--cwd", help="Working directory (default /work).")
-@click.option("--user", help="Guest user (default 'user'; 'root' allowed).")
+@click.option("--cwd", help="Working directory (default: the image's, else /work).")
+@click.option("--user", help="Guest user (default: the image's, else 'user'; 'root' allowed).")
 @click.option(
     "--timeout",
     default="300s",

@@ -55,8 +55,11 @@ MAX_STDIN = P.MAX_PAYLOAD
 @click.option(
     "-e", "--env", "env", multiple=True, help="KEY=VALUE or KEY=secret:NAME (repeatable)."
 )
-@click.option("--cwd", help="Working directory in the guest (default /work).")
-@click.option("--user", help="Guest user (default: the unprivileged 'user'; 'root' allowed).")
+@click.option("--cwd", help="Working directory in the guest (default: the image's, else /work).")
+@click.option(
+    "--user",
+    help="Guest user (default: the image's, else the unprivileged 'user'; 'root' allowed).",
+)
 @click.option("-i", "--interactive", is_flag=True, help=f"Forward stdin (up to {MAX_STDIN} bytes).")
 @click.option(
     "--json",
@@ -78,7 +81,7 @@ MAX_STDIN = P.MAX_PAYLOAD
     "it) or replay a compiled IR dir (live). Takes SCRIPT or DIR instead of COMMAND.",
 )
 @network_options
-@click.argument("command", nargs=-1, required=True)
+@click.argument("command", nargs=-1)
 @fail_on_errors
 def run(
     image: str,
@@ -100,6 +103,7 @@ def run(
 
     \b
     Example: mvmctl run --timeout 10 -- python3 -c 'print(2 + 2)'
+    With no COMMAND, runs the image's recorded CMD (images built from a Dockerfile or OCI).
     SDK scripts: mvmctl run --mode plan ./script.py | --mode live ./script.py | --mode live DIR
     """
     if sdk_mode is not None:

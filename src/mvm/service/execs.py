@@ -15,6 +15,7 @@ from mvm.agent.client import exec_reply
 from mvm.api import models as M
 from mvm.errors import InvalidArgument
 from mvm.service.core import Core
+from mvm.service.imagedefaults import ImageDefaults
 from mvm.service.live import audit_after, audit_before
 
 
@@ -36,19 +37,25 @@ def check_command(
 class Execs:
     def __init__(self, core: Core) -> None:
         self.core = core
+        self.defaults = ImageDefaults(core)
 
-    def prepare(self, name: str, req: M.ExecRequest) -> None:
+    def prepare(self, name: str, req: M.ExecRequest) -> M.ExecRequest:
         """Everything that can refuse an exec before its stream starts (so the refusal is
-        a plain error answer, not an event inside a started stream)."""
-        check_command(req.argv, req.env, req.cwd, req.user)
+        a plain error answer, not an event inside a started stream). Returns ``req`` with
+        the image's command, user and cwd where it left them unset."""
+        if req.argv:  # an empty one is the image's command (below)
+            check_command(req.argv, req.env, req.cwd, req.user)
         if not 0 < req.timeout <= M.MAX_TTL:
             raise InvalidArgument("timeout must be positive and at most a week")
         live, _ = self.core.running(name)
+        req = self.defaults.apply(live, req)
+        check_command(req.argv, req.env, req.cwd, req.user)
         self.core.gate.exec(live.name, list(req.secret_env.values()), req.user)
+        return req
 
     async def stream(self, name: str, req: M.ExecRequest) -> AsyncIterator[M.ExecEvent]:
         core = self.core
-        self.prepare(name, req)
+        req = self.prepare(name, req)
         live, agent = core.running(name)
         env = core.command_env(live, req.env, req.secret_env, req.user)
         check_command(req.argv, env, req.cwd, req.user)

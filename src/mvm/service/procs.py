@@ -13,6 +13,7 @@ from mvm.api import models as M
 from mvm.errors import InvalidArgument
 from mvm.service.core import Core
 from mvm.service.execs import check_command
+from mvm.service.imagedefaults import ImageDefaults
 from mvm.service.live import Live, audit_after
 
 
@@ -23,10 +24,14 @@ def _view(p: Any) -> M.ProcView:
 class Procs:
     def __init__(self, core: Core) -> None:
         self.core = core
+        self.defaults = ImageDefaults(core)
 
     async def start(self, name: str, req: M.ProcStart) -> M.ProcView:
-        check_command(req.argv, req.env, req.cwd, req.user)
+        if req.argv:  # an empty one is the image's command (below)
+            check_command(req.argv, req.env, req.cwd, req.user)
         live, agent = self.core.running(name)
+        req = self.defaults.apply(live, req)  # the image's command, user and cwd if unset
+        check_command(req.argv, req.env, req.cwd, req.user)
         env = self.core.command_env(live, req.env, req.secret_env, req.user)
         check_command(req.argv, env, req.cwd, req.user)
         p = await agent.proc_start(
