@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mvm import audit
 from mvm.audit import checkpoint as C
-from mvm.audit import keys
+from mvm.audit import keys, signed
 from mvm.audit import verifier as V
 from mvm.audit.log import AuditLog
 from mvm.cli import main as cli_main
@@ -123,7 +123,7 @@ def test_edited_record_at_the_checkpoint(home: Path) -> None:
 def sign_with(cp: dict[str, Any], key: Ed25519PrivateKey, *, key_field: str) -> dict[str, Any]:
     out = {k: v for k, v in cp.items() if k != "signature"}
     out["key"] = key_field
-    out["signature"] = keys.sign(key, C._signed(out))
+    out["signature"] = keys.sign(key, signed.signed_bytes(out))
     return out
 
 

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from mvm.agent import protocol as P
 from mvm.agent.client import AgentClient
 from mvm.agent.guest import agent as A
+from mvm.agent.guest import base
 from mvm.api import models as M
 from mvm.cli.ports import parse_mapping, port_specs
 from mvm.daemon import forwards as F
@@ -105,7 +106,7 @@ def test_bad_specs_are_refused(spec: M.PortSpec) -> None:
 # ----------------------------------------------------------------------------- in-process relay
 
 
-class SockChannel(A.Channel):
+class SockChannel(base.Channel):
     """The guest agent's channel on a socketpair end instead of a virtio-serial port."""
 
     def __init__(self, sock: socket.socket) -> None:

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from mvm.agent import protocol as P
 from mvm.agent.guest import agent as A
+from mvm.agent.guest import base, files, system
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 IS_ROOT = os.getuid() == 0
@@ -112,7 +113,7 @@ def side_effects() -> Iterator[SideEffects]:
     fx = SideEffects()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(time, "clock_settime", fx.clock_settime)
-        mp.setattr(A, "open", fx.open, raising=False)
+        mp.setattr(system, "open", fx.open, raising=False)
         yield fx
 
 
@@ -680,7 +681,7 @@ def test_fs_list_entry_cap(
     agent: A.Agent, ch: FakeChannel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Directories with more than MAX_LIST_ENTRIES entries are cut and flagged."""
-    monkeypatch.setattr(A, "MAX_LIST_ENTRIES", 3)
+    monkeypatch.setattr(files, "MAX_LIST_ENTRIES", 3)
     for i in range(5):
         (tmp_path / f"f{i}").touch()
     f = ok(request(agent, ch, P.FS_LIST, path=str(tmp_path)))
@@ -812,9 +813,9 @@ def test_fs_move(agent: A.Agent, ch: FakeChannel, tmp_path: Path) -> None:
 
 def test_errno_mapping() -> None:
     """Unmapped errnos become 'internal' and messages name the path."""
-    e = A.os_error(OSError(5, "Input/output error"), "/p")
+    e = base.os_error(OSError(5, "Input/output error"), "/p")
     assert (e.code, e.message) == (P.E_INTERNAL, "/p: Input/output error")
-    assert A.os_error(FileNotFoundError(2, "x"), "/p").code == P.E_NOT_FOUND
+    assert base.os_error(FileNotFoundError(2, "x"), "/p").code == P.E_NOT_FOUND
 
 
 def test_internal_errors_are_reported(

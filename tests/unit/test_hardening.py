@@ -14,8 +14,9 @@ import pytest
 from mvm import client
 from mvm.agent import protocol as P
 from mvm.agent.client import command_frame
-from mvm.agent.guest import agent as A
+from mvm.agent.guest import base
 from mvm.agent.guest import cgroups as CG
+from mvm.agent.guest import spawning as S
 from mvm.cli.common import OctalMode, Seconds
 from mvm.errors import InvalidArgument
 
@@ -62,7 +63,7 @@ def test_a_large_command_travels_in_the_payload_and_the_agent_unpacks_it() -> No
     header, payload = command_frame(["echo", big], {"K": "v"}, "/work", b"stdin")
     assert set(header) == {"spec"}
     assert len(P.encode({"t": P.EXEC, "id": 1, **header}, payload)) < P.MAX_BODY
-    h, rest = A.with_spec({"t": P.EXEC, **header}, payload)
+    h, rest = base.with_spec({"t": P.EXEC, **header}, payload)
     assert (h["argv"], h["env"], h["cwd"], rest) == (["echo", big], {"K": "v"}, "/work", b"stdin")
     with pytest.raises(InvalidArgument, match="1024 KiB"):
         command_frame(["echo", big], None, None, b"x" * P.MAX_PAYLOAD)
@@ -80,17 +81,17 @@ def test_a_large_command_travels_in_the_payload_and_the_agent_unpacks_it() -> No
     ],
 )
 def test_the_agent_refuses_a_bad_spec(header: dict[str, Any], payload: bytes) -> None:
-    with pytest.raises(A.RequestError) as ei:
-        A.with_spec(header, payload)
+    with pytest.raises(base.RequestError) as ei:
+        base.with_spec(header, payload)
     assert ei.value.code == P.E_BAD_REQUEST
 
 
 def test_argv_echoed_back_is_bounded() -> None:
-    shown = A.short_argv(["x" * 100_000] * 200)
+    shown = S.short_argv(["x" * 100_000] * 200)
     assert len(shown) <= 64
     assert len(json.dumps(shown)) <= 17 * 1024
-    assert A.short_argv(["a", "b"]) == ["a", "b"]
-    assert len(json.dumps(A.short_argv(["\u00e9" * 256] * 64))) <= 17 * 1024
+    assert S.short_argv(["a", "b"]) == ["a", "b"]
+    assert len(json.dumps(S.short_argv(["\u00e9" * 256] * 64))) <= 17 * 1024
 
 
 def test_cgroup_limits_are_checked() -> None:
@@ -142,23 +143,23 @@ def test_a_gated_command_is_moved_before_it_runs(tmp_path: Path) -> None:
     group = CG.Group(str(tmp_path))
     (tmp_path / "cgroup.procs").write_text("")
     me = pwd.getpwuid(os.getuid()).pw_name
-    proc = A.spawn({"argv": ["sh", "-c", "echo $$; ls /proc/self/fd | wc -l"], "user": me}, group)
+    proc = S.spawn({"argv": ["sh", "-c", "echo $$; ls /proc/self/fd | wc -l"], "user": me}, group)
     out, _ = proc.communicate(timeout=30)
     pid, nfds = out.decode().split()
     assert int(pid) == proc.pid
     assert (tmp_path / "cgroup.procs").read_text() == str(proc.pid)
     assert int(nfds) <= 5  # stdin, stdout, stderr, ls's own dir fd: nothing of the agent's
     assert group.pgid == proc.pid
-    cat = A.spawn({"argv": ["cat"], "user": me}, group)
+    cat = S.spawn({"argv": ["cat"], "user": me}, group)
     assert cat.communicate(b"line one\nrest", timeout=30)[0] == b"line one\nrest"
-    with pytest.raises(A.SpawnError) as ei:
-        A.spawn({"argv": ["no-such-command-mvm"], "user": me}, group)
+    with pytest.raises(S.SpawnError) as ei:
+        S.spawn({"argv": ["no-such-command-mvm"], "user": me}, group)
     assert ei.value.exit_code == 127
     plain = tmp_path / "not-executable"
     plain.write_text("data")
     plain.chmod(0o644)
-    with pytest.raises(A.SpawnError) as ei:
-        A.spawn({"argv": [str(plain)], "user": me}, group)
+    with pytest.raises(S.SpawnError) as ei:
+        S.spawn({"argv": [str(plain)], "user": me}, group)
     assert ei.value.exit_code == 126
 
 
@@ -175,14 +176,14 @@ def test_check_runnable_refuses_what_execve_would(tmp_path: Path) -> None:
     os.mkfifo(fifo, 0o755)
     path = os.environ.get("PATH", "/usr/bin:/bin")
     for bad in (str(text), str(fifo), str(tmp_path)):
-        with pytest.raises(A.SpawnError) as e:
-            A.check_runnable(bad, path, "/")
+        with pytest.raises(S.SpawnError) as e:
+            S.check_runnable(bad, path, "/")
         assert e.value.exit_code == 126, bad
-    with pytest.raises(A.SpawnError) as e:
-        A.check_runnable(str(tmp_path / "missing"), path, "/")
+    with pytest.raises(S.SpawnError) as e:
+        S.check_runnable(str(tmp_path / "missing"), path, "/")
     assert e.value.exit_code == 127
-    with pytest.raises(A.SpawnError) as e:
-        A.check_runnable("no-such-command-xyz", path, "/")
+    with pytest.raises(S.SpawnError) as e:
+        S.check_runnable("no-such-command-xyz", path, "/")
     assert e.value.exit_code == 127
-    A.check_runnable(str(script), path, "/")  # a script
-    A.check_runnable("true", path, "/")  # an ELF binary found on PATH
+    S.check_runnable(str(script), path, "/")  # a script
+    S.check_runnable("true", path, "/")  # an ELF binary found on PATH

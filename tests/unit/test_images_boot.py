@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import json
 import lzma
 import shutil
 import stat
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,10 +146,32 @@ def test_newc_readable_by_cpio(tmp_path: Path) -> None:
 def test_agent_sources_shipped() -> None:
     """The initramfs carries the agent and the protocol module it imports."""
     src = I.agent_sources()
-    assert set(src) == {"agent.py", "cgroups.py", "protocol.py"}
+    assert set(src) == {*I.GUEST_MODULES, "protocol.py"}
     assert b"import protocol as P" in src["agent.py"]
     assert b"class FrameDecoder" in src["protocol.py"]
     assert I.init_script().startswith(b"#!")
+
+
+def test_shipped_agent_imports_only_what_is_shipped(tmp_path: Path) -> None:
+    """The shipped files alone, as the guest runs them (``python3 -I``, outside the
+    package): the agent imports, and every module of its own comes from beside it."""
+    for name, data in I.agent_sources().items():
+        (tmp_path / name).write_bytes(data)
+    probe = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]); import agent; "
+        "print(json.dumps(sorted(n for n, m in sys.modules.items() "
+        "if getattr(m, '__file__', None) and m.__file__.startswith(sys.argv[1]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", probe, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
+    shipped = {n.removesuffix(".py") for n in I.agent_sources()}
+    assert set(json.loads(out)) == shipped
+    assert not any(n.startswith("mvm") for n in json.loads(out))
 
 
 def test_entries_for_fake_kernel(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""Host side of the agent protocol (asyncio): multiplexed requests over one connection.
+"""Host side of the agent protocol (asyncio): the requests a host makes of the guest
+agent, over one multiplexed connection (``mux``).
 
 The guest is untrusted. Everything read here is bounded: the decoder is strict
 (any framing violation fails the connection and is reported as
-AgentProtocolError), replies are validated before use, per-request queues are
-bounded (backpressure onto the guest), and output is capped on the host
+AgentProtocolError), replies are validated before use (``replies``), per-request
+queues are bounded (backpressure onto the guest), and output is capped on the host
 regardless of what the guest claims.
 """
 
@@ -11,19 +12,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from mvm.agent import protocol as P
 from mvm.agent.guest import cgroups
+from mvm.agent.mux import CALL_TIMEOUT, QUEUE_FRAMES, AgentConnection
+from mvm.agent.replies import (
+    NAME_MAX,
+    Entry,
+    ExecReply,
+    ExecResult,
+    OutputCallback,
+    ProcInfo,
+    ProcOutput,
+    ProcStarted,
+    Stat,
+    Truncated,
+    bad_entry_name,
+    checked,
+    command_frame,
+    convert,
+    exec_reply,
+)
+from mvm.agent.tcpstream import TcpStream
 from mvm.errors import (
     AgentError,
     AgentProtocolError,
@@ -33,323 +50,49 @@ from mvm.errors import (
     VMDied,
 )
 
-#: Frames a request may have waiting before the reader stops reading (backpressure).
-QUEUE_FRAMES = 16
+__all__ = [
+    "CALL_TIMEOUT",
+    "NAME_MAX",
+    "QUEUE_FRAMES",
+    "AgentClient",
+    "Entry",
+    "ExecReply",
+    "ExecResult",
+    "OutputCallback",
+    "ProcInfo",
+    "ProcOutput",
+    "ProcStarted",
+    "Stat",
+    "TcpStream",
+    "Truncated",
+    "bad_entry_name",
+    "command_frame",
+    "exec_reply",
+]
+
 #: Largest file ``read_file`` returns unless told otherwise.
 DEFAULT_READ_LIMIT = 64 * 1024 * 1024
 #: Seconds the host waits beyond a command's own timeout before giving up on the guest.
 TIMEOUT_GRACE = 20.0
 #: Seconds between hellos after a reply with the wrong nonce.
 HELLO_RETRY_PAUSE = 0.05
-#: Default timeout for small requests (fs, ping).
-CALL_TIMEOUT = 30.0
 #: Bound on telling the guest to kill a command the host abandoned.
 ABANDON_TIMEOUT = 10.0
 
 
-class Truncated(msgspec.Struct, frozen=True):
-    stdout: bool = False
-    stderr: bool = False
+class AgentClient(AgentConnection):
+    """The agent's requests: handshake, exec, files, background processes, TCP relays."""
 
-
-class ExecReply(msgspec.Struct, frozen=True):
-    """The guest's final answer to an exec (validated: the guest may lie, never crash us)."""
-
-    exit_code: int
-    timed_out: bool = False
-    signal: int | None = None
-    duration: float = 0.0
-    truncated: Truncated = Truncated()
-
-
-class Entry(msgspec.Struct, frozen=True):
-    name: str
-    type: str
-    size: int
-    mode: int
-    mtime: float
-    uid: int = 0
-    gid: int = 0
-
-
-class Stat(msgspec.Struct, frozen=True):
-    type: str
-    size: int
-    mode: int
-    mtime: float
-    uid: int = 0
-    gid: int = 0
-
-
-class ProcStarted(msgspec.Struct, frozen=True):
-    proc: int
-    pid: int
-
-
-class ProcInfo(msgspec.Struct, frozen=True):
-    """A background process as the guest reports it."""
-
-    proc: int
-    pid: int
-    argv: list[str]
-    running: bool
-    started: float
-    exit_code: int | None = None
-    signal: int | None = None
-    ended: float | None = None
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-
-
-class ProcOutput(msgspec.Struct, frozen=True):
-    offset: int
-    lost: int
-    end: int
-    running: bool
-
-
-@dataclass
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    duration: float
-    timed_out: bool
-    truncated_stdout: bool
-    truncated_stderr: bool
-    signal: int | None = None
-
-
-OutputCallback = Callable[[str, bytes], None]
-
-
-#: Longest directory entry name a Linux guest can have (NAME_MAX), in UTF-8 bytes.
-NAME_MAX = 255
-
-
-def bad_entry_name(name: str) -> str | None:
-    """Why ``name`` cannot be one entry of a directory listing (None if it can).
-
-    Callers join entry names to paths (``cp -r`` out of a sandbox, the SDK): a guest
-    that answers ``..``, ``a/b`` or a name with a NUL is lying, never listing.
-    """
-    if name in ("", ".", ".."):
-        return "empty, '.' or '..'"
-    if "/" in name or "\x00" in name:
-        return "contains '/' or NUL"
-    if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX:
-        return f"longer than {NAME_MAX} bytes"
-    return None
-
-
-def command_frame(
-    argv: list[str], env: dict[str, str] | None, cwd: str | None, stdin: bytes
-) -> tuple[dict[str, Any], bytes]:
-    """Header fields and payload of an exec/proc.start: the command in the header, or, when
-    it is too large for one, at the head of the payload (``"spec": N``) before stdin."""
-    try:
-        spec = P.command_spec(argv, env or {}, cwd)
-    except ValueError as exc:
-        raise InvalidArgument(str(exc), limit=P.MAX_SPEC) from None
-    if len(spec) <= P.SPEC_IN_HEADER:
-        header: dict[str, Any] = {"argv": argv, "env": env or {}}
-        if cwd is not None:
-            header["cwd"] = cwd
-        if len(stdin) > P.MAX_PAYLOAD:
-            raise InvalidArgument(f"stdin larger than {P.MAX_PAYLOAD} bytes", limit=P.MAX_PAYLOAD)
-        return header, stdin
-    if len(spec) + len(stdin) > P.MAX_PAYLOAD:
-        raise InvalidArgument(
-            f"a command of {len(spec)} bytes with {len(stdin)} bytes of stdin exceeds the "
-            f"{P.MAX_PAYLOAD // 1024} KiB frame; pass large data as a file",
-            limit=P.MAX_PAYLOAD,
-        )
-    return {"spec": len(spec)}, spec + stdin
-
-
-def _checked(frame: P.Frame, what: str) -> P.Frame:
-    if frame.type == P.ERR:
-        code = frame.header.get("code")
-        msg = frame.header.get("message")
-        code = code if isinstance(code, str) else P.E_INTERNAL
-        msg = msg[:2000] if isinstance(msg, str) else "error"
-        raise AgentError(f"{what}: {msg}", code=code)
-    if frame.type != P.OK:
-        raise AgentProtocolError(f"{what}: unexpected reply type {frame.type!r}")
-    return frame
-
-
-def _convert(frame: P.Frame, typ: type[Any], what: str) -> Any:
-    try:
-        return msgspec.convert(frame.header, typ, strict=True)
-    except msgspec.ValidationError as exc:
-        raise AgentProtocolError(f"{what}: malformed reply from the guest: {exc}") from None
-
-
-class AgentClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._decoder = P.FrameDecoder(strict=True)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Queue[P.Frame | BaseException]] = {}
-        self._write_lock = asyncio.Lock()
-        self._failure: BaseException | None = None
-        self._task = asyncio.create_task(self._read_loop())
-        self.dropped_frames = 0
-        #: time.monotonic() when the guest last sent anything (mvmd's health check).
-        self.last_heard = time.monotonic()
+        super().__init__(reader, writer)
         self.info: dict[str, Any] = {}
         #: Per-sandbox limits of the guest's command cgroups, sent with every hello
         #: (``{"pids_max": n, "memory_pct": p}``, see ``set_limits``); None: the defaults.
         self.limits: dict[str, int] | None = None
         #: Fire-and-forget tasks (killing abandoned commands), kept so they are not collected.
         self._background: set[asyncio.Task[None]] = set()
-        #: Called (synchronously, must not block) with each unsolicited event frame.
-        self.on_event: Callable[[P.Frame], None] | None = None
         #: Sent in every hello: a guest seeing a new session drops the old host's TCP relays.
         self.session = secrets.token_hex(8)
-
-    @classmethod
-    async def connect(cls, path: Path, timeout: float = 10.0) -> AgentClient:
-        """Connect to the agent's chardev socket. A refused connection is retried within
-        ``timeout``: QEMU creates the socket file at bind() and listens a moment later."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(path), limit=P.MAX_BODY + 64),
-                    max(deadline - time.monotonic(), 0.01),
-                )
-                return cls(reader, writer)
-            except (ConnectionRefusedError, FileNotFoundError):
-                if time.monotonic() + 0.02 > deadline:
-                    raise
-                await asyncio.sleep(0.02)
-
-    # -- plumbing ---------------------------------------------------------------
-    @property
-    def failure(self) -> BaseException | None:
-        return self._failure
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                try:
-                    data = await self._reader.read(P.CHUNK)
-                except (ConnectionError, OSError) as exc:
-                    raise VMDied(f"the guest agent connection failed: {exc}") from None
-                if not data:
-                    raise VMDied("the guest agent connection closed (the VM stopped or crashed)")
-                self.last_heard = time.monotonic()
-                try:
-                    frames = self._decoder.feed(data)
-                except P.FrameError as exc:
-                    raise AgentProtocolError(f"the guest broke the agent protocol: {exc}") from None
-                for frame in frames:
-                    if frame.type == P.EVENT:
-                        if self.on_event is not None:
-                            self.on_event(frame)
-                        continue
-                    q = self._pending.get(frame.id)
-                    if q is None or frame.type not in P.REPLIES:
-                        self.dropped_frames += 1  # stale (pre-handshake) or unasked-for
-                        continue
-                    await self._deliver(frame.id, q, frame)
-        except asyncio.CancelledError:
-            self._fail(VMDied("agent connection closed"))
-            raise
-        except BaseException as exc:
-            self._fail(exc)
-
-    async def _deliver(
-        self, rid: int, q: asyncio.Queue[P.Frame | BaseException], frame: P.Frame
-    ) -> None:
-        """Queue a frame; wait while the queue is full (backpressure), unless its request is gone."""
-        while self._pending.get(rid) is q:
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                # cancellation (close() must always stop this loop).
-                async with asyncio.timeout(0.5):
-                    await q.put(frame)
-                return
-            except TimeoutError:
-                continue
-        self.dropped_frames += 1
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._failure is None:
-            self._failure = exc
-        for q in self._pending.values():
-            with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(exc)
-
-    async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        if self._failure is not None:
-            raise self._failure
-        data = P.encode(header, payload)
-        async with self._write_lock:
-            try:
-                self._writer.write(data)
-                await self._writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise VMDied(f"cannot write to the guest agent: {exc}") from None
-
-    def _open(self) -> tuple[int, asyncio.Queue[P.Frame | BaseException]]:
-        rid = next(self._ids)
-        q: asyncio.Queue[P.Frame | BaseException] = asyncio.Queue(QUEUE_FRAMES)
-        if self._failure is not None:
-            q.put_nowait(self._failure)
-        self._pending[rid] = q
-        return rid, q
-
-    async def _next(
-        self, q: asyncio.Queue[P.Frame | BaseException], deadline: float | None
-    ) -> P.Frame:
-        if q.empty() and self._failure is not None:
-            raise self._failure
-        try:
-            async with asyncio.timeout_at(
-                None
-                if deadline is None
-                else asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())
-            ):
-                item = await q.get()
-        except TimeoutError:
-            raise CommandTimeout("the guest agent did not answer in time") from None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def call(
-        self,
-        type_: str,
-        header: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float = CALL_TIMEOUT,
-    ) -> P.Frame:
-        """One request, one final reply (ok, or AgentError)."""
-        rid, q = self._open()
-        try:
-            await self._send({**(header or {}), "t": type_, "id": rid}, payload)
-            deadline = time.monotonic() + timeout
-            while True:
-                frame = await self._next(q, deadline)
-                if frame.type in (P.OK, P.ERR):
-                    return _checked(frame, type_)
-        finally:
-            self._pending.pop(rid, None)
-
-    async def close(self) -> None:
-        """Close the connection; bounded even if the guest keeps its end open."""
-        self._writer.close()
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            async with asyncio.timeout(5.0):
-                await self._task
-        with contextlib.suppress(BaseException):
-            async with asyncio.timeout(5.0):
-                await self._writer.wait_closed()
 
     # -- handshake --------------------------------------------------------------
     def set_limits(self, *, pids_max: int | None = None, memory_pct: int | None = None) -> None:
@@ -444,7 +187,7 @@ class AgentClient:
                 if frame.type in (P.OK, P.ERR):
                     finished = True
                 if frame.type == P.ERR:
-                    _checked(frame, "exec")
+                    checked(frame, "exec")
                 yield frame
                 if frame.type == P.OK:
                     return
@@ -511,7 +254,7 @@ class AgentClient:
                     if on_output is not None:
                         on_output(stream, data)
             elif frame.type == P.OK:
-                reply: ExecReply = _convert(frame, ExecReply, "exec")
+                reply: ExecReply = convert(frame, ExecReply, "exec")
                 return ExecResult(
                     exit_code=reply.exit_code,
                     stdout=bytes(bufs["stdout"]),
@@ -583,7 +326,7 @@ class AgentClient:
 
     async def stat(self, path: str) -> Stat:
         frame = await self.call(P.FS_STAT, {"path": path})
-        result: Stat = _convert(frame, Stat, "fs.stat")
+        result: Stat = convert(frame, Stat, "fs.stat")
         return result
 
     async def mkdir(self, path: str, *, parents: bool = False) -> None:
@@ -611,7 +354,7 @@ class AgentClient:
         if user is not None:
             header["user"] = user
         frame = await self.call(P.PROC_START, header, stdin)
-        started: ProcStarted = _convert(frame, ProcStarted, "proc.start")
+        started: ProcStarted = convert(frame, ProcStarted, "proc.start")
         return await self.proc_wait(started.proc, 0)
 
     async def proc_list(self) -> list[ProcInfo]:
@@ -626,7 +369,7 @@ class AgentClient:
         frame = await self.call(
             P.PROC_WAIT, {"proc": proc, "timeout": timeout}, timeout=timeout + CALL_TIMEOUT
         )
-        info: ProcInfo = _convert(frame, ProcInfo, "proc.wait")
+        info: ProcInfo = convert(frame, ProcInfo, "proc.wait")
         return info
 
     async def proc_output(
@@ -635,7 +378,7 @@ class AgentClient:
         frame = await self.call(
             P.PROC_OUTPUT, {"proc": proc, "stream": stream, "offset": offset, "length": length}
         )
-        meta: ProcOutput = _convert(frame, ProcOutput, "proc.output")
+        meta: ProcOutput = convert(frame, ProcOutput, "proc.output")
         return frame.payload, meta
 
     async def proc_stdin(self, proc: int, data: bytes, *, eof: bool = False) -> None:
@@ -643,7 +386,7 @@ class AgentClient:
 
     async def proc_signal(self, proc: int, signal: int) -> ProcInfo:
         frame = await self.call(P.PROC_SIGNAL, {"proc": proc, "signal": signal})
-        info: ProcInfo = _convert(frame, ProcInfo, "proc.signal")
+        info: ProcInfo = convert(frame, ProcInfo, "proc.signal")
         return info
 
     async def shutdown(self) -> None:
@@ -660,109 +403,9 @@ class AgentClient:
             await self._send({"t": P.TCP_OPEN, "id": rid, "port": port})
             frame = await self._next(q, time.monotonic() + timeout)
             if frame.type != P.STARTED:
-                _checked(frame, "tcp.open")  # err -> AgentError; a stray ok -> protocol error
+                checked(frame, "tcp.open")  # err -> AgentError; a stray ok -> protocol error
                 raise AgentProtocolError("tcp.open: the guest ended the relay before starting it")
         except BaseException:
             self._pending.pop(rid, None)
             raise
         return TcpStream(self, rid, q)
-
-
-class TcpStream:
-    """One TCP connection relayed by the guest agent (see ``AgentClient.tcp_open``).
-
-    Reads acknowledge what they consume, so the guest never has more than
-    ``TCP_WINDOW`` bytes in flight here; writes wait for the guest to take each chunk.
-    """
-
-    def __init__(
-        self, client: AgentClient, rid: int, q: asyncio.Queue[P.Frame | BaseException]
-    ) -> None:
-        self._client = client
-        self._rid = rid
-        self._q = q
-        self._eof = False  # the guest side sent EOF
-        self._done = False  # the final ok/err arrived
-        self.received = 0
-        self.sent = 0
-
-    @property
-    def at_eof(self) -> bool:
-        return self._eof or self._done
-
-    @property
-    def finished(self) -> bool:
-        """The guest ended the relay (its final reply came): nothing more will flow."""
-        return self._done
-
-    async def read(self) -> bytes:
-        """Next chunk from the guest; b"" once the guest side is at EOF (or the relay ended).
-
-        Waits as long as the connection is idle; it is woken if the agent connection fails
-        (VMDied / AgentProtocolError) or the relay is closed."""
-        while not self.at_eof:
-            frame = await self._client._next(self._q, None)
-            if frame.type == P.OUT:
-                if frame.header.get("stream") != "tcp":
-                    raise AgentProtocolError("tcp: output on a stream other than 'tcp'")
-                if frame.header.get("eof") is True:
-                    self._eof = True
-                    break
-                data = frame.payload
-                if len(data) > P.TCP_CHUNK:
-                    raise AgentProtocolError(f"tcp: a chunk larger than {P.TCP_CHUNK} bytes")
-                if not data:
-                    continue
-                self.received += len(data)
-                await self._client._send(
-                    {"t": P.TCP_ACK, "id": 0, "ref": self._rid, "bytes": len(data)}
-                )
-                return data
-            if frame.type in (P.OK, P.ERR):
-                self._finish()
-                break
-            raise AgentProtocolError(f"tcp: unexpected frame {frame.type!r}")
-        return b""
-
-    async def write(self, data: bytes, timeout: float = CALL_TIMEOUT * 3) -> None:
-        """Send bytes to the guest socket, in chunks; each waits until the guest wrote it."""
-        view = memoryview(data)
-        while view:
-            chunk = bytes(view[: P.CHUNK])
-            await self._client.call(
-                P.TCP_DATA, {"ref": self._rid, "eof": False}, chunk, timeout=timeout
-            )
-            self.sent += len(chunk)
-            view = view[len(chunk) :]
-
-    async def write_eof(self) -> None:
-        """Half-close: the guest application reads EOF; its replies still come back."""
-        await self._client.call(P.TCP_DATA, {"ref": self._rid, "eof": True})
-
-    async def close(self, timeout: float = 5.0) -> None:
-        """Abort the relay (if still open) and wait, bounded, for the guest to end it."""
-        if self._done:
-            return
-        try:
-            with contextlib.suppress(MvmError):
-                await self._client._send({"t": P.TCP_CLOSE, "id": 0, "ref": self._rid})
-            deadline = time.monotonic() + timeout
-            while not self._done:
-                try:
-                    frame = await self._client._next(self._q, deadline)
-                except MvmError:
-                    break
-                if frame.type in (P.OK, P.ERR):
-                    break
-        finally:
-            self._finish()
-
-    def _finish(self) -> None:
-        self._done = True
-        self._client._pending.pop(self._rid, None)
-
-
-def exec_reply(frame: P.Frame) -> ExecReply:
-    """The guest's final exec frame, validated (for callers streaming ``exec_stream``)."""
-    reply: ExecReply = _convert(frame, ExecReply, "exec")
-    return reply

@@ -13,16 +13,14 @@ The check (``compare``) is pure over (lines, report, checkpoint, public key).
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from mvm.audit import keys
-from mvm.audit.encoding import AuditError, canonical, record_hash
+from mvm.audit import keys, signed
+from mvm.audit.encoding import AuditError, record_hash
 from mvm.audit.log import AuditLog, parse_line
 from mvm.audit.verifier import Problem, Report, verify_lines
 
@@ -38,10 +36,6 @@ DROPPED = "records missing after the log head"
 DIFFERS = "record differs from the checkpoint"
 
 _FIELDS: dict[str, type] = {"seq": int, "hash": str, "time": str, "key": str, "signature": str}
-
-
-def _signed(cp: dict[str, Any]) -> bytes:
-    return canonical({k: v for k, v in cp.items() if k != "signature"})
 
 
 def make(log: AuditLog) -> dict[str, Any]:
@@ -70,10 +64,8 @@ def make(log: AuditLog) -> dict[str, Any]:
         "hash": rep.head_hash,
         "records": rep.records,
         "time": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "key": hk.fingerprint,
     }
-    body["signature"] = keys.sign(hk.private, _signed(body))
-    return body
+    return signed.sign(body, hk)
 
 
 def compare(
@@ -100,7 +92,7 @@ def compare(
                 "proves nothing about this log",
             )
         ]
-    if not keys.check(pub, _signed(cp), cp["signature"]):
+    if not signed.signature_ok(cp, pub):
         return [Problem(end, CP_BAD_SIGNATURE, "the checkpoint was changed after it was signed")]
     seq, want = int(cp["seq"]), str(cp["hash"])
     head = report.head_seq or 0
@@ -148,29 +140,12 @@ def verify_file(path: Path, cp: object, pub: Ed25519PublicKey | None = None) -> 
     return rep
 
 
-def write(path: Path, cp: dict[str, Any]) -> None:
-    """Write atomically (temp + rename), 0644: a checkpoint holds no secret."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cp, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+#: Atomic write (temp + rename) of a checkpoint file (``signed.write``).
+write = signed.write
 
 
 def load(path: Path) -> object:
     """Parse a checkpoint file (bounded); raises AuditError when it is not JSON."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CHECKPOINT_BYTES + 1)
-    except OSError as e:
-        raise AuditError(
-            f"cannot read {path}: {e.strerror}", hint="check the path", path=str(path)
-        ) from e
-    if len(data) > MAX_CHECKPOINT_BYTES:
-        raise AuditError(
-            f"{path} is larger than {MAX_CHECKPOINT_BYTES} bytes",
-            hint="this is not an mvm audit checkpoint",
-            path=str(path),
-        )
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise AuditError(f"{path} is not JSON: {e}", hint="pass a checkpoint file") from e
+    return signed.load(
+        path, MAX_CHECKPOINT_BYTES, "an mvm audit checkpoint", "pass a checkpoint file"
+    )

@@ -8,16 +8,14 @@ against a key the receipt itself carries, so a forger cannot bring their own.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from mvm.audit import keys
-from mvm.audit.encoding import AuditError, canonical, check_fields
+from mvm.audit import keys, signed
+from mvm.audit.encoding import AuditError, check_fields
 
 KIND = "mvm.receipt/1"
 #: A receipt file larger than this is refused unread.
@@ -58,14 +56,8 @@ def build(
 
 
 def sign(body: dict[str, Any], hk: keys.HostKey) -> dict[str, Any]:
-    out = {k: v for k, v in body.items() if k not in ("key", "signature")}
-    out["key"] = hk.fingerprint
-    out["signature"] = keys.sign(hk.private, _signed(out))
-    return out
-
-
-def _signed(rec: dict[str, Any]) -> bytes:
-    return canonical({k: v for k, v in rec.items() if k != "signature"})
+    """The receipt with ``key`` and ``signature`` (see ``signed``)."""
+    return signed.sign(body, hk)
 
 
 @dataclass
@@ -96,41 +88,20 @@ def verify(receipt: object, pub: Ed25519PublicKey) -> ReceiptCheck:
             code,
         )
     try:
-        body = _signed(receipt)
+        valid = signed.signature_ok(receipt, pub)
     except AuditError:
         return ReceiptCheck(False, "not canonical JSON", fp, aid, code)
-    if not keys.check(pub, body, receipt.get("signature")):
+    if not valid:
         return ReceiptCheck(
             False, "bad signature: the receipt was changed after signing", fp, aid, code
         )
     return ReceiptCheck(True, "signature valid", fp, aid, code)
 
 
-def write(path: Path, receipt: dict[str, Any]) -> None:
-    """Write atomically (temp + rename) so a reader never sees half a receipt."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+#: Atomic write (temp + rename) of a receipt file (``signed.write``).
+write = signed.write
 
 
 def load(path: Path) -> object:
     """Parse a receipt file (bounded); raises AuditError when it is not JSON."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_RECEIPT_BYTES + 1)
-    except OSError as e:
-        raise AuditError(
-            f"cannot read {path}: {e.strerror}", hint="check the path", path=str(path)
-        ) from e
-    if len(data) > MAX_RECEIPT_BYTES:
-        raise AuditError(
-            f"{path} is larger than {MAX_RECEIPT_BYTES} bytes",
-            hint="this is not an mvm receipt",
-            path=str(path),
-        )
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise AuditError(
-            f"{path} is not JSON: {e}", hint="this is not an mvm receipt", path=str(path)
-        ) from e
+    return signed.load(path, MAX_RECEIPT_BYTES, "an mvm receipt", "this is not an mvm receipt")

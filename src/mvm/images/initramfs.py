@@ -65,8 +65,19 @@ def newc(entries: Iterable[Entry]) -> bytes:
     return bytes(out)
 
 
-#: The agent's modules (``init.sh`` copies every ``/mvm/*.py`` beside ``agent.py``).
-GUEST_MODULES = ("agent.py", "cgroups.py")
+#: The agent's modules (``init.sh`` copies every ``/mvm/*.py`` beside ``agent.py``, whose
+#: folder the agent puts first on its ``sys.path``).
+GUEST_MODULES = (
+    "agent.py",
+    "base.py",
+    "cgroups.py",
+    "execs.py",
+    "files.py",
+    "procs.py",
+    "relay.py",
+    "spawning.py",
+    "system.py",
+)
 
 
 def agent_sources() -> dict[str, bytes]:
