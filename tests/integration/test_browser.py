@@ -15,6 +15,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "browser.md"
 #: Playwright waits (ms): Chromium under TCG on a shared machine is slow.
 PW_TIMEOUT = 300_000
 PAYLOAD = secrets.token_bytes(200_000)
+#: The hosts this module's tests ask for; any other host in the egress log is Chromium's own.
+ASKED = {"allowed.test", "denied.test"}
+#: How long after a sandbox is created its egress is watched for Chromium's own traffic
+#: (an observation window, not a performance bound: its start-up fetches come in the
+#: first minute of a browser's life, and the clone's browser is seconds old).
+QUIET_WINDOW = 120.0
 
 INDEX = """<!doctype html><html><head><title>mvm browser test</title></head><body>
 <form id="f"><input id="name" name="name"><button id="go" type="submit">Go</button></form>
@@ -233,3 +240,19 @@ def test_docs_example_runs(home: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "title: mvm browser test" in r.stdout
     assert re.search(r"screenshot: \d+ bytes", r.stdout)
+
+
+def test_chromium_makes_no_connections_of_its_own(sb: Any, sb2: Any, home: Path) -> None:
+    """Only what a client asks for reaches the egress proxy: none of Chromium's background
+    traffic (updates, sync, safe browsing, metrics...) is refused and audited as noise."""
+    sb.screenshot(f"http://{SITE}/")  # a page load, as any test here makes
+    born = min(s.info().created for s in (sb, sb2))
+    time.sleep(max(0.0, born + QUIET_WINDOW - time.time()))
+    records = audit(home, "egress.allowed") + audit(home, "egress.denied")
+    assert any(r.get("host") == "allowed.test" for r in records)  # the log is being read
+    stray = {
+        (str(r.get("sandbox")), str(r.get("host")), str(r.get("port")))
+        for r in records
+        if r.get("host") not in ASKED
+    }
+    assert not stray, sorted(stray)

@@ -7,9 +7,11 @@ private mvmd and one desktop sandbox shared by the module (the X start is in the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -56,6 +58,51 @@ def desk(home: Path) -> Iterator[Any]:
 
     with mvm.DesktopSandbox.create(name="dt-one") as d:
         yield d
+
+
+@pytest.fixture(scope="module")
+def wide(home: Path) -> Iterator[Any]:
+    """A second desktop at another resolution: from the same warm template, resized."""
+    import mvm
+
+    with mvm.DesktopSandbox.create(resolution=(1280, 800), name="dt-wide") as d:
+        yield d
+
+
+def vnc_des_key(password: str) -> bytes:
+    """VNC authentication's DES key: the password (8 bytes, NUL-padded), each byte's bits
+    reversed (RFC 6143 7.2.2, as every VNC server implements it)."""
+    raw = password.encode()[:8].ljust(8, b"\0")
+    return bytes(int(f"{b:08b}"[::-1], 2) for b in raw)
+
+
+def vnc_screen_size(port: int, password: str) -> tuple[int, int]:
+    """RFB 3.8 handshake with VNC authentication, then ServerInit's framebuffer size."""
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+    def recv(s: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            assert chunk, "VNC server closed the connection"
+            buf += chunk
+        return buf
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.settimeout(60)
+        assert recv(s, 12).startswith(b"RFB 003.")
+        s.sendall(b"RFB 003.008\n")
+        types = recv(s, recv(s, 1)[0])
+        assert 2 in types, types
+        s.sendall(b"\x02")
+        challenge = recv(s, 16)
+        enc = Cipher(TripleDES(vnc_des_key(password) * 3), modes.ECB()).encryptor()  # = DES
+        s.sendall(enc.update(challenge) + enc.finalize())
+        assert struct.unpack(">I", recv(s, 4))[0] == 0, "VNC authentication failed"
+        s.sendall(b"\x01")  # ClientInit: shared
+        w, h = struct.unpack(">HH", recv(s, 4))
+        return w, h
 
 
 def geometry(desk: Any, title: str) -> tuple[int, int]:
@@ -162,3 +209,48 @@ def test_docs_example_runs(home: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "screen 1024 768 changed True" in r.stdout
+
+
+def test_clipboard_round_trip_audited_by_hash_only(desk: Any, home: Path) -> None:
+    text = "mvm clipboard: héllo ✓\nsecond line " + os.urandom(6).hex()
+    desk.clipboard.write(text)
+    assert desk.clipboard.read() == text
+    # a program in the guest sees it too (xclip is what an app's paste would ask)
+    r = desk.commands.run(
+        ["xclip", "-selection", "clipboard", "-o"], env={"DISPLAY": ":0"}, timeout_seconds=60
+    )
+    assert r.stdout == text
+    desk.clipboard.write("replaced")
+    assert desk.clipboard.read() == "replaced"
+    log = "".join(f.read_text() for f in (home / "audit").glob("*.jsonl"))
+    assert text.splitlines()[-1] not in log and json.dumps(text)[1:-1] not in log
+    with pytest.raises(InvalidArgument):
+        desk.clipboard.write("x" * (2 << 20))
+
+
+def test_another_resolution_from_the_same_template(wide: Any) -> None:
+    assert wide.get_screen_size() == (1280, 800)
+    shot = png.decode(wide.screenshot())
+    assert (shot.width, shot.height) == (1280, 800)
+    wide.move_mouse(1270, 790)  # off a 1024x768 screen, on this one
+    assert wide.get_cursor_position() == (1270, 790)
+    with pytest.raises(InvalidArgument, match="off the 1280x800 screen"):
+        wide.left_click(1280, 10)
+    # the viewer follows the change: x11vnc's framebuffer is the new size
+    wide.stream.start()
+    fwd = wide.ports.forward(5900)
+    try:
+        assert vnc_screen_size(fwd.host_port, wide.stream.password) == (1280, 800)
+    finally:
+        fwd.close()
+        wide.stream.stop()
+    wide.set_resolution((800, 600))
+    assert png.size(wide.screenshot()) == (800, 600)
+
+
+def test_resolutions_outside_the_range_are_refused(home: Path) -> None:
+    import mvm
+
+    for bad in ((4096, 768), (100, 100), (1024,), "1024x768", (1024.0, 768)):
+        with pytest.raises(InvalidArgument):
+            mvm.DesktopSandbox.create(resolution=bad, name="dt-bad")  # type: ignore[arg-type]

@@ -106,3 +106,36 @@ def test_no_allow_means_no_network() -> None:
     assert spec.network.allow == ["a.test:8080"]
     with pytest.raises(InvalidArgument):
         browser.browser_spec("a.test", "browser", None, None, "30m", None, None, None)  # type: ignore[arg-type]
+
+
+def test_preset_turns_off_chromium_background_traffic() -> None:
+    """Chromium's own connections (updates, sync, safe browsing...) would be refused and
+    audited by the egress proxy as noise: the recipe switches them off."""
+    m = manifest.load_preset("browser")
+    assert m.warm is not None
+    setup = m.warm.setup[-1]
+    for flag in (
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-default-apps",
+        "--disable-domain-reliability",
+        "--disable-client-side-phishing-detection",
+        "--gaia-url=http://127.0.0.1:9",  # accounts.google.com: not switched off otherwise
+        "--component-updater=url-source=http://127.0.0.1:9",  # update.googleapis.com
+    ):
+        assert flag in setup, flag
+
+
+def test_desktop_preset_matches_the_sdk_resolutions() -> None:
+    from mvm.sdk import desktop
+
+    m = manifest.load_preset("desktop")
+    assert m.warm is not None
+    assert {"xclip", "x11-xserver-utils"} <= set(m.packages)
+    setup = m.warm.setup[-1]
+    (w, h), (dw, dh) = desktop.MAX_RESOLUTION, desktop.DEFAULT_RESOLUTION
+    assert f"-screen 0 {w}x{h}x24" in setup  # the framebuffer every size shrinks from
+    assert f"--mode mvm-{dw}x{dh}" in setup and "-xrandr" in setup
+    assert f"dimensions: *{dw}x{dh} " in m.warm.probe[-1]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -10,6 +11,13 @@ import click
 from mvm.cli.common import fail_on_errors
 from mvm.cli.ui import out_console
 from mvm.sdk.desktop import DesktopSandbox
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    if not sep or not (w.isdecimal() and h.isdecimal()) or len(w) > 5 or len(h) > 5:
+        raise click.BadParameter(f"{text!r} is not WIDTHxHEIGHT", param_hint="--resolution")
+    return int(w), int(h)
 
 
 def _connect(name: str) -> DesktopSandbox:
@@ -27,10 +35,13 @@ def desktop() -> None:
 @click.argument("name")
 @click.option("--allow", multiple=True, metavar="HOST[:PORT]", help="A site it may reach.")
 @click.option("--ttl", default="30m", show_default=True)
+@click.option(
+    "--resolution", default="1024x768", show_default=True, metavar="WxH", help="Screen size."
+)
 @fail_on_errors
-def up(name: str, allow: tuple[str, ...], ttl: str) -> None:
+def up(name: str, allow: tuple[str, ...], ttl: str, resolution: str) -> None:
     """Start desktop sandbox NAME."""
-    sb = DesktopSandbox.create(allow=list(allow), name=name, ttl=ttl)
+    sb = DesktopSandbox.create(parse_resolution(resolution), allow=list(allow), name=name, ttl=ttl)
     w, h = sb.get_screen_size()
     out_console().print(f"{sb.name} is up ({w}x{h}); viewer: mvmctl desktop view {sb.name}")
 
@@ -78,6 +89,20 @@ def type_(name: str, text: str) -> None:
 def view(name: str) -> None:
     """Start NAME's noVNC viewer on 127.0.0.1 and print its URL (with the session password)."""
     click.echo(_connect(name).stream.start())
+
+
+@desktop.command("clipboard")
+@click.argument("name")
+@click.option("--set", "text", metavar="TEXT", help="Put TEXT on the clipboard ('-': stdin).")
+@fail_on_errors
+def clipboard(name: str, text: str | None) -> None:
+    """Print NAME's clipboard text, or set it with --set."""
+    sb = _connect(name)
+    if text is None:
+        click.echo(sb.clipboard.read(), nl=False)
+    else:
+        data = sys.stdin.read() if text == "-" else text
+        sb.clipboard.write(data)
 
 
 COMMANDS = [desktop]

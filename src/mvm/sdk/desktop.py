@@ -27,8 +27,13 @@ from mvm.sdk.sandbox import DEFAULT_TTL, Sandbox, build_spec
 DISPLAY = ":0"
 VNC_PORT, NOVNC_PORT = 5900, 6080
 PASSWORD_FILE = "/home/user/.mvm-desktop/vncpass"
-#: The template's screen (presets/desktop.toml).
+#: The template's screen (presets/desktop.toml); another size is set through RandR at
+#: create, from MIN_RESOLUTION up to the framebuffer Xvfb was started with.
 DEFAULT_RESOLUTION = (1024, 768)
+MIN_RESOLUTION = (320, 240)
+MAX_RESOLUTION = (1920, 1200)
+#: Largest clipboard text read or written (the audit log keeps its hash and size).
+MAX_CLIPBOARD = 1 << 20
 DEFAULT_MEMORY_MB = 1024
 MAX_TEXT = 4096
 MAX_SCREENSHOT = 16 << 20
@@ -61,6 +66,76 @@ def check_keys(keys: str | list[str]) -> list[str]:
                 f"invalid key {k!r}", hint="X keysym names such as Return, ctrl+c, alt+Tab, F5"
             )
     return items
+
+
+def check_resolution(resolution: Any) -> tuple[int, int]:
+    """``(width, height)`` within MIN_RESOLUTION..MAX_RESOLUTION, or InvalidArgument."""
+    try:
+        w, h = resolution
+    except (TypeError, ValueError):
+        raise InvalidArgument("resolution is a (width, height) pair") from None
+    lo, hi = MIN_RESOLUTION, MAX_RESOLUTION
+    for v, a, b, what in ((w, lo[0], hi[0], "width"), (h, lo[1], hi[1], "height")):
+        if isinstance(v, bool) or not isinstance(v, int) or not a <= v <= b:
+            raise InvalidArgument(
+                f"resolution {what} {v!r} is outside {a}..{b}",
+                hint=f"from {lo[0]}x{lo[1]} up to {hi[0]}x{hi[1]}",
+            )
+    return w, h
+
+
+def resolution_script(w: int, h: int) -> list[str]:
+    """The guest command that makes the screen ``w``x``h``: a RandR mode of that size on
+    Xvfb's one output (its framebuffer is MAX_RESOLUTION, so any smaller size fits)."""
+    mode = f"mvm-{w}x{h}"
+    clock = f"{w * h * 60 / 1e6:.2f}"  # a nominal 60 Hz: Xvfb has no real timings
+    return [
+        "sh",
+        "-c",
+        f"xrandr --newmode {mode} {clock} {w} {w} {w} {w} {h} {h} {h} {h} 2>/dev/null; "
+        f"xrandr --addmode screen {mode} 2>/dev/null; xrandr --output screen --mode {mode}",
+    ]
+
+
+class Clipboard:
+    """The X clipboard (CLIPBOARD selection): sensitive, so it moves only through these
+    explicit calls, each an audited exec (the audit log keeps hash and size, never text)."""
+
+    def __init__(self, sandbox: DesktopSandbox) -> None:
+        self._sb = sandbox
+
+    def read(self) -> str:
+        """The clipboard's text ("" when nothing holds it); at most MAX_CLIPBOARD bytes."""
+        r = self._sb.commands.run(
+            ["sh", "-c", "xclip -selection clipboard -o 2>/dev/null || true"],
+            env={"DISPLAY": DISPLAY},
+            output_limit=MAX_CLIPBOARD,
+            timeout_seconds=60,
+        )
+        if r.truncated:
+            raise DesktopError(f"the clipboard holds more than {MAX_CLIPBOARD} bytes")
+        return r.stdout_bytes.decode(errors="replace")
+
+    def write(self, text: str) -> None:
+        """Put ``text`` on the clipboard (it comes in on stdin: never in an argv). Returns
+        once the guest's clipboard holds it."""
+        if not isinstance(text, str) or "\0" in text:
+            raise InvalidArgument("clipboard text is a str without NUL characters")
+        data = text.encode()
+        if len(data) > MAX_CLIPBOARD:
+            raise InvalidArgument(f"clipboard text is at most {MAX_CLIPBOARD} bytes")
+        # xclip forks a child that owns the selection until another client takes it; it is
+        # started as a kept process (an exec's processes die with it), and the script
+        # waits (bounded) until the selection reads back as written.
+        script = (
+            'f=$(mktemp) && cat > "$f" && xclip -selection clipboard -i "$f" >/dev/null 2>&1 '
+            '&& i=0 && until xclip -selection clipboard -o 2>/dev/null | cmp -s - "$f"; do '
+            '[ $i -ge 200 ] && { rm -f "$f"; exit 1; }; sleep 0.1; i=$((i+1)); done; rm -f "$f"'
+        )
+        proc = self._sb.commands.start(["sh", "-c", script], env={"DISPLAY": DISPLAY}, stdin=data)
+        r = proc.wait(timeout_seconds=60)
+        if r.exit_code != 0:
+            raise DesktopError(f"could not set the clipboard (exit {r.exit_code})")
 
 
 class Stream:
@@ -106,6 +181,7 @@ class DesktopSandbox(Sandbox):
     def __init__(self, backend: Any, info: M.SandboxInfo) -> None:
         super().__init__(backend, info)
         self.stream = Stream(self)
+        self.clipboard = Clipboard(self)
         self._size: tuple[int, int] | None = None
 
     @classmethod
@@ -121,12 +197,9 @@ class DesktopSandbox(Sandbox):
         env: dict[str, EnvValue] | None = None,
         tags: dict[str, str] | None = None,
     ) -> DesktopSandbox:
-        """Start a desktop; ``allow``: sites it may reach (none: no network at all)."""
-        if tuple(resolution) != DEFAULT_RESOLUTION:
-            raise InvalidArgument(
-                f"resolution {resolution} is not offered yet",
-                hint=f"the desktop template's screen is {DEFAULT_RESOLUTION}",
-            )
+        """Start a desktop of ``resolution`` (up to MAX_RESOLUTION); ``allow``: sites it may
+        reach (none: no network at all)."""
+        size = check_resolution(resolution)
         if isinstance(allow, str):
             raise InvalidArgument("allow= takes a list of host[:port] patterns")
         spec = build_spec(
@@ -143,6 +216,12 @@ class DesktopSandbox(Sandbox):
         )
         sb = cls._create(spec)
         assert isinstance(sb, DesktopSandbox)
+        if size != DEFAULT_RESOLUTION:
+            try:
+                sb.set_resolution(size)
+            except BaseException:
+                sb.kill()
+                raise
         return sb
 
     # -- plumbing ---------------------------------------------------------------------
@@ -171,6 +250,15 @@ class DesktopSandbox(Sandbox):
                 raise DesktopError(f"unexpected screen size {out[:2]!r}")
             self._size = (int(out[0]), int(out[1]))
         return self._size
+
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        """Change the screen size (RandR on the running display; windows stay, the VNC
+        viewer follows). ``create(resolution=...)`` calls this."""
+        w, h = check_resolution(resolution)
+        self._size = None
+        self._x(resolution_script(w, h))
+        if self.get_screen_size() != (w, h):
+            raise DesktopError(f"the screen is {self._size}, not {w}x{h}, after the change")
 
     def screenshot(self) -> bytes:
         """A PNG of the whole screen (the audit log keeps its hash and size only)."""
@@ -265,12 +353,24 @@ class DesktopSandbox(Sandbox):
         self.commands.start(argv, env={"DISPLAY": DISPLAY, "HOME": "/home/user"})
 
 
+class AsyncClipboard:
+    def __init__(self, c: Clipboard) -> None:
+        self._c = c
+
+    async def read(self) -> str:
+        return await asyncio.to_thread(self._c.read)
+
+    async def write(self, text: str) -> None:
+        await asyncio.to_thread(self._c.write, text)
+
+
 class AsyncDesktopSandbox:
     """``DesktopSandbox`` for asyncio: every verb in a worker thread."""
 
     def __init__(self, sandbox: DesktopSandbox) -> None:
         self.sync = sandbox
         self.name = sandbox.name
+        self.clipboard = AsyncClipboard(sandbox.clipboard)
 
     @classmethod
     async def create(cls, *args: Any, **kw: Any) -> AsyncDesktopSandbox:
