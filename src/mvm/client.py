@@ -284,6 +284,11 @@ class Client:
             M.TtlRequest(ttl_seconds=ttl_seconds),
         )
 
+    def note_call(self, via: str, call: str, sandbox: str | None = None) -> M.Noted:
+        """Have mvmd audit this client's own call (e.g. an MCP tool), on ``sandbox``."""
+        path = f"/sandboxes/{seg('sandbox', sandbox)}/calls" if sandbox else "/calls"
+        return self._post(path, M.Noted, M.CallNote(via=via, call=call))
+
     def wait(self, name: str, timeout: float) -> M.SandboxInfo:
         return self._post(
             f"/sandboxes/{seg('sandbox', name)}/wait",

@@ -138,11 +138,15 @@ def test_mcp_session(home: Path) -> None:
         pass
 
     log = (home / "audit" / "default.jsonl").read_text()
-    # mvmd records what the tools did, with the MCP client as actor (mcp writes none).
+    # mvmd records every tool call (mcp.call, even a failing one) and what the tools did,
+    # with the MCP client as actor; mcp writes no record itself.
     records = [json.loads(line) for line in log.splitlines()]
     by_mcp = [r for r in records if r["actor"].startswith("mcp:")]
     assert {r["actor"] for r in by_mcp} == {"mcp:mvm-test-agent"}
     assert {"sandbox.launched", "fs.write", "cmd.exec.started"} <= {r["event"] for r in by_mcp}
+    calls = [r["data"]["call"] for r in by_mcp if r["event"] == "mcp.call"]
+    assert {"sandbox_create", "run_code", "read_file", "list_files", "run_command"} <= set(calls)
+    assert calls.count("read_file") >= 2  # the read, and the missing file: failures count too
     assert not [r for r in records if r["event"] == "mcp.tool"]
     assert MARK not in log
 

@@ -539,3 +539,22 @@ def test_wildcard_needs_the_flag_and_bad_bodies_are_bounded(served: Served) -> N
         )
         head = s.recv(200)
     assert head.startswith(b"HTTP/1.1 413"), head
+
+
+def test_a_clients_own_call_is_audited_by_mvmd_in_the_tenants_chain(served: Served) -> None:
+    """POST /v1/calls (how `mvmctl mcp` records each tool call): written by mvmd, in the
+    tenant's chain with the token id as actor; a bad call name is a 400."""
+    h = {"Authorization": f"Bearer {served.acme}"}
+    r = httpx.post(f"{served.url}/v1/calls", headers=h, json={"via": "mcp", "call": "run_code"})
+    assert r.status_code == 201, r.text
+    audit_id = r.json()["audit_id"]
+    chain = served.home / "audit" / "acme.jsonl"
+    rec = next(json.loads(x) for x in chain.read_text().splitlines() if audit_id in x)
+    assert rec["event"] == "mcp.call" and rec["data"] == {"call": "run_code"}
+    assert rec["actor"] == served.acme_id
+    bad = httpx.post(f"{served.url}/v1/calls", headers=h, json={"via": "mcp", "call": "a b"})
+    assert bad.status_code == 400
+    nobody = httpx.post(
+        f"{served.url}/v1/sandboxes/nope/calls", headers=h, json={"via": "mcp", "call": "x"}
+    )
+    assert nobody.status_code == 404

@@ -8,7 +8,7 @@ line, bytes base64-encoded in ``data``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -402,3 +402,22 @@ class DaemonStatus(msgspec.Struct, kw_only=True):
     socket: str
     #: The pool of waiting VMs (``service.pool``): size, idle, idle_mb, handed_out, ...
     pool: dict[str, int] = {}
+
+
+#: A client's name for its own kind of call (``mcp``) and the call's name (a tool).
+CALL_VIA = r"^[a-z][a-z0-9]{0,15}$"
+CALL_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+
+
+class CallNote(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An adapter's own call (an MCP tool, say) for mvmd to audit: the record is written by
+    the service like every other, signed, with the request's actor and routed to the
+    sandbox's tenant. The adapter names its call; what the call then does is audited by
+    the verbs it uses."""
+
+    via: Annotated[str, msgspec.Meta(pattern=CALL_VIA)]
+    call: Annotated[str, msgspec.Meta(pattern=CALL_NAME)]
+
+
+class Noted(msgspec.Struct, kw_only=True):
+    audit_id: str | None

@@ -203,6 +203,8 @@ class Api:
         r.add_post(f"{s}/snapshots", self.snapshot_save)
         r.add_post(f"{s}/snapshots/{{snap}}/restore", self.snapshot_restore)
         r.add_delete(f"{s}/snapshots/{{snap}}", self.snapshot_remove)
+        r.add_post(f"{v}/calls", self.note_call)
+        r.add_post(f"{s}/calls", self.note_call)
         from mvm.daemon import fork_routes
 
         fork_routes.add_routes(r, s, self.s)
@@ -222,6 +224,11 @@ class Api:
                 pool=self.s.pool.status(),
             )
         )
+
+    async def note_call(self, request: web.Request) -> web.Response:
+        note = await body_as(request, M.CallNote)
+        sandbox = name(request) if "name" in request.match_info else None
+        return json_response(M.Noted(audit_id=self.s.note_call(note, sandbox)), 201)
 
     async def shutdown(self, request: web.Request) -> web.Response:
         self.on_shutdown()

@@ -26,8 +26,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
-from mvm.client import acting_as
-from mvm.errors import InvalidArgument, MvmError
+from mvm.client import Client, acting_as
+from mvm.errors import InvalidArgument, MvmError, SandboxNotFound
 from mvm.mcp import tools as T
 
 INSTRUCTIONS = """\
@@ -106,13 +106,22 @@ def build(image: str = "python", persist: bool = False) -> tuple[MCPServer[Any],
         fn: Callable[[], list[T.Part]],
     ) -> CallToolResult:
         try:
-            # mvmd audits what the tool does (launch, exec, file writes...) with the MCP
-            # client as actor: the worker thread inherits this label (to_thread copies it).
+            # mvmd audits the call itself (``mcp.call``, before it runs) and what the tool
+            # does (launch, exec, file writes...), with the MCP client as actor: the worker
+            # thread inherits this label (to_thread copies it).
             with acting_as(mcp_actor(ctx)):
+                await asyncio.to_thread(note, tool, sandbox)
                 return result(await asyncio.to_thread(fn))
         except MvmError as exc:
             msg = exc.message + (f"\nhint: {exc.hint}" if exc.hint else "")
             raise ToolError(msg) from None
+
+    def note(tool: str, sandbox: str | None) -> None:
+        with Client() as c:
+            try:
+                c.note_call("mcp", tool, sandbox)
+            except (SandboxNotFound, InvalidArgument):  # the tool will say so; still noted
+                c.note_call("mcp", tool)
 
     def tool(description: str, sandbox_arg: str = "sandbox") -> Callable[[ToolFn], ToolFn]:
         """Register ``fn`` (sync, returns parts) as the tool named after it: ``call`` audits
@@ -122,7 +131,8 @@ def build(image: str = "python", persist: bool = False) -> tuple[MCPServer[Any],
         def register(fn: ToolFn) -> ToolFn:
             @functools.wraps(fn)
             async def run(**kw: Any) -> CallToolResult:
-                named = kw.get(sandbox_arg)
+                # a sandbox being created is not one yet: its call is noted without it
+                named = kw.get(sandbox_arg) if sandbox_arg == "sandbox" else None
                 return await call(kw["ctx"], fn.__name__, named, lambda: fn(**kw))
 
             # The SDK reads arguments from fn's signature but the result type from this

@@ -82,6 +82,8 @@ class NativeRelay:
         tenant = ident.tenant
         if parts == ["status"]:
             return await self._status(request, ident)
+        if parts == ["calls"] and request.method == "POST":  # a client's own call, audited
+            return await self._relay(request, ident, "/calls", await self._read_json(request))
         if parts[0] != "sandboxes":
             raise web.HTTPNotFound()
         body: bytes | None = None

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 
 from mvm import forkvm
+from mvm.api import models as M
 from mvm.images.store import ImageStore
 from mvm.service.core import Core
 from mvm.service.execs import Execs
 from mvm.service.files import Files
 from mvm.service.fork import Fork
 from mvm.service.gate import Gate
-from mvm.service.live import Live, info
+from mvm.service.live import Live, audit_after, info
 from mvm.service.pool import Pool
 from mvm.service.ports import Ports
 from mvm.service.procs import Procs
@@ -49,6 +50,13 @@ class SandboxService:
         self.procs = Procs(self.core)
         self.snapshots = Snapshots(self.core, self.sandboxes, self.ports)
         self.fork = Fork(self.core, self.sandboxes, self.snapshots)
+
+    def note_call(self, note: M.CallNote, sandbox: str | None) -> str | None:
+        """Audit an adapter's own call (``<via>.call``), on ``sandbox`` when it names one
+        (which must exist: a record is routed to its tenant's chain)."""
+        if sandbox is not None:
+            self.core.get(sandbox)
+        return audit_after(f"{note.via}.call", sandbox, call=note.call)
 
     @property
     def ready(self) -> asyncio.Event:
