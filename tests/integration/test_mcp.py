@@ -44,6 +44,10 @@ TOOLS = {
     "read_file",
     "list_files",
     "sandbox_expose_port",
+    "browser_screenshot",
+    "desktop_screenshot",
+    "desktop_click",
+    "desktop_type",
 }
 MARK = "mcp-arg-" + os.urandom(4).hex()  # an argument value that must not reach the audit log
 
@@ -201,3 +205,66 @@ def test_mcp_http_needs_the_token(home: Path) -> None:
             proc.kill()
             proc.wait(timeout=10)
     assert token not in (proc.stderr.read().decode() if proc.stderr else "")
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+async def visual_run(home: Path) -> dict[str, Any]:
+    """A desktop and a browser sandbox made and driven through the MCP tools only."""
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mvm.cli.main", "mcp"],
+        env={**os.environ, "MVM_HOME": str(home)},
+    )
+    seen: dict[str, Any] = {}
+    async with (
+        stdio_client(params) as (read, write),
+        ClientSession(
+            read, write, client_info=types.Implementation(name="mvm-test-eyes", version="1")
+        ) as s,
+    ):
+        await s.initialize()
+        seen["desk"] = await s.call_tool("sandbox_create", {"image": "desktop", "name": "mcp-desk"})
+        seen["before"] = await s.call_tool("desktop_screenshot", {"sandbox": "mcp-desk"})
+        seen["click"] = await s.call_tool(
+            "desktop_click", {"sandbox": "mcp-desk", "x": 20, "y": 20, "button": "left"}
+        )
+        seen["off"] = await s.call_tool(
+            "desktop_click", {"sandbox": "mcp-desk", "x": 5000, "y": 20}
+        )
+        seen["type"] = await s.call_tool(
+            "desktop_type", {"sandbox": "mcp-desk", "text": "hello mcp", "press_enter": True}
+        )
+        seen["after"] = await s.call_tool("desktop_screenshot", {"sandbox": "mcp-desk"})
+        seen["web"] = await s.call_tool("sandbox_create", {"image": "browser", "name": "mcp-web"})
+        seen["shot"] = await s.call_tool("browser_screenshot", {"sandbox": "mcp-web"})
+        seen["not_desktop"] = await s.call_tool("desktop_screenshot", {"sandbox": "mcp-web"})
+    return seen
+
+
+def test_mcp_drives_a_desktop_and_a_browser(home: Path) -> None:
+    seen = asyncio.run(asyncio.wait_for(visual_run(home), 800))
+    for key in ("desk", "before", "click", "type", "after", "web", "shot"):
+        assert not seen[key].is_error, (key, texts(seen[key]))
+    shots = {}
+    for key in ("before", "after", "shot"):
+        images = [c for c in seen[key].content if c.type == "image"]
+        assert len(images) == 1 and images[0].mime_type == "image/png", key
+        shots[key] = base64.b64decode(images[0].data)
+    assert png_size(shots["before"]) == png_size(shots["after"]) == (1024, 768)
+    assert png_size(shots["shot"])[0] > 0
+    assert seen["off"].is_error and "off the 1024x768 screen" in texts(seen["off"])
+    assert seen["not_desktop"].is_error  # a browser sandbox has no X display to shoot
+    # The session made both sandboxes: they are gone with it.
+    names = {i.name for i in mvm.Sandbox.list()}
+    assert not {"mcp-desk", "mcp-web"} & names
+    calls = [
+        json.loads(line)
+        for line in (home / "audit" / "default.jsonl").read_text().splitlines()
+        if '"mcp.call"' in line
+    ]
+    made = {r["data"]["call"] for r in calls if r["actor"] == "mcp:mvm-test-eyes"}
+    assert {"desktop_screenshot", "desktop_click", "desktop_type", "browser_screenshot"} <= made

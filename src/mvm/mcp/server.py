@@ -54,6 +54,9 @@ SandboxArg = Annotated[
 TimeoutArg = Annotated[
     float, Field(gt=0, le=T.MAX_TIMEOUT, description="Seconds before it is stopped")
 ]
+NamedSandbox = Annotated[
+    str, Field(description="Name of a sandbox of that image (create it with sandbox_create)")
+]
 
 
 def client_name(ctx: Context[Any, Any] | None) -> str:
@@ -255,6 +258,45 @@ def build(image: str = "python", persist: bool = False) -> tuple[MCPServer[Any],
         sandbox: SandboxArg = None,
     ) -> list[T.Part]:
         return T.expose_port(session.get(sandbox), port)
+
+    @tool(
+        "Screenshot a page in a browser sandbox (image `browser`, created with "
+        "network_allow listing the sites it may load): loads url in a fresh tab, or shows a "
+        "blank tab; returns a PNG.",
+    )
+    def browser_screenshot(
+        ctx: Context[Any, Any],
+        sandbox: NamedSandbox,
+        url: Annotated[str | None, Field(max_length=8192)] = None,
+        full_page: bool = False,
+    ) -> list[T.Part]:
+        return T.browser_screenshot(sandbox, url, full_page)
+
+    @tool("Screenshot the screen of a desktop sandbox (image `desktop`); returns a PNG.")
+    def desktop_screenshot(ctx: Context[Any, Any], sandbox: NamedSandbox) -> list[T.Part]:
+        return T.desktop_screenshot(sandbox)
+
+    @tool(
+        "Click at (x, y) on a desktop sandbox's screen (pixels from the top left; take a "
+        "screenshot first). button: left, right, middle or double."
+    )
+    def desktop_click(
+        ctx: Context[Any, Any],
+        sandbox: NamedSandbox,
+        x: Annotated[int, Field(ge=0, le=7680)],
+        y: Annotated[int, Field(ge=0, le=4320)],
+        button: Annotated[str, Field(pattern="^(left|right|middle|double)$")] = "left",
+    ) -> list[T.Part]:
+        return T.desktop_click(sandbox, x, y, button)
+
+    @tool("Type text into the focused window of a desktop sandbox (optionally press Enter).")
+    def desktop_type(
+        ctx: Context[Any, Any],
+        sandbox: NamedSandbox,
+        text: Annotated[str, Field(min_length=1, max_length=4096)],
+        press_enter: bool = False,
+    ) -> list[T.Part]:
+        return T.desktop_type(sandbox, text, press_enter)
 
     return server, session
 

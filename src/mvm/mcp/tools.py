@@ -265,3 +265,50 @@ def expose_port(sb: mvm.Sandbox, port: int) -> list[Part]:
             f"only; forward id {fwd.id})"
         )
     ]
+
+
+# -- browser and desktop sandboxes (sandboxes of the browser / desktop images) -------------
+CLICKS = ("left", "right", "middle", "double")
+
+
+def browser_screenshot(name: str, url: str | None, full_page: bool) -> list[Part]:
+    sb = mvm.BrowserSandbox.connect(names.check("sandbox", name))
+    assert isinstance(sb, mvm.BrowserSandbox)
+    png = sb.screenshot(url, full_page=full_page)
+    return [Part(image=png), Part(text=f"screenshot of {url or 'a blank tab'} in {name}")]
+
+
+def _desktop(name: str) -> mvm.DesktopSandbox:
+    sb = mvm.DesktopSandbox.connect(names.check("sandbox", name))
+    assert isinstance(sb, mvm.DesktopSandbox)
+    return sb
+
+
+def desktop_screenshot(name: str) -> list[Part]:
+    sb = _desktop(name)
+    w, h = sb.get_screen_size()
+    return [Part(image=sb.screenshot()), Part(text=f"the {w}x{h} screen of {name}")]
+
+
+def desktop_click(name: str, x: int, y: int, button: str) -> list[Part]:
+    if button not in CLICKS:
+        raise InvalidArgument(f"button is one of {', '.join(CLICKS)}, not {button!r}")
+    sb = _desktop(name)
+    click = {
+        "left": sb.left_click,
+        "right": sb.right_click,
+        "middle": sb.middle_click,
+        "double": sb.double_click,
+    }[button]
+    click(x, y)
+    return [Part(text=f"{button} click at ({x}, {y}) in {name}")]
+
+
+def desktop_type(name: str, text: str, press_enter: bool) -> list[Part]:
+    sb = _desktop(name)
+    sb.write(text)
+    if press_enter:
+        sb.press("Return")
+    return [
+        Part(text=f"typed {len(text)} characters in {name}" + (" and Enter" if press_enter else ""))
+    ]

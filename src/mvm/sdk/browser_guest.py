@@ -118,17 +118,19 @@ class WS:
                 self.events.append(m)
 
 
-def http(method: str, path: str) -> Any:
+def http(method: str, path: str, timeout: float) -> Any:
     req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", method=method)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    return json.loads(opener.open(req, timeout=10).read(1 << 20))
+    return json.loads(opener.open(req, timeout=timeout).read(1 << 20))
 
 
 def main() -> int:
     url, mode, load_timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
     try:
-        target = http("PUT", "/json/new?about:blank")
-        ws = WS(f"/devtools/page/{target['id']}", 30)
+        # A new tab starts a renderer process: tens of seconds under TCG on a loaded host
+        # (10 s was seen to be too short), so both steps get the load's own bound.
+        target = http("PUT", "/json/new?about:blank", load_timeout)
+        ws = WS(f"/devtools/page/{target['id']}", load_timeout)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"cdp: {exc}", file=sys.stderr)
         return 4
@@ -186,7 +188,7 @@ def main() -> int:
         return 4
     finally:
         try:
-            http("PUT", f"/json/close/{target['id']}")
+            http("PUT", f"/json/close/{target['id']}", 10)
         except (OSError, ValueError):
             pass
 
