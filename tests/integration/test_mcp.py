@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +61,25 @@ def texts(res: Any) -> str:
     return "\n".join(c.text for c in res.content if c.type == "text")
 
 
-async def session_run(home: Path) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def mcp_session(home: Path, client: str) -> AsyncIterator[ClientSession]:
+    """``mvmctl mcp`` over stdio in ``home``, as an MCP client named ``client``."""
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "mvm.cli.main", "mcp"],
         env={**os.environ, "MVM_HOME": str(home)},
     )
-    seen: dict[str, Any] = {}
     async with (
         stdio_client(params) as (read, write),
-        ClientSession(
-            read, write, client_info=types.Implementation(name="mvm-test-agent", version="1")
-        ) as s,
+        ClientSession(read, write, client_info=types.Implementation(name=client, version="1")) as s,
     ):
         await s.initialize()
+        yield s
+
+
+async def session_run(home: Path) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    async with mcp_session(home, "mvm-test-agent") as s:
         listed = await s.list_tools()
         seen["tools"] = {t.name: t for t in listed.tools}
 
@@ -214,19 +221,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 async def visual_run(home: Path) -> dict[str, Any]:
     """A desktop and a browser sandbox made and driven through the MCP tools only."""
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "mvm.cli.main", "mcp"],
-        env={**os.environ, "MVM_HOME": str(home)},
-    )
     seen: dict[str, Any] = {}
-    async with (
-        stdio_client(params) as (read, write),
-        ClientSession(
-            read, write, client_info=types.Implementation(name="mvm-test-eyes", version="1")
-        ) as s,
-    ):
-        await s.initialize()
+    async with mcp_session(home, "mvm-test-eyes") as s:
         seen["desk"] = await s.call_tool("sandbox_create", {"image": "desktop", "name": "mcp-desk"})
         seen["before"] = await s.call_tool("desktop_screenshot", {"sandbox": "mcp-desk"})
         seen["click"] = await s.call_tool(
