@@ -158,11 +158,13 @@ async def one_staged(service: SandboxService, n: int) -> dict[str, float]:
             M.CreateSandbox(image="python", name=f"st{n}", ttl_seconds=600)
         )
         t_create = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        r = await service.execs.run(live.name, M.ExecRequest(argv=["true"], timeout=60))
-        clock.t["exec through the service"] += time.perf_counter() - t1
+        try:
+            t1 = time.perf_counter()
+            r = await service.execs.run(live.name, M.ExecRequest(argv=["true"], timeout=60))
+            clock.t["exec through the service"] += time.perf_counter() - t1
+        finally:  # the service's close() only detaches: a sandbox left up would keep its QEMU
+            await service.sandboxes.down(live.name, reason="bench")
     assert r.exit_code == 0, r
-    await service.sandboxes.down(live.name, reason="bench")
     out = dict(clock.t)
     out["create"] = t_create
     out["total"] = time.perf_counter() - t0
