@@ -2,29 +2,42 @@
 without it, beside a bare QEMU cold boot of the same kernel and image (the floor the
 issue's ratio is against), and N concurrent creates (creates per core-second).
 
-Run: ``.venv/bin/python bench/pool.py [--rounds 3] [--concurrent 8]``
+Run: ``.venv/bin/python bench/pool.py [--rounds 3] [--concurrent 8,32] [--unwarmed]
+[--memory 512]``
 
 Each variant runs against its own private, throw-away ``MVM_HOME`` (``/tmp/mvpl-*``)
-linked to the current store (MVM_POOL_SIZE=2 with MVM_POOL_WARM=1, then 2, then 0); the homes are removed at the end
-with any QEMU left for them. Between sequential creates the pool is given time to
-refill (bounded), as it would between a user's creates.
+linked to the current store (MVM_POOL_SIZE=2 with MVM_POOL_WARM=1, with ``--unwarmed``
+also MVM_POOL_WARM=0, then MVM_POOL_SIZE=0); the homes are removed at the end with any
+QEMU left for them. Between sequential creates, and before each burst, the pool is given
+time to refill (bounded), as it would between a user's creates. A burst of N runs on an
+executor of N threads: the SDK's async API runs each call with ``asyncio.to_thread``,
+whose default executor has only ``cpu_count + 4`` threads (6 here), which would measure
+that cap rather than mvmd.
+
+In the pool-off home, mvmd's own share of a create is also measured by stage
+(``createstages``: the service driven in-process with timing wrappers) and printed
+beside the SDK's create -> first exec and the in-process restore + exec floor; what the
+SDK path costs beyond the in-process service is the HTTP hops, the client and the SDK.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import createstages
 import mvm
 from common import default_store, private_home, raise_on_sigterm
 from mvm import paths
@@ -37,9 +50,13 @@ from start import bare_boot
 REFILL_WAIT = 120.0
 
 
+MEMORY_MB = 512
+
+
 async def create_first_exec(name: str) -> float:
     t0 = time.perf_counter()
-    sb = await mvm.AsyncSandbox.create("python", name=name, ttl="10m")
+    res = mvm.Resources(memory_mb=MEMORY_MB)
+    sb = await mvm.AsyncSandbox.create("python", name=name, ttl="10m", resources=res)
     r = await sb.commands.run(["true"])
     took = time.perf_counter() - t0
     assert r.exit_code == 0
@@ -57,39 +74,54 @@ def wait_pool(size: int) -> None:
 
 
 def variant(
-    store: Path, pool: int, rounds: int, concurrent: int, warm: bool = False
-) -> dict[str, float]:
+    store: Path, pool: int, rounds: int, concurrent: list[int], warm: bool = False
+) -> dict[str, Any]:
     os.environ["MVM_POOL_SIZE"] = str(pool)
     os.environ["MVM_POOL_WARM"] = "1" if warm else "0"
     sdk_mode._backend = None  # the SDK's live backend holds the previous home's socket
     with private_home(store, prefix="mvpl-"):
         asyncio.run(create_first_exec("warm"))  # makes the template/shape hot
-        seq = []
-        for n in range(rounds):
-            if pool:
+        out: dict[str, Any] = {"bursts": {}}
+        if not pool:  # SDK creates paired, round by round, with the in-process stages
+            med, floor = asyncio.run(createstages.measure(rounds, create_first_exec_n))
+            out["stages"] = (med, floor)
+            out["seq"] = med["also"]
+        else:
+            seq = []
+            for n in range(rounds):
                 wait_pool(min(pool, 1))
-            seq.append(asyncio.run(create_first_exec(f"s{n}")))
-        if pool:
-            wait_pool(pool)
+                seq.append(asyncio.run(create_first_exec(f"s{n}")))
+            out["seq"] = statistics.median(seq)
+        for n in concurrent:
+            if pool:
+                wait_pool(pool)
+            wall = asyncio.run(burst(n))
+            out["bursts"][n] = (wall, n / (wall * (os.cpu_count() or 1)))
+    return out
 
-        async def burst() -> float:
-            t0 = time.perf_counter()
-            await asyncio.gather(*(create_first_exec(f"c{i}") for i in range(concurrent)))
-            return time.perf_counter() - t0
 
-        wall = asyncio.run(burst())
-    return {
-        "seq": statistics.median(seq),
-        "burst_wall": wall,
-        "per_core_s": concurrent / (wall * (os.cpu_count() or 1)),
-    }
+async def create_first_exec_n(n: int) -> float:
+    return await create_first_exec(f"s{n}")
+
+
+async def burst(n: int) -> float:
+    """``n`` SDK creates + first exec at once, each with its own thread (see above)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=n) as ex:
+        asyncio.get_running_loop().set_default_executor(ex)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(create_first_exec(f"c{n}-{i}") for i in range(n)))
+        return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--concurrent", type=int, default=8)
+    ap.add_argument("--concurrent", default="8,32", help="burst sizes, comma-separated")
+    ap.add_argument("--unwarmed", action="store_true", help="also a pool without pre-warming")
+    ap.add_argument("--memory", type=int, default=MEMORY_MB, help="MiB per sandbox")
     args = ap.parse_args()
+    globals()["MEMORY_MB"] = args.memory
+    bursts = [int(x) for x in args.concurrent.split(",") if x]
     raise_on_sigterm()
     store = paths.home() if "MVM_HOME" in os.environ else default_store()
     spec = VMSpec(ImageStore(store).ensure("python"))
@@ -98,10 +130,19 @@ def main() -> None:
             asyncio.run(bare_boot(spec, ImageStore(store), Path(root), n))
             for n in range(args.rounds)
         )
-    warm = variant(store, 2, args.rounds, args.concurrent, warm=True)
-    on = variant(store, 2, args.rounds, args.concurrent)
-    off = variant(store, 0, args.rounds, args.concurrent)
-    t = Table(title=f"create -> first exec (median of {args.rounds}); {args.concurrent} at once")
+    variants = [
+        ("SDK create+exec, pre-warmed pool of 2", variant(store, 2, args.rounds, bursts, warm=True))
+    ]
+    if args.unwarmed:
+        variants.append(
+            ("SDK create+exec, pool of 2, not warmed", variant(store, 2, args.rounds, bursts))
+        )
+    off = variant(store, 0, args.rounds, bursts)
+    variants.append(("SDK create+exec, no pool", off))
+    t = Table(
+        title=f"create -> first exec (median of {args.rounds}), {args.memory} MiB; "
+        f"{args.concurrent} at once; load {os.getloadavg()[0]:.1f}"
+    )
     cols = (
         "what",
         "seconds",
@@ -111,20 +152,30 @@ def main() -> None:
     for col in cols:
         t.add_column(col, justify="right" if col != "what" else "left")
     t.add_row("bare QEMU cold boot (floor)", f"{bare:.3f}", "1.0x", "")
-    variants = (
-        ("SDK create+exec, pre-warmed pool", warm),
-        ("SDK create+exec, pool", on),
-        ("SDK create+exec, no pool", off),
-    )
     for label, v in variants:
         t.add_row(label, f"{v['seq']:.3f}", f"{bare / v['seq']:.1f}x", "")
-        t.add_row(
-            f"  {args.concurrent} concurrent, wall",
-            f"{v['burst_wall']:.3f}",
-            "",
-            f"{v['per_core_s']:.2f}",
-        )
-    Console().print(t)
+        for n, (wall, per_core) in v["bursts"].items():
+            t.add_row(f"  {n} concurrent, wall", f"{wall:.3f}", "", f"{per_core:.2f}")
+    con = Console()
+    con.print(t)
+    med, floor = off["stages"]
+    s = Table(title=f"mvmd's own share of a create, by stage (no pool, median of {args.rounds})")
+    for col in ("what", "seconds", "/ in-process restore + exec (target: SDK <= 1.3x)"):
+        s.add_column(col, justify="left" if col == "what" else "right")
+    s.add_row(
+        "SDK create + first exec through mvmd",
+        f"{off['seq']:.3f}",
+        f"{off['seq'] / floor['total']:.2f}x",
+    )
+    rest = med["beyond"]  # per round, then the median
+    s.add_row(
+        "  beyond the in-process service: HTTP, client, SDK",
+        f"{rest:.3f}",
+        f"{rest / floor['total']:.2f}x",
+    )
+    for row in createstages.rows(med, floor):
+        s.add_row(*row)
+    con.print(s)
 
 
 if __name__ == "__main__":
