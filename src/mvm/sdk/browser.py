@@ -12,7 +12,6 @@ in the guest and come out through an audited exec (the audit log keeps hash and 
 
 from __future__ import annotations
 
-import asyncio
 import importlib.resources
 import json
 import re
@@ -27,6 +26,7 @@ from mvm.errors import InvalidArgument, MvmError
 from mvm.sdk.backend import SandboxSpec
 from mvm.sdk.options import EnvValue, Resources, network, resources
 from mvm.sdk.sandbox import DEFAULT_TTL, AsyncSandbox, Sandbox, build_spec
+from mvm.sdk.threads import to_thread
 
 #: Chromium's DevTools port in the guest (loopback only; see presets/browser.toml).
 CDP_PORT = 9222
@@ -233,10 +233,10 @@ class AsyncDownloads:
         return self._d.cdp_params()
 
     async def list(self) -> list[M.FileEntry]:
-        return await asyncio.to_thread(self._d.list)
+        return await to_thread(self._d.list)
 
     async def read(self, name: str, limit: int = MAX_DOWNLOAD) -> bytes:
-        return await asyncio.to_thread(self._d.read, name, limit)
+        return await to_thread(self._d.read, name, limit)
 
 
 class AsyncBrowserSandbox(AsyncSandbox):
@@ -252,19 +252,19 @@ class AsyncBrowserSandbox(AsyncSandbox):
     async def create(  # type: ignore[override]
         cls, allow: list[str] | tuple[str, ...] = (), **kw: Any
     ) -> AsyncBrowserSandbox:
-        return cls(await asyncio.to_thread(BrowserSandbox.create, allow, **kw))
+        return cls(await to_thread(BrowserSandbox.create, allow, **kw))
 
     @classmethod
     async def connect(cls, name: str) -> AsyncBrowserSandbox:
-        sb = await asyncio.to_thread(BrowserSandbox.connect, name)
+        sb = await to_thread(BrowserSandbox.connect, name)
         assert isinstance(sb, BrowserSandbox)
         return cls(sb)
 
     async def cdp_url(self) -> str:
-        return await asyncio.to_thread(lambda: self.sync.cdp_url)
+        return await to_thread(lambda: self.sync.cdp_url)
 
     async def screenshot(self, url: str | None = None, full_page: bool = False) -> bytes:
-        return await asyncio.to_thread(self.sync.screenshot, url, full_page)
+        return await to_thread(self.sync.screenshot, url, full_page)
 
 
 __all__ = ["AsyncBrowserSandbox", "BrowserSandbox", "BrowserUnavailable", "PageError"]

@@ -12,7 +12,6 @@ from the guest: it is parsed with bounds and type checks.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import codecs
@@ -29,6 +28,7 @@ from mvm.api import models as M
 from mvm.errors import InvalidArgument, MvmError, SandboxStateError
 from mvm.sdk.commands import check_timeout
 from mvm.sdk.live import LiveBackend
+from mvm.sdk.threads import to_thread
 
 if TYPE_CHECKING:
     from mvm.sdk.sandbox import Sandbox
@@ -439,4 +439,4 @@ def code_for(sandbox: Sandbox) -> Code:
 
 
 async def arun(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    return await asyncio.to_thread(lambda: fn(*args, **kw))
+    return await to_thread(lambda: fn(*args, **kw))

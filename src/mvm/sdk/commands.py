@@ -4,7 +4,6 @@ which runs under ``sh -c``. Every wait has a default bound."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ from mvm.durations import parse_duration
 from mvm.errors import CommandFailed, CommandTimeout, InvalidArgument
 from mvm.sdk.backend import Backend, CommandResult
 from mvm.sdk.options import EnvValue, split_env
+from mvm.sdk.threads import to_thread
 
 #: Default and largest ``timeout_seconds`` of ``run`` and ``handle.wait``.
 DEFAULT_TIMEOUT = 300.0
@@ -239,10 +239,10 @@ class AsyncCommands:
         self._c = commands
 
     async def run(self, argv: list[str] | tuple[str, ...] | str, **kw: Any) -> CommandResult:
-        return await asyncio.to_thread(lambda: self._c.run(argv, **kw))
+        return await to_thread(lambda: self._c.run(argv, **kw))
 
     async def start(self, argv: list[str] | tuple[str, ...] | str, **kw: Any) -> AsyncCommandHandle:
-        handle = await asyncio.to_thread(lambda: self._c.start(argv, **kw))
+        handle = await to_thread(lambda: self._c.start(argv, **kw))
         return AsyncCommandHandle(handle)
 
 
@@ -254,13 +254,13 @@ class AsyncCommandHandle:
         self.argv = handle.argv
 
     async def wait(self, timeout_seconds: str | float = DEFAULT_TIMEOUT) -> CommandResult:
-        return await asyncio.to_thread(self.sync.wait, timeout_seconds)
+        return await to_thread(self.sync.wait, timeout_seconds)
 
     async def kill(self, signal: int = 9) -> None:
-        await asyncio.to_thread(self.sync.kill, signal)
+        await to_thread(self.sync.kill, signal)
 
     async def send_stdin(self, data: str | bytes, eof: bool = False) -> None:
-        await asyncio.to_thread(self.sync.send_stdin, data, eof)
+        await to_thread(self.sync.send_stdin, data, eof)
 
     @property
     def stdout(self) -> AsyncIterator[bytes]:
@@ -277,7 +277,7 @@ _END = object()
 async def aiter_thread(it: Iterator[Any]) -> AsyncIterator[Any]:
     """An async iterator pulling each item of a blocking iterator in a worker thread."""
     while True:
-        item = await asyncio.to_thread(next, it, _END)
+        item = await to_thread(next, it, _END)
         if item is _END:
             return
         yield item

@@ -11,7 +11,6 @@ noVNC. Coordinates are checked against the screen size; text and key names are v
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import string
@@ -23,6 +22,7 @@ from mvm.errors import InvalidArgument, MvmError
 from mvm.sdk.options import EnvValue, Resources, network
 from mvm.sdk.options import resources as make_resources
 from mvm.sdk.sandbox import DEFAULT_TTL, Sandbox, build_spec
+from mvm.sdk.threads import to_thread
 
 DISPLAY = ":0"
 VNC_PORT, NOVNC_PORT = 5900, 6080
@@ -358,10 +358,10 @@ class AsyncClipboard:
         self._c = c
 
     async def read(self) -> str:
-        return await asyncio.to_thread(self._c.read)
+        return await to_thread(self._c.read)
 
     async def write(self, text: str) -> None:
-        await asyncio.to_thread(self._c.write, text)
+        await to_thread(self._c.write, text)
 
 
 class AsyncDesktopSandbox:
@@ -374,7 +374,7 @@ class AsyncDesktopSandbox:
 
     @classmethod
     async def create(cls, *args: Any, **kw: Any) -> AsyncDesktopSandbox:
-        return cls(await asyncio.to_thread(DesktopSandbox.create, *args, **kw))
+        return cls(await to_thread(DesktopSandbox.create, *args, **kw))
 
     def __getattr__(self, verb: str) -> Any:
         fn = getattr(self.sync, verb)
@@ -382,7 +382,7 @@ class AsyncDesktopSandbox:
             return fn
 
         async def call(*args: Any, **kw: Any) -> Any:
-            return await asyncio.to_thread(fn, *args, **kw)
+            return await to_thread(fn, *args, **kw)
 
         return call
 
@@ -390,7 +390,7 @@ class AsyncDesktopSandbox:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.sync.__exit__, *exc)
+        await to_thread(self.sync.__exit__, *exc)
 
 
 __all__ = ["AsyncDesktopSandbox", "DesktopError", "DesktopSandbox"]

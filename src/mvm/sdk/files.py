@@ -3,11 +3,10 @@ comes from the guest and is untrusted."""
 
 from __future__ import annotations
 
-import asyncio
-
 from mvm.api import models as M
 from mvm.errors import AgentError, InvalidArgument
 from mvm.sdk.backend import Backend
+from mvm.sdk.threads import to_thread
 
 #: Largest ``files.write`` (mvmd's request bound) and ``files.read`` (mvmd's answer bound).
 MAX_WRITE = M.MAX_FILE_WRITE
@@ -85,25 +84,25 @@ class AsyncFiles:
         self._f = files
 
     async def write(self, path: str, data: str | bytes, mode: int = 0o644) -> None:
-        await asyncio.to_thread(self._f.write, path, data, mode)
+        await to_thread(self._f.write, path, data, mode)
 
     async def read(self, path: str) -> bytes:
-        return await asyncio.to_thread(self._f.read, path)
+        return await to_thread(self._f.read, path)
 
     async def list(self, path: str = "/work") -> list[M.FileEntry]:
-        return await asyncio.to_thread(self._f.list, path)
+        return await to_thread(self._f.list, path)
 
     async def stat(self, path: str) -> M.FileStat:
-        return await asyncio.to_thread(self._f.stat, path)
+        return await to_thread(self._f.stat, path)
 
     async def exists(self, path: str) -> bool:
-        return await asyncio.to_thread(self._f.exists, path)
+        return await to_thread(self._f.exists, path)
 
     async def mkdir(self, path: str, parents: bool = True) -> None:
-        await asyncio.to_thread(self._f.mkdir, path, parents)
+        await to_thread(self._f.mkdir, path, parents)
 
     async def remove(self, path: str, recursive: bool = False) -> None:
-        await asyncio.to_thread(self._f.remove, path, recursive)
+        await to_thread(self._f.remove, path, recursive)
 
     async def rename(self, src: str, dest: str) -> None:
-        await asyncio.to_thread(self._f.rename, src, dest)
+        await to_thread(self._f.rename, src, dest)

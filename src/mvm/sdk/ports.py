@@ -3,12 +3,12 @@ unless told otherwise, and a wildcard address (0.0.0.0, ::) needs ``allow_wildca
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 
 from mvm.api import models as M
 from mvm.errors import InvalidArgument, PolicyDenied
 from mvm.sdk.backend import Backend
+from mvm.sdk.threads import to_thread
 
 
 def is_wildcard(host: str) -> bool:
@@ -90,4 +90,4 @@ class AsyncPorts:
         host: str = "127.0.0.1",
         allow_wildcard: bool = False,
     ) -> Forward:
-        return await asyncio.to_thread(self._p.forward, guest_port, host_port, host, allow_wildcard)
+        return await to_thread(self._p.forward, guest_port, host_port, host, allow_wildcard)

@@ -8,7 +8,6 @@ running (as the CLI does).
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import re
 import secrets
@@ -31,6 +30,7 @@ from mvm.sdk.files import AsyncFiles, Files
 from mvm.sdk.logs import logs as _logs
 from mvm.sdk.options import EnvValue, Network, Resources, split_env
 from mvm.sdk.ports import AsyncPorts, Ports
+from mvm.sdk.threads import to_thread
 
 #: The SDK's own rule for label names (workload_id, tag keys), on top of the shape's
 #: bounds: a script's labels stay plain words (mvmd also takes E2B metadata keys).
@@ -320,42 +320,42 @@ class AsyncSandbox:
         )
         if kw:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kw))}")
-        return cls(await asyncio.to_thread(Sandbox._create, spec))
+        return cls(await to_thread(Sandbox._create, spec))
 
     @classmethod
     async def connect(cls, name: str) -> AsyncSandbox:
-        return cls(await asyncio.to_thread(Sandbox.connect, name))
+        return cls(await to_thread(Sandbox.connect, name))
 
     @classmethod
     async def list(cls) -> list[M.SandboxInfo]:
-        return await asyncio.to_thread(Sandbox.list)
+        return await to_thread(Sandbox.list)
 
     async def info(self) -> M.SandboxInfo:
-        return await asyncio.to_thread(self.sync.info)
+        return await to_thread(self.sync.info)
 
     async def set_ttl(self, ttl: str | float) -> None:
-        await asyncio.to_thread(self.sync.set_ttl, ttl)
+        await to_thread(self.sync.set_ttl, ttl)
 
     async def pause(self) -> None:
-        await asyncio.to_thread(self.sync.pause)
+        await to_thread(self.sync.pause)
 
     async def resume(self, snapshot: str | Snapshot | None = None) -> None:
-        await asyncio.to_thread(self.sync.resume, snapshot)
+        await to_thread(self.sync.resume, snapshot)
 
     async def snapshot(self, name: str) -> Snapshot:
-        return await asyncio.to_thread(self.sync.snapshot, name)
+        return await to_thread(self.sync.snapshot, name)
 
     async def fork(self, count: int = 1, name: str | None = None) -> builtins.list[AsyncSandbox]:
-        kids = await asyncio.to_thread(self.sync.fork, count, name)
+        kids = await to_thread(self.sync.fork, count, name)
         return [AsyncSandbox(k) for k in kids]
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.sync.stop)
+        await to_thread(self.sync.stop)
 
     kill = stop
 
     async def destroy(self) -> None:
-        await asyncio.to_thread(self.sync.destroy)
+        await to_thread(self.sync.destroy)
 
     def logs(
         self, follow: bool = False, redact: bool = True, since: float | None = None
@@ -382,4 +382,4 @@ class AsyncSandbox:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.sync.__exit__, *exc)
+        await to_thread(self.sync.__exit__, *exc)
