@@ -55,7 +55,7 @@ from mvm.vmm.qemu import find_qemu, qemu_binary
 from mvm.warm import MAX_TIMEOUT
 
 GOAL_WARM_S = 1.0
-SCROT = ["sh", "-c", 'f=$(mktemp --suffix=.png) && scrot -o "$f" && cat "$f"; rm -f "$f"']
+SCROT = ["sh", "-c", 'f=$(mktemp --suffix=.png) && scrot -q 80 -o "$f" && cat "$f"; rm -f "$f"']
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -151,7 +151,7 @@ def make_rows() -> dict[str, Row]:
 
 
 def main() -> None:
-    from mvm.sdk.desktop import DEFAULT_MEMORY_MB
+    from mvm.sdk.desktop import DEFAULT_MEMORY_MB, DesktopError
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="warm creates (default 3)")
@@ -171,9 +171,15 @@ def main() -> None:
     with private_home(source, prefix="mvbd-"):
         warm_once()  # untimed: make the warm template of this shape if missing
         plain_once(mem)  # untimed: the same for the floor's shape
+        resize = True
         for _ in range(args.rounds):
             rows["warm"].samples.append(warm_once())
-            rows["warm_res"].samples.append(warm_once((1280, 800)))
+            if resize:
+                try:
+                    rows["warm_res"].samples.append(warm_once((1280, 800)))
+                except DesktopError as exc:  # an image built before xrandr was in the preset
+                    print(f"1280x800 row not measured: {exc}", file=sys.stderr)
+                    resize = False
             rows["plain"].samples.append(plain_once(mem))
         for _ in range(args.cold):
             total, boot = cold_once(store, mem)
