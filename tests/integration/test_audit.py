@@ -98,6 +98,7 @@ def sandbox_life(ctl: Ctl) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     ex = json.loads(ctl.ok("exec", "aud", "--json", "--", "cat", "/work/m.txt").out)
     ctl.ok("fs", "mkdir", "aud", "/work/d")
     ctl.ok("fs", "mv", "aud", "/work/m.txt", "/work/d/m.txt")
+    assert ctl.ok("fs", "read", "aud", "/work/d/m.txt").out.encode() == content
     ctl.ok("down", "aud")
     return info, ex, content
 
@@ -117,6 +118,7 @@ def test_sandbox_life_is_a_chain_of_events_without_payloads(
         "cmd.exec.finished",
         "fs.mkdir",
         "fs.move",
+        "fs.read",
         "sandbox.stopped",
     ], events
     by = {r["event"]: r for r in mine}
@@ -125,6 +127,8 @@ def test_sandbox_life_is_a_chain_of_events_without_payloads(
     assert by["sandbox.launched"]["data"]["image_id"]
     w = by["fs.write"]["data"]
     assert (w["path"], w["size"], w["sha256"]) == ("/work/m.txt", len(content), sha(content))
+    r = by["fs.read"]["data"]  # what came out of the guest, by hash and size
+    assert (r["path"], r["size"], r["sha256"]) == ("/work/d/m.txt", len(content), sha(content))
     fin = by["cmd.exec.finished"]
     assert ex["audit_id"] == fin["id"]
     assert fin["data"]["exit_code"] == 0

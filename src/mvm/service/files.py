@@ -28,8 +28,12 @@ class Files:
         self.core = core
 
     async def read(self, name: str, path: str) -> bytes:
-        _, agent = self.core.running(name)
-        return await agent.read_file(path, limit=M.MAX_FILE_READ)
+        """A file's bytes (guest data: untrusted); what came out is audited by hash and
+        size (a download, a screenshot read back, a result file)."""
+        live, agent = self.core.running(name)
+        data = await agent.read_file(path, limit=M.MAX_FILE_READ)
+        audit_after("fs.read", live.name, path=path, size=len(data), sha256=audit.sha256_hex(data))
+        return data
 
     async def write(self, name: str, path: str, data: bytes, mode: int) -> M.FileStat:
         live, agent = self.core.running(name)
