@@ -39,8 +39,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests.integration helpers
 from common import (
@@ -50,15 +48,16 @@ from common import (
     finish_facts,
     host_facts,
     host_table,
+    patient,
+    plain_once,
     private_home,
     raise_on_sigterm,
     report_console,
     samples_table,
 )
-from mvm.images.store import Image, ImageStore
+from mvm.images.store import ImageStore
 from mvm.vm import MicroVM, VMSpec
 from mvm.vmm.qemu import find_qemu, qemu_binary
-from mvm.warm import MAX_TIMEOUT
 
 GOAL_WARM_S, GOAL_RATIO = 2.0, 20.0
 #: The stand-in web server (198.18.0.0/15: benchmarking addresses, never a real host).
@@ -98,25 +97,6 @@ def plain_create(memory_mb: int) -> Any:
     import mvm
 
     return mvm.Sandbox.create("python", resources=mvm.resources(memory_mb=memory_mb))
-
-
-def plain_once(memory_mb: int) -> float:
-    t0 = time.perf_counter()
-    sb = plain_create(memory_mb)
-    try:
-        sb.commands.run(["true"], check=True)
-        return time.perf_counter() - t0
-    finally:
-        sb.kill()
-
-
-def patient(img: Image) -> Image:
-    """The image with its warm recipe's probe wait at the maximum: on a host shared by many
-    VMs a cold start can outlast the recipe's own bound (this changes no template)."""
-    w = img.manifest.warm
-    assert w is not None
-    warm = msgspec.structs.replace(w, timeout=MAX_TIMEOUT)
-    return msgspec.structs.replace(img, manifest=msgspec.structs.replace(img.manifest, warm=warm))
 
 
 def cold_once(store: ImageStore, memory_mb: int) -> tuple[float, float]:

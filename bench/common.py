@@ -375,3 +375,30 @@ def ratios_table(ratios: dict[str, Any], unpaired: Collection[str] = ()) -> Tabl
             per = f"[{r['per_round_min']:.2f}-{r['per_round_max']:.2f}]"
         rt.add_row(name, f"{r['of_medians']:.2f}{r['reads_as']}", per)
     return rt
+
+
+def plain_once(memory_mb: int) -> float:
+    """The floor beside a browser or desktop create: a plain python sandbox of the same
+    memory, created and answering one exec (seconds)."""
+    import mvm
+
+    t0 = time.perf_counter()
+    sb = mvm.Sandbox.create("python", resources=mvm.resources(memory_mb=memory_mb))
+    try:
+        sb.commands.run(["true"], check=True)
+        return time.perf_counter() - t0
+    finally:
+        sb.kill()
+
+
+def patient(img: Image) -> Image:
+    """The image with its warm recipe's probe wait at the maximum: on a host shared by many
+    VMs a cold start can outlast the recipe's own bound (this changes no template)."""
+    import msgspec
+
+    from mvm.warm import MAX_TIMEOUT
+
+    w = img.manifest.warm
+    assert w is not None
+    warm = msgspec.structs.replace(w, timeout=MAX_TIMEOUT)
+    return msgspec.structs.replace(img, manifest=msgspec.structs.replace(img.manifest, warm=warm))
