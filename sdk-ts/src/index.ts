@@ -35,5 +35,5 @@ export type { ForwardOptions } from "./ports.js";
 export { Recorder } from "./record.js";
 export { Sandbox } from "./sandbox.js";
 export type { CreateOptions, LogsOptions, Snapshot } from "./sandbox.js";
-export { Transport } from "./transport.js";
+export { ACTOR_ENV, Transport, checkActor } from "./transport.js";
 export { SDK_VERSION } from "./version.js";

@@ -10,7 +10,7 @@ import * as http from "node:http";
 import * as https from "node:https";
 import * as os from "node:os";
 import * as path from "node:path";
-import { CommandTimeout, HostError, MvmError, errorFromBody, isErrorBody } from "./errors.js";
+import { CommandTimeout, HostError, InvalidArgument, MvmError, errorFromBody, isErrorBody } from "./errors.js";
 
 export const API_VERSION = "v1";
 /** Seconds to wait for an auto-started daemon to answer. */
@@ -24,6 +24,24 @@ export const MAX_LINE = 32 * 1024 * 1024;
 /** No keep-alive: an idle socket must never keep a finished script's process alive. */
 const httpAgent = new http.Agent({ keepAlive: false });
 const httpsAgent = new https.Agent({ keepAlive: false });
+
+/**
+ * Who the owner's calls act as in mvmd's audit records (`X-Mvm-Actor`, on the local socket
+ * only: over `MVM_URL` the token is the actor): `Transport({ actor })`, else `MVM_ACTOR`;
+ * unset, mvmd records them as `mvmd`. The same rule as the Python client (`mvm.client`).
+ */
+export const ACTOR_ENV = "MVM_ACTOR";
+export const ACTOR_HEADER = "x-mvm-actor";
+const ACTOR_RE = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$/;
+
+export function checkActor(actor: string): string {
+  if (typeof actor !== "string" || !ACTOR_RE.test(actor)) {
+    throw new InvalidArgument(`invalid actor ${JSON.stringify(String(actor).slice(0, 80))}`, {
+      hint: "letters, digits, '_', '.', ':', '@', '-' (64)",
+    });
+  }
+  return actor;
+}
 
 export type Query = Record<string, string | number | boolean | null | undefined>;
 
@@ -68,21 +86,46 @@ export function route(...segments: (string | number)[]): string {
   return `/${API_VERSION}/${segments.map((s) => encodeURIComponent(String(s))).join("/")}`;
 }
 
+/** `MVM_URL` (an `mvmctl serve` to talk to instead of the local socket), if set. */
+function remoteUrl(raw: string): URL | null {
+  const url = raw.trim();
+  if (!url) return null;
+  let parsed: URL | null = null;
+  try {
+    parsed = new URL(url);
+  } catch {
+    parsed = null;
+  }
+  if (parsed === null || (parsed.protocol !== "http:" && parsed.protocol !== "https:")) {
+    throw new InvalidArgument(`MVM_URL ${JSON.stringify(url.slice(0, 200))} must start with http:// or https://`);
+  }
+  return parsed;
+}
+
 export class Transport {
   readonly remote: URL | null;
   readonly token: string | null;
   readonly socket: string;
+  /** The `X-Mvm-Actor` label of this transport's calls on the local socket, if any. */
+  readonly actor: string | null;
   autostart: boolean;
   private ensured = false;
   private starting: Promise<void> | null = null;
 
-  constructor(opts: { url?: string | null; token?: string | null; autostart?: boolean } = {}) {
-    const url = opts.url ?? process.env.MVM_URL ?? null;
-    this.remote = url ? new URL(url) : null;
-    if (this.remote && this.remote.protocol !== "http:" && this.remote.protocol !== "https:") {
-      throw new MvmError(`MVM_URL must be an http:// or https:// URL, not ${this.remote.protocol}`);
+  constructor(
+    opts: { url?: string | null; token?: string | null; autostart?: boolean; actor?: string | null } = {},
+  ) {
+    this.remote = remoteUrl(opts.url ?? process.env.MVM_URL ?? "");
+    const token = (opts.token ?? process.env.MVM_TOKEN ?? "").trim();
+    if (this.remote && !token) {
+      // as the Python client: a server without a token can only answer 401
+      throw new InvalidArgument("MVM_URL is set but MVM_TOKEN is not", {
+        hint: "create one with `mvmctl token create`",
+      });
     }
-    this.token = opts.token ?? process.env.MVM_TOKEN ?? null;
+    this.token = token || null;
+    const label = opts.actor ?? (process.env[ACTOR_ENV] ?? "").trim();
+    this.actor = label ? checkActor(label) : null;
     this.socket = socketPath();
     this.autostart = opts.autostart ?? true;
     if (!this.remote) checkSocketOwner(this.socket);
@@ -100,6 +143,7 @@ export class Transport {
     }
     headers["content-length"] = String(payload ? payload.length : 0);
     if (this.remote && this.token) headers.authorization = `Bearer ${this.token}`;
+    if (!this.remote && this.actor !== null) headers[ACTOR_HEADER] = this.actor;
     const full = `${urlPath}${qs(opts.query)}`;
     const timeoutMs = (opts.timeout ?? HTTP_TIMEOUT) * 1000;
     return new Promise((resolve, reject) => {

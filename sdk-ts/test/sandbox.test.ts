@@ -306,6 +306,47 @@ test("MVM_URL + MVM_TOKEN: the same calls over TCP with a bearer token", async (
   }
 });
 
+/** mvmd's audit records (the owner's chain) of `event` about `NAME` whose data.path is `p`. */
+function auditActors(event: string, p: string): string[] {
+  const log = path.join(HOME, "audit", "default.jsonl");
+  return fs
+    .readFileSync(log, "utf8")
+    .split("\n")
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as { event: string; sandbox: string | null; actor: string; data: { path?: string } })
+    .filter((r) => r.event === event && r.sandbox === NAME && r.data.path === p)
+    .map((r) => r.actor);
+}
+
+test("MVM_ACTOR labels the owner's calls in mvmd's audit (X-Mvm-Actor); a bad label is refused", async () => {
+  const old = process.env.MVM_ACTOR;
+  try {
+    process.env.MVM_ACTOR = "ts-bot@ci";
+    const fromEnv = new Sandbox(new LiveBackend(new Transport()), await sb.info());
+    await fromEnv.files.mkdir("/work/by-env");
+    delete process.env.MVM_ACTOR;
+    const given = new Sandbox(new LiveBackend(new Transport({ actor: "ts-given" })), await sb.info());
+    await given.files.mkdir("/work/by-option");
+    const plain = new Sandbox(new LiveBackend(new Transport()), await sb.info());
+    await plain.files.mkdir("/work/by-nobody");
+    assert.deepEqual(auditActors("fs.mkdir", "/work/by-env"), ["ts-bot@ci"]);
+    assert.deepEqual(auditActors("fs.mkdir", "/work/by-option"), ["ts-given"]);
+    assert.deepEqual(auditActors("fs.mkdir", "/work/by-nobody"), ["mvmd"]);
+    process.env.MVM_ACTOR = "not a label";
+    assert.throws(() => new Transport(), InvalidArgument);
+    assert.throws(() => new Transport({ actor: "x".repeat(65) }), /invalid actor/);
+  } finally {
+    if (old === undefined) delete process.env.MVM_ACTOR;
+    else process.env.MVM_ACTOR = old;
+  }
+});
+
+test("MVM_URL needs MVM_TOKEN and an http(s) URL, as in Python", () => {
+  assert.throws(() => new Transport({ url: "http://127.0.0.1:1", token: "" }), /MVM_URL is set but MVM_TOKEN is not/);
+  assert.throws(() => new Transport({ url: "unix:///x", token: "t" }), InvalidArgument);
+  assert.throws(() => new Transport({ url: "not a url", token: "t" }), InvalidArgument);
+});
+
 test("snapshot, pause, resume, resume from a snapshot, stop, destroy (last)", async () => {
   await sb.files.write("/work/before.txt", "kept");
   const snap = await sb.snapshot({ name: "after-index" });
@@ -319,11 +360,13 @@ test("snapshot, pause, resume, resume from a snapshot, stop, destroy (last)", as
   await sb.resume({ snapshot: snap.id });
   assert.equal(await sb.state(), "running");
   assert.ok((await sb.files.exists("/work/before.txt")) && !(await sb.files.exists("/work/after.txt")));
-  await sb.kill(); // the VM goes; the snapshot stays
+  await sb.stop(); // the VM goes; the snapshot stays
   await rejects(sb.info(), SandboxNotFound);
   await sb.resume({ snapshot: snap }); // recreated from the snapshot
   assert.deepEqual(await sb.files.read("/work/before.txt"), Buffer.from("kept"));
-  await sb.destroy();
+  await sb.kill(); // the cookbook's name for stop()
+  await rejects(sb.info(), SandboxNotFound);
+  await sb.destroy(); // a stopped sandbox: its snapshots go
   assert.ok(!(await Sandbox.list()).some((s) => s.name === NAME));
   await rejects(sb.resume({ snapshot: snap }), MvmError); // the snapshot went with destroy
 });
