@@ -3,10 +3,12 @@
  * script killed mid-run (SIGKILL: no cleanup can run) leaves nothing past the TTL.
  */
 import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
 import { test } from "node:test";
 import { Sandbox, SandboxNotFound } from "../src/index.js";
-import { IMAGE, SDK_DIR, sandboxNames, startScript, waitUntil } from "./helpers.js";
+import { IMAGE, SDK_DIR, runScript, sandboxNames, startScript, waitUntil } from "./helpers.js";
 
 test("await using stops the sandbox when the block throws", async () => {
   let name = "";
@@ -23,6 +25,33 @@ test("await using stops the sandbox when the block throws", async () => {
   assert.ok(name);
   assert.ok(!sandboxNames().includes(name), "the sandbox is gone once the block has thrown");
   await assert.rejects(Sandbox.connect(name), SandboxNotFound);
+});
+
+test("a sync `using` (Symbol.dispose, the cookbook's form) stops the sandbox when the script throws", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "mvts-using-"));
+  try {
+    const script = path.join(dir, "using.ts");
+    fs.writeFileSync(
+      script,
+      [
+        'import { Sandbox } from "@mvm/sdk";',
+        "{",
+        '  using sandbox = await Sandbox.create("python-3.11", { ttl: "10m" });',
+        "  console.log(`created ${sandbox.name}`);",
+        '  await sandbox.files.write("/work/x", "x");',
+        '  throw new Error("boom after create");',
+        "}",
+      ].join("\n"),
+    );
+    const r = runScript(script);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
+    assert.ok(r.stderr.includes("boom after create"), r.stderr);
+    const name = /created (\S+)/.exec(r.stdout)?.[1];
+    assert.ok(name, r.stdout);
+    assert.ok(!sandboxNames().includes(name), "the runner waited for the stop `using` started");
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("a script killed mid-run leaves no sandbox past its TTL", async () => {

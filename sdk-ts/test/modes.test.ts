@@ -109,6 +109,36 @@ test("the cookbook's TS example: plan (admission, no VM), compile, replay live",
   }
 });
 
+test("mvmctl detects JavaScript too: a .mjs and a .js script compile and plan like the .ts one", () => {
+  const body = [
+    'import { Sandbox, secret } from "@mvm/sdk";',
+    'const sb = await Sandbox.create("python-3.11", { workloadId: "js-twin", ttl: "5m" });',
+    'await sb.files.write("/work/a", "a");',
+    'await sb.commands.run(["cat", "/work/a"], { env: { K: secret("api-key") } });',
+    "await sb.kill();",
+    "",
+  ].join("\n");
+  const irs: Record<string, unknown>[] = [];
+  for (const ext of ["ts", "mjs", "js"]) {
+    const script = path.join(dir, `js-twin.${ext}`);
+    fs.writeFileSync(script, body);
+    const ir = compile(script, path.join(dir, `ir-js-${ext}`));
+    delete ir.script;
+    irs.push(ir);
+    const plan = mvmctl(["run", "--mode", "plan", script], { cwd: dir });
+    assert.equal(plan.code, 0, plan.stderr);
+    assert.ok(plan.stdout.includes("workload   js-twin") && plan.stdout.includes("admission  allow"), plan.stdout);
+  }
+  validate(path.join(dir, "ir-js-mjs", "ir.json"));
+  assert.deepEqual(
+    (irs[0]!.operations as { op: string }[]).map((o) => o.op),
+    ["sandbox.create", "files.write", "commands.run", "sandbox.stop"],
+  );
+  assert.deepEqual(irs[1], irs[0]);
+  assert.deepEqual(irs[2], irs[0]);
+  assert.deepEqual(sandboxNames(), [], "compile and plan started nothing");
+});
+
 test("a denied plan exits 3 and names the rule", () => {
   const policy = path.join(dir, "policy.toml");
   fs.writeFileSync(policy, "max_memory_mb = 256\n");
