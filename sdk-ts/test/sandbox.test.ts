@@ -50,6 +50,23 @@ after(async () => {
   }
 });
 
+interface AuditRecord {
+  id: string;
+  event: string;
+  sandbox: string | null;
+  actor: string;
+  data: { path?: string };
+}
+
+/** The owner's audit chain as mvmd wrote it. */
+function auditRecords(): AuditRecord[] {
+  return fs
+    .readFileSync(path.join(HOME, "audit", "default.jsonl"), "utf8")
+    .split("\n")
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as AuditRecord);
+}
+
 async function rejects<E extends MvmError>(p: Promise<unknown>, cls: new (...a: never[]) => E): Promise<E> {
   try {
     await p;
@@ -98,7 +115,9 @@ test("commands.run returns a typed result", async () => {
   assert.ok(r instanceof CommandResult);
   assert.deepEqual([r.exitCode, r.stdout, r.stderr], [3, "out-dev-e\n", "err\n"]);
   assert.ok(!r.truncated && !r.timedOut && !r.placeholder && !r.ok);
-  assert.ok(r.auditId === null || typeof r.auditId === "string");
+  assert.match(r.auditId ?? "", /^\d+-[0-9a-f]{12}$/);
+  const rec = auditRecords().find((x) => x.id === r.auditId);
+  assert.ok(rec && rec.sandbox === NAME, `the auditId ${r.auditId} names a record of mvmd's chain about ${NAME}`);
   const big = await sb.commands.run(["python3", "-c", "print('x' * 5000)"], { outputLimit: 1000 });
   assert.ok(big.truncated);
   assert.equal(big.stdoutBytes.length, 1000);
@@ -128,6 +147,7 @@ test("commands.start: streams, wait, sendStdin", async () => {
   assert.equal(Buffer.concat(chunks).toString(), "line1\nline2\nline3\n");
   const res = await h.wait({ timeoutSeconds: 30 });
   assert.deepEqual([res.exitCode, res.stdout], [0, "line1\nline2\nline3\n"]);
+  assert.ok(h.auditId && auditRecords().some((x) => x.id === h.auditId), `the start's auditId ${h.auditId}`);
   const cat = await sb.commands.start(["cat"], { stdinOpen: true });
   await cat.sendStdin("hello ");
   await cat.sendStdin(Buffer.from("stdin"), { eof: true });
@@ -308,12 +328,7 @@ test("MVM_URL + MVM_TOKEN: the same calls over TCP with a bearer token", async (
 
 /** mvmd's audit records (the owner's chain) of `event` about `NAME` whose data.path is `p`. */
 function auditActors(event: string, p: string): string[] {
-  const log = path.join(HOME, "audit", "default.jsonl");
-  return fs
-    .readFileSync(log, "utf8")
-    .split("\n")
-    .filter((l) => l.trim())
-    .map((l) => JSON.parse(l) as { event: string; sandbox: string | null; actor: string; data: { path?: string } })
+  return auditRecords()
     .filter((r) => r.event === event && r.sandbox === NAME && r.data.path === p)
     .map((r) => r.actor);
 }
