@@ -59,7 +59,7 @@ echo "==> pip install -e .$extras"
 ln -sf "$PWD/.venv/bin/mvmctl" /usr/local/bin/mvmctl
 
 # --- TypeScript SDK (sdk-ts/, docs/sdk-ts.md): Node.js from Debian if missing, then
-# npm ci (dev tools only: typescript, tsx) and tsc. Self-contained; safe to re-run.
+# npm ci (tsx, the runner's loader; typescript to build) and tsc. Self-contained; safe to re-run.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     echo "==> apt-get install nodejs npm (for the TypeScript SDK)"
     export DEBIAN_FRONTEND=noninteractive

@@ -26,7 +26,7 @@ import {
   secret,
   setBackend,
 } from "../src/index.js";
-import { PYTHON } from "./helpers.js";
+import { PYTHON, SDK_DIR } from "./helpers.js";
 
 test("durations parse as in Python", () => {
   assert.equal(parseDuration("90s"), 90);
@@ -130,4 +130,23 @@ test("invalid arguments fail at the call, before any backend", async () => {
   await assert.rejects(Sandbox.create("python-3.11", { include: ["/etc"] }), /absolute/);
   await assert.rejects(Sandbox.create("python-3.11", { include: ["../x"] }), /'\.\.'/);
   await assert.rejects(Sandbox.create("python-3.11", { env: { "1BAD": "x" } }), InvalidArgument);
+});
+
+test("the package's runtime imports are Node's own, its modules, and tsx (the runner's loader)", () => {
+  const pkg = JSON.parse(fs.readFileSync(path.join(SDK_DIR, "package.json"), "utf8")) as {
+    dependencies?: Record<string, string>;
+    type?: string;
+  };
+  assert.equal(pkg.type, "module");
+  // tsx is what TypeScript scripts run through (Node 20 cannot strip types itself), so it
+  // is a dependency: `./runner` works where the package is installed without dev tools
+  assert.deepEqual(Object.keys(pkg.dependencies ?? {}), ["tsx"]);
+  const srcDir = path.join(SDK_DIR, "src");
+  const found = new Set<string>();
+  for (const f of fs.readdirSync(srcDir).filter((n) => n.endsWith(".ts"))) {
+    const text = fs.readFileSync(path.join(srcDir, f), "utf8").replace(/\/\*[\s\S]*?\*\//g, "");
+    for (const m of text.matchAll(/(?:from|import)\s*\(?\s*"([^"]+)"/g)) found.add(m[1]!);
+  }
+  const outside = [...found].filter((s) => !s.startsWith("node:") && !s.startsWith("./"));
+  assert.deepEqual(outside, ["tsx/esm/api"]);
 });
