@@ -281,51 +281,6 @@ test("ports.forward reaches a guest server; wildcard is refused", async () => {
   assert.ok(!(await sb.info()).forwards.some((f) => f.id === id), "await using closed the forward");
 });
 
-/**
- * A stand-in for `mvmctl serve`: TCP on 127.0.0.1 in front of mvmd's socket, refusing any
- * request without the bearer token (401 with a JSON error body, as a server would).
- */
-function tokenProxy(token: string): Promise<http.Server> {
-  const server = http.createServer((req, res) => {
-    if (req.headers.authorization !== `Bearer ${token}`) {
-      res.writeHead(401, { "content-type": "application/json" });
-      res.end(JSON.stringify({ error: "Unauthorized", message: "a valid token is required", hint: "set MVM_TOKEN", data: {} }));
-      return;
-    }
-    const up = http.request(
-      { socketPath: path.join(HOME, "mvmd.sock"), method: req.method, path: req.url, headers: { ...req.headers, host: "mvmd" } },
-      (ans) => {
-        res.writeHead(ans.statusCode ?? 502, ans.headers);
-        ans.pipe(res);
-      },
-    );
-    up.on("error", () => res.destroy());
-    req.pipe(up);
-  });
-  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
-}
-
-test("MVM_URL + MVM_TOKEN: the same calls over TCP with a bearer token", async () => {
-  const server = await tokenProxy("tok-123");
-  try {
-    const { port } = server.address() as { port: number };
-    const url = `http://127.0.0.1:${port}`;
-    const remote = new Sandbox(new LiveBackend(new Transport({ url, token: "tok-123" })), await sb.info());
-    const r = await remote.commands.run(["sh", "-c", "echo over tcp; echo e >&2"]);
-    assert.deepEqual([r.exitCode, r.stdout, r.stderr], [0, "over tcp\n", "e\n"]);
-    await remote.files.write("/work/remote.txt", "r");
-    assert.deepEqual(await remote.files.read("/work/remote.txt"), Buffer.from("r"));
-    const lines: string[] = [];
-    for await (const ev of remote.logs()) lines.push(ev.message);
-    assert.ok(lines.length > 0);
-    const denied = new LiveBackend(new Transport({ url, token: "wrong" }));
-    const e = await rejects(denied.info(NAME), MvmError);
-    assert.deepEqual([e.errorName, e.hint], ["Unauthorized", "set MVM_TOKEN"]);
-  } finally {
-    await new Promise((r) => server.close(r));
-  }
-});
-
 /** mvmd's audit records (the owner's chain) of `event` about `NAME` whose data.path is `p`. */
 function auditActors(event: string, p: string): string[] {
   return auditRecords()
