@@ -87,8 +87,8 @@ export function sandboxNames(): string[] {
   return (JSON.parse(r.stdout) as { name: string }[]).map((s) => s.name);
 }
 
-/** The ```ts blocks of docs/sdk-ts.md (the first is the cookbook's example). */
-export function docBlocks(): string[] {
-  const text = fs.readFileSync(path.join(ROOT, "docs", "sdk-ts.md"), "utf8");
+/** The ```ts blocks of docs/sdk-ts.md (the first is the cookbook's example), or of `file`. */
+export function docBlocks(file = path.join("docs", "sdk-ts.md")): string[] {
+  const text = fs.readFileSync(path.join(ROOT, file), "utf8");
   return [...text.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]!);
 }
