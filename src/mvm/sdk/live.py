@@ -137,7 +137,11 @@ class LiveBackend(Backend):
             self.client.down(sb)
         except errors.SandboxNotFound:
             pass
-        for snap in self.client.snapshot_list(sb):
+        try:
+            snaps = self.client.snapshot_list(sb)
+        except errors.SandboxNotFound:
+            snaps = []  # serve answers for a name only while a VM or snapshot of it is left
+        for snap in snaps:
             self.client.snapshot_remove(sb, snap.name)
         self.trace("sandbox.destroy")
 
