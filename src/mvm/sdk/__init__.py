@@ -10,9 +10,9 @@ Each name is imported from its submodule on first use (PEP 562), so importing
 """
 
 import importlib as _importlib
-import typing as _typing
 
-if _typing.TYPE_CHECKING:
+TYPE_CHECKING = False  # not typing's: see mvm/__init__.py
+if TYPE_CHECKING:
     from mvm import errors
     from mvm.sdk.backend import CommandResult, RecordedBytes, RecordedStr, is_placeholder
     from mvm.sdk.browser import AsyncBrowserSandbox, BrowserSandbox
