@@ -20,6 +20,7 @@ from mvm.sdk import __all__ as __all__
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mvm.sdk import *  # noqa: F403
+del TYPE_CHECKING  # not a public name of mvm
 
 
 def __getattr__(name: str) -> object:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from mvm.sdk.options import Network, Resources, SecretRef, network, resources, secret
     from mvm.sdk.ports import Forward
     from mvm.sdk.sandbox import AsyncSandbox, Sandbox, Snapshot
+del TYPE_CHECKING  # not a public name of mvm.sdk
 
 __all__ = [
     "AsyncBrowserSandbox",
