@@ -1,6 +1,13 @@
 """CLI benchmark: whole ``mvmctl`` processes beside their floors, from one run.
 
-Run: ``.venv/bin/python bench/cli.py [--rounds 7] [--run-rounds 3] [--json]``
+Run: ``.venv/bin/python bench/cli.py [--rounds 7] [--run-rounds 3] [--no-instructions]
+[--no-compile] [--json]``
+
+``mvmctl`` is the installed console script beside this Python (what a user runs), else
+``python -m mvm.cli.main``. mvm's bytecode is compiled first (``compileall`` on the package
+imported; ``--no-compile`` skips it): an installed package has it, but a source tree run
+with ``PYTHONDONTWRITEBYTECODE`` set (as here) would compile every module it imports on
+every command and measure the compiler.
 
 - ``mvmctl exec NAME -- true`` against Python's start plus one raw exec request to mvmd
   (a ``python -c`` that writes the HTTP request on the socket by hand and reads the
@@ -13,7 +20,10 @@ Run: ``.venv/bin/python bench/cli.py [--rounds 7] [--run-rounds 3] [--json]``
 Each figure and its floor run in turn, round by round, so host noise hits both; the ratio
 is of medians (wall). Wall time and the process's CPU time (user + sys, from
 ``getrusage``; for the in-process floor of ``run``: none, ``nan``) are both printed: on a
-loaded host the CPU time is the steadier sign of what the CLI itself costs.
+loaded host the CPU time is the steadier sign of what the CLI itself costs. Steadier still:
+the instructions the client process itself executes (``valgrind --tool=callgrind``, one run
+each of figure and floor, not mvmd's nor the guest's), the same under any load; skipped
+without valgrind or with ``--no-instructions``.
 Against a private ``MVM_HOME`` (``/tmp/mvcl-*``) linked to the current store; removed at the
 end with its mvmd and QEMUs.
 """
@@ -22,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mvm
 from common import default_store, private_home, raise_on_sigterm
 from mvm import paths
 from mvm.api import models as M
@@ -44,7 +58,8 @@ from mvm.images.store import ImageStore
 from mvm.vm import MicroVM, VMSpec
 
 OP_TIMEOUT = 120.0
-MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
+SCRIPT = Path(sys.executable).parent / "mvmctl"
+MVMCTL = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mvm.cli.main"]
 
 #: Python start + one request written by hand on mvmd's socket (no mvm imports).
 RAW = r"""
@@ -74,6 +89,24 @@ def proc(argv: list[str]) -> tuple[float, float]:
         raise RuntimeError(f"{argv} exited {r.returncode}: {r.stderr[-500:]!r}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
+
+
+def instructions(argv: list[str]) -> float:
+    """Instructions the process ``argv`` itself executes (callgrind; not its children)."""
+    with tempfile.TemporaryDirectory(prefix="mvcl-cg-") as d:
+        out = Path(d) / "cg.out"
+        r = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+            capture_output=True,
+            timeout=OP_TIMEOUT * 5,
+            check=False,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"callgrind {argv} exited {r.returncode}: {r.stderr[-500:]!r}")
+        for line in out.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return float(line.split()[1])
+    raise RuntimeError(f"callgrind wrote no totals for {argv}")
 
 
 async def restore_exec(spec: VMSpec, store: ImageStore) -> tuple[float, float]:
@@ -106,21 +139,23 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, f
         for _ in range(2):  # first exec after a restore is TCG's translation: not a sample
             proc([*MVMCTL, "exec", name, "--", "true"])
     exec_body = json.dumps({"argv": ["true"]})
-    ops: dict[str, tuple[Callable[[], tuple[float, float]], Callable[[], tuple[float, float]]]]
-    ops = {
+    argvs = {
         "exec": (
-            lambda: proc([*MVMCTL, "exec", name, "--", "true"]),
-            lambda: proc([*py, "-c", RAW, "POST", f"/v1/sandboxes/{name}/exec", exec_body]),
+            [*MVMCTL, "exec", name, "--", "true"],
+            [*py, "-c", RAW, "POST", f"/v1/sandboxes/{name}/exec", exec_body],
         ),
-        "ls": (
-            lambda: proc([*MVMCTL, "ls"]),
-            lambda: proc([*py, "-c", RAW, "GET", "/v1/sandboxes", ""]),
-        ),
-        "help": (lambda: proc([*MVMCTL, "--help"]), lambda: proc([*py, "-c", "pass"])),
+        "ls": ([*MVMCTL, "ls"], [*py, "-c", RAW, "GET", "/v1/sandboxes", ""]),
+        "help": ([*MVMCTL, "--help"], [*py, "-c", "pass"]),
     }
+    ops: dict[str, tuple[Callable[[], tuple[float, float]], Callable[[], tuple[float, float]]]]
+    ops = {k: (lambda a=fig: proc(a), lambda b=floor: proc(b)) for k, (fig, floor) in argvs.items()}
     out: dict[str, dict[str, list[tuple[float, float]]]] = {
         k: {"figure": [], "floor": []} for k, *_ in PAIRS
     }
+    if args.instructions:
+        for key, (fig, floor) in argvs.items():
+            out[key]["figure_ir"] = [(instructions(fig), 0.0)]
+            out[key]["floor_ir"] = [(instructions(floor), 0.0)]
     for n in range(args.rounds):
         for key, (fig, floor) in ops.items():
             first, second = (fig, floor) if n % 2 == 0 else (floor, fig)
@@ -142,8 +177,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--run-rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-instructions", dest="instructions", action="store_false")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
     args = ap.parse_args()
+    if args.instructions and shutil.which("valgrind") is None:
+        args.instructions = False
     raise_on_sigterm()
+    package = Path(mvm.__file__).parent
+    if args.compile:
+        compileall.compile_dir(package, quiet=1)
     store = paths.home() if "MVM_HOME" in os.environ else default_store()
     with private_home(store, prefix="mvcl-"):
         data = measure(args)
@@ -159,12 +201,14 @@ def main() -> None:
         print(json.dumps({"args": vars(args), "samples": data, "median_wall": med, "cpu": cpu}))
         return
     t = Table(title=f"whole mvmctl processes vs their floors (median of {args.rounds})")
-    cols = ("figure", "wall s", "CPU s", "floor", "floor wall s", "floor CPU s", "ratio", "target")
-    for col in cols:
+    cols = ["figure", "wall s", "CPU s", "floor", "floor wall s", "floor CPU s", "ratio"]
+    if args.instructions:
+        cols += ["instr. M", "floor instr. M", "instr. ratio"]
+    for col in [*cols, "target"]:
         t.add_column(col, justify="left" if col in ("figure", "floor") else "right")
     for key, label, floor_label, target in PAIRS:
         fig, flo = med[key]["figure"], med[key]["floor"]
-        t.add_row(
+        row = [
             label,
             f"{fig:.3f}",
             f"{cpu[key]['figure']:.3f}",
@@ -172,11 +216,22 @@ def main() -> None:
             f"{flo:.3f}",
             f"{cpu[key]['floor']:.3f}",
             f"{fig / flo:.2f}x",
-            f"<= {target}x" if target else "-",
-        )
-    Console().print(t)
+        ]
+        if args.instructions:
+            if "figure_ir" in data[key]:
+                a, b = data[key]["figure_ir"][0][0], data[key]["floor_ir"][0][0]
+                row += [f"{a / 1e6:.0f}", f"{b / 1e6:.0f}", f"{a / b:.2f}x"]
+            else:
+                row += ["-", "-", "-"]
+        t.add_row(*row, f"<= {target}x" if target else "-")
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(t)
     load = os.getloadavg()[0]
-    Console().print(f"load average {load:.1f} on {os.cpu_count()} CPUs")
+    console.print(
+        f"load average {load:.1f} on {os.cpu_count()} CPUs; mvmctl = {' '.join(MVMCTL)}; "
+        f"mvm from {package}; bytecode "
+        + ("compiled first" if args.compile else "as found (--no-compile)")
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,22 @@ def test_help_imports_no_command() -> None:
         "import sys\nfrom mvm.cli.main import cli\n"
         "try:\n    cli(['--help'], prog_name='mvmctl')\nexcept SystemExit:\n    pass"
     )
-    assert not {m for m in mods if m.startswith("mvm.cli.") and m != "mvm.cli.main"}
+    assert not {m for m in mods if m.startswith("mvm.cli.")} - {"mvm.cli.main", "mvm.cli.group"}
     assert not mods & set(HEAVY)
+
+
+#: What the click-free ``mvmctl exec`` must not import (tests/integration/test_cli_fastexec.py
+#: checks a real one; here: the entry module and the planning of a plain exec).
+NOT_ON_EXEC = ("click", "msgspec", "mvm.api.models", "mvm.client", "rich", "typing", "pathlib")
+
+
+def test_entry_and_exec_plan_import_no_click() -> None:
+    mods = modules_after(
+        "import os, tempfile\nos.environ['MVM_HOME'] = tempfile.mkdtemp()\n"
+        "import mvm.cli.main\nfrom mvm.cli.fastexec import plan\n"
+        "assert plan(['sb', '-e', 'A=1', '--timeout', '300s', '--', 'true']) is not None"
+    )
+    assert not mods & set(NOT_ON_EXEC), sorted(mods & set(NOT_ON_EXEC))
 
 
 @pytest.mark.parametrize(

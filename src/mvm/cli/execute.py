@@ -1,5 +1,8 @@
-"""``mvmctl exec NAME -- COMMAND``: the hot path, so it imports little (no rich, no SDK, no
-httpx): click, the API models, and the client over mvmd's Unix socket."""
+"""``mvmctl exec NAME -- COMMAND``: the click command. A plain exec never gets here: the entry
+point hands it to :mod:`mvm.cli.fastexec` (no click, msgspec or client), which takes only
+command lines that mean the same to both; this is the path for the rest (``--json``,
+secrets in ``-e``, unusual spellings, help and errors) and what the fast one is tested
+against. Still lean: no rich, no SDK, no httpx."""
 
 from __future__ import annotations
 

@@ -8,14 +8,21 @@ Commands are registered by name and imported only when invoked (:class:`LazyGrou
 command pays for its own modules, not for every other command's (``mvmctl exec`` imports
 neither the SDK, nor rich, nor the VM code). ``--help`` lists them from the table below;
 tests/unit/test_cli_lazy.py checks the table against the real commands.
+
+This module imports no click: a plain ``mvmctl exec`` is served by :mod:`mvm.cli.fastexec`
+without it (same meaning, same output; anything else goes to click). The click group
+(:class:`~mvm.cli.group.LazyGroup`, :data:`~mvm.cli.group.cli`, :func:`~mvm.cli.group.load`)
+lives in :mod:`mvm.cli.group` and is re-exported here on first use.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import sys
 
-import click
+TYPE_CHECKING = False  # not typing's: its import costs the exec path; mypy takes it as true
+if TYPE_CHECKING:
+    from mvm.cli.group import LazyGroup, cli, load
 
 #: name -> ("module:attribute", short help). Sorted by name, as ``--help`` shows them.
 LAZY: dict[str, tuple[str, str]] = {
@@ -148,54 +155,26 @@ LAZY: dict[str, tuple[str, str]] = {
 }
 
 
-def load(name: str) -> click.Command:
-    """Import the command registered as ``name`` (its module, then the attribute)."""
-    module, _, attr = LAZY[name][0].partition(":")
-    cmd = getattr(importlib.import_module(module), attr)
-    if not isinstance(cmd, click.Command):
-        raise TypeError(f"{LAZY[name][0]} is not a click command")
-    return cmd
+__all__ = ["LAZY", "LazyGroup", "cli", "load", "main"]
 
 
-class LazyGroup(click.Group):
-    """A group whose commands (from :data:`LAZY`) are imported when first invoked; ``--help``
-    prints the table's short help without importing any of them."""
+def __getattr__(name: str) -> object:
+    """``cli``, ``LazyGroup`` and ``load`` from :mod:`mvm.cli.group` (click) on first use."""
+    if name in ("cli", "LazyGroup", "load"):
+        from mvm.cli import group
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*LAZY, *self.commands})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands and cmd_name in LAZY:
-            self.add_command(load(cmd_name), cmd_name)
-        return self.commands.get(cmd_name)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        names = self.list_commands(ctx)
-        if not names:
-            return
-        limit = formatter.width - 6 - max(len(n) for n in names)
-        rows = []
-        for name in names:
-            if name in self.commands:
-                cmd = self.commands[name]
-                if cmd.hidden:
-                    continue
-                rows.append((name, cmd.get_short_help_str(limit)))
-            else:
-                stub = click.Command(name, help=LAZY[name][1])  # the help text only, not imported
-                rows.append((name, stub.get_short_help_str(limit)))
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mvm")
-def cli() -> None:
-    """mvm: run untrusted code in microVMs (QEMU microvm; KVM when usable, else TCG)."""
+        return getattr(group, name)
+    raise AttributeError(f"module 'mvm.cli.main' has no attribute {name!r}")
 
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if sys.argv[1:2] == ["exec"]:
+        from mvm.cli.fastexec import try_exec
+
+        try_exec(sys.argv[2:])  # exits when it took the command line
+    from mvm.cli.group import cli
+
     cli(prog_name="mvmctl")
 
 

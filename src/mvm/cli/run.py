@@ -4,6 +4,7 @@ destroyed. Also the entry of ``--mode plan|live`` for SDK scripts and compiled I
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from mvm.cli.common import (
 from mvm.errors import InvalidArgument
 from mvm.images.manifest import DEFAULT_IMAGE
 from mvm.oneshot import DEFAULT_TIMEOUT, TIMEOUT_EXIT, RunResult, run_once
+from mvm.progress import NullReporter, Reporter
 
 #: Largest stdin ``run -i`` forwards to the command.
 MAX_STDIN = P.MAX_PAYLOAD
@@ -125,9 +127,14 @@ def run(
 
     plain_env, secret_env = split_env(env)
     network = NetworkSpec(preset=network_preset, allow=list(network_allow))
-    from mvm.cli.ui import RichReporter, stderr_is_tty
+    rep_cm: contextlib.AbstractContextManager[Reporter]
+    if sys.stderr.isatty() and not as_json:  # rich only when it would draw something
+        from mvm.cli.ui import RichReporter
 
-    with RichReporter(enabled=stderr_is_tty() and not as_json) as rep:
+        rep_cm = RichReporter()
+    else:
+        rep_cm = contextlib.nullcontext(NullReporter())
+    with rep_cm as rep:
         result: RunResult = asyncio.run(
             run_once(
                 list(command),

@@ -10,9 +10,9 @@ Each name is imported from its submodule on first use (PEP 562), so importing
 """
 
 import importlib as _importlib
-import typing as _typing
 
-if _typing.TYPE_CHECKING:
+TYPE_CHECKING = False  # not typing's: see mvm/__init__.py
+if TYPE_CHECKING:
     from mvm import errors
     from mvm.sdk.backend import CommandResult, RecordedBytes, RecordedStr, is_placeholder
     from mvm.sdk.browser import AsyncBrowserSandbox, BrowserSandbox
@@ -22,6 +22,7 @@ if _typing.TYPE_CHECKING:
     from mvm.sdk.options import Network, Resources, SecretRef, network, resources, secret
     from mvm.sdk.ports import Forward
     from mvm.sdk.sandbox import AsyncSandbox, Sandbox, Snapshot
+del TYPE_CHECKING  # not a public name of mvm.sdk
 
 __all__ = [
     "AsyncBrowserSandbox",
