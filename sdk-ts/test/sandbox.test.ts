@@ -3,7 +3,7 @@
  * lifecycle test is last), plus the errors mvmd sends, mapped to their typed classes.
  */
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import * as http from "node:http";
 import { after, before, test } from "node:test";
 import {
@@ -15,6 +15,7 @@ import {
   CommandTimeout,
   ImageNotFound,
   InvalidArgument,
+  type LogEvent,
   MvmError,
   PolicyDenied,
   Sandbox,
@@ -170,7 +171,7 @@ test("kill, and a bounded wait", async () => {
   assert.equal((await h.status()).running, true);
   await h.kill();
   const res = await h.wait(30);
-  assert.ok(res.signal === 9 || res.exitCode === 137 || res.exitCode === -9, JSON.stringify(res));
+  assert.deepEqual([res.signal, res.exitCode], [9, 137], JSON.stringify(res));
 });
 
 test("files: write, read, list, stat, exists, mkdir, rename, remove", async () => {
@@ -213,17 +214,40 @@ test("a secret reaches the command and never its output or the logs", async () =
   assert.ok(!messages.some((m) => m.includes(SECRET_VALUE)));
 });
 
-test("logs: follow until a line shows up; redaction cannot be turned off", async () => {
-  await (await sb.commands.start(["sh", "-c", "echo follow-me"])).wait(30);
-  let seen = false;
-  for await (const ev of sb.logs({ follow: true, redact: true })) {
-    assert.ok(ev.timestamp > 0 && ev.stream);
-    if (ev.message.includes("follow-me")) {
-      seen = true;
-      break; // closes the stream
+test("logs: follow until a line shows up, its secret redacted; redaction cannot be turned off", async () => {
+  // The line carries a real secret; the test fails if it never comes (a bounded wait, not
+  // a stream that happened to end) and checks the one right message.
+  const token = `follow-${randomBytes(4).toString("hex")}`;
+  const env = { API_KEY: secret("api-key") };
+  await (await sb.commands.start(["sh", "-c", `echo "${token}:$API_KEY"`], { env })).wait(30);
+  const it = sb.logs({ follow: true, redact: true })[Symbol.asyncIterator]();
+  let found: LogEvent | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  const expired = new Promise<"expired">((resolve) => {
+    timer = setTimeout(() => resolve("expired"), 60_000);
+  });
+  let ended: "expired" | "done" | "found" = "done";
+  try {
+    for (;;) {
+      const next = await Promise.race([it.next(), expired]);
+      if (next === "expired") {
+        ended = "expired";
+        break;
+      }
+      if (next.done) break;
+      assert.ok(next.value.timestamp > 0 && next.value.stream);
+      if (next.value.message.includes(token)) {
+        found = next.value;
+        ended = "found";
+        break;
+      }
     }
+  } finally {
+    clearTimeout(timer);
+    if (ended !== "expired") await it.return?.(); // closes the stream
   }
-  assert.ok(seen);
+  assert.equal(ended, "found", "the line never came through logs({ follow: true })");
+  assert.equal(found?.message, `${token}:[REDACTED:api-key]`);
   assert.throws(() => sb.logs({ redact: false }), InvalidArgument);
 });
 

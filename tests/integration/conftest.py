@@ -76,7 +76,7 @@ def qemu_pids(marker: str | Path) -> list[int]:
     return pids
 
 
-def wait_no_qemu(marker: str | Path, timeout: float = 10.0) -> list[int]:
+def wait_no_qemu(marker: str | Path, timeout: float = 60.0) -> list[int]:
     """Wait (bounded) until no QEMU mentions ``marker``; return those still alive."""
     deadline = time.monotonic() + timeout
     while (pids := qemu_pids(marker)) and time.monotonic() < deadline:
@@ -155,7 +155,7 @@ def run_root() -> Iterator[Path]:
     try:
         yield root
     finally:
-        leaked = wait_no_qemu(root, timeout=5)
+        leaked = wait_no_qemu(root, timeout=60)
         for pid in leaked:  # started by this session (their sockets are in our dir)
             try:
                 os.kill(pid, signal.SIGKILL)

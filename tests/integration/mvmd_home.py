@@ -199,11 +199,11 @@ def private_home(
                 ctl(*args, timeout=limit)
             except subprocess.TimeoutExpired:
                 pass  # a hung daemon: killed below
-        wait_until(lambda: not daemon_pids(h), 10)
+        wait_until(lambda: not daemon_pids(h), 60)
         for pid in daemon_pids(h) + qemu_pids(h):  # started for this home only
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        wait_until(lambda: not qemu_pids(h), 10)
+        wait_until(lambda: not qemu_pids(h), 60)
         remove_tree(h)  # never through a mount an interrupted build left inside

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
@@ -37,7 +38,9 @@ def test_run_separates_streams_and_keeps_exit_status(mvmctl: Mvmctl) -> None:
 
 
 def test_run_json_is_one_object_with_the_result(mvmctl: Mvmctl, image: Image) -> None:
+    started = time.monotonic()
     r = mvmctl("run", "--json", "--", "uname", "-r")
+    wall = time.monotonic() - started
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout)  # the whole of stdout is one JSON document
     assert isinstance(obj, dict)
@@ -45,7 +48,8 @@ def test_run_json_is_one_object_with_the_result(mvmctl: Mvmctl, image: Image) ->
     assert obj["stdout"] == image.kernel_release + "\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*\n", obj["stdout"])
     assert obj["stderr"] == ""
-    assert isinstance(obj["duration"], float) and 0 <= obj["duration"] < 60
+    # the command's duration lies inside the CLI's wall time (a consistency check, no limit)
+    assert isinstance(obj["duration"], float) and 0 <= obj["duration"] <= wall
     assert obj["truncated"] == {"stdout": False, "stderr": False}
     assert re.fullmatch(r"sb-[0-9a-f]+", obj["sandbox_id"])
 

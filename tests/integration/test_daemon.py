@@ -97,13 +97,13 @@ def down_all_and_stop_leave_nothing_behind(ctl: Ctl, home: Path) -> None:
     r = ctl.ok("down", "--all")
     assert sorted(r.out.splitlines()) == sorted(f"{n}: removed" for n in names)
     assert ctl.sandboxes() == {}
-    assert wait_until(lambda: not qemu_pids(home), 10), [
+    assert wait_until(lambda: not qemu_pids(home), 60), [
         (pid, Path(f"/proc/{pid}/cmdline").read_bytes()) for pid in qemu_pids(home)
     ]
     assert [p.name for p in (home / "run").iterdir()] == []
     pid = ctl.daemon_pid()
     assert ctl.ok("daemon", "stop").out == f"mvmd stopped (pid {pid})\n"
-    assert wait_until(lambda: not pid_alive(pid), 10)
+    assert wait_until(lambda: not pid_alive(pid), 60)
     assert not (home / "mvmd.sock").exists()
     assert ctl("daemon", "status").rc == 1
 
@@ -403,7 +403,10 @@ def test_cp_into_a_missing_host_directory_fails_clearly(ctl: Ctl, home: Path, wo
 # ----------------------------------------------------------------------------- 4. concurrency
 
 
+@pytest.mark.timeout(900)
 def test_twenty_concurrent_execs_get_their_own_output(client: Client, worker: str) -> None:
+    """Output integrity under concurrency; the bounds are hang checks only (20 execs at
+    once on a loaded TCG host can take minutes: 120 s was too tight at load 9)."""
     n, lines = 20, 400
     results: dict[int, tuple[int | None, bytes, bytes]] = {}
     failures: list[BaseException] = []
@@ -412,11 +415,11 @@ def test_twenty_concurrent_execs_get_their_own_output(client: Client, worker: st
     def one(i: int) -> None:
         try:
             script = f"for k in $(seq {lines}); do echo T{i}-$k; echo E{i}-$k >&2; done"
-            req = M.ExecRequest(argv=["sh", "-c", script], timeout=120)
+            req = M.ExecRequest(argv=["sh", "-c", script], timeout=600)
             out = {"stdout": bytearray(), "stderr": bytearray()}
             code = None
             with Client(autostart=False) as c:
-                barrier.wait(30)
+                barrier.wait(120)
                 for ev in c.exec_stream("worker", req):
                     if ev.type in out:
                         out[ev.type] += ev.data
@@ -430,7 +433,7 @@ def test_twenty_concurrent_execs_get_their_own_output(client: Client, worker: st
     for t in threads:
         t.start()
     for t in threads:
-        t.join(150)
+        t.join(700)
     assert not any(t.is_alive() for t in threads), "an exec did not finish"
     assert not failures, failures
     for i in range(n):
@@ -483,7 +486,7 @@ def test_background_process_lifecycle(ctl: Ctl, worker: str) -> None:
     procs = {str(p["proc"]): p for p in ctl.json("proc", "ls", "worker")}
     assert procs[pid]["running"] is True and procs[pid]["exit_code"] is None
     assert f"{pid}  pid" in ctl.ok("proc", "ls", "worker").out
-    assert wait_until(lambda: ctl("proc", "output", "worker", pid).out.count("tick") >= 2, 20)
+    assert wait_until(lambda: ctl("proc", "output", "worker", pid).out.count("tick") >= 2, 60)
     out = ctl.ok("proc", "output", "worker", pid).out
     assert set(out.splitlines()) == {"tick"}
 
@@ -560,7 +563,7 @@ def test_kill_9_daemon_then_the_next_command_reattaches(ctl: Ctl, home: Path, wo
     assert (home / "mvmd.lock").read_text().strip() == str(old)
 
     os.kill(old, signal.SIGKILL)
-    assert wait_until(lambda: not pid_alive(old), 10)
+    assert wait_until(lambda: not pid_alive(old), 60)
     assert ctl("daemon", "status", "--json", timeout=30).rc == 1  # nobody answers now
     for s in before.values():  # sandboxes outlive the daemon
         assert pid_alive(s["pid"]), s
@@ -583,7 +586,7 @@ def test_kill_9_daemon_then_the_next_command_reattaches(ctl: Ctl, home: Path, wo
         lambda: len(ctl.ok("proc", "output", "worker", num).out.splitlines()) > n1, 20
     ), "the background process stopped making progress"
     # its output events reach the new daemon's log too
-    assert wait_until(lambda: f"proc:{num}:stdout" in ctl.ok("logs", "worker").out, 10)
+    assert wait_until(lambda: f"proc:{num}:stdout" in ctl.ok("logs", "worker").out, 60)
     assert len(daemon_pids(home)) == 1
     ctl.ok("proc", "kill", "worker", num)
 
@@ -649,7 +652,7 @@ def snapshot_save_down_restore_rm(ctl: Ctl, home: Path) -> None:
         "i=0; while true; do i=$((i+1)); echo s$i; sleep 0.3; done",
     )  # fmt: skip
     num = r.out.strip()
-    assert wait_until(lambda: "s2" in ctl.ok("proc", "output", "snap-a", num).out, 20)
+    assert wait_until(lambda: "s2" in ctl.ok("proc", "output", "snap-a", num).out, 60)
 
     r = ctl.ok("snapshot", "save", "snap-a", "s1", timeout=300)
     assert r.out.startswith("snap-a/s1: "), str(r)
@@ -761,12 +764,10 @@ def killed_qemu_marks_the_sandbox_failed(ctl: Ctl, home: Path) -> None:
     assert pid in qemu_pids(home), "the pid in `ls` is not this sandbox's QEMU"
     os.kill(pid, signal.SIGKILL)
 
-    assert wait_until(lambda: ctl.sandboxes()["doomed"]["state"] == "failed", 15), ctl.sandboxes()
+    assert wait_until(lambda: ctl.sandboxes()["doomed"]["state"] == "failed", 60), ctl.sandboxes()
     s = ctl.sandboxes()["doomed"]
-    # doomed's QEMU is this mvmd's child, or (if mvmd was restarted since) an adopted one
-    assert s["reason"].startswith("QEMU killed by signal 9 (SIGKILL)") or (
-        f"QEMU (pid {pid}, adopted after an mvmd restart) vanished" in s["reason"]
-    ), s
+    # doomed was made by this test under this mvmd: its QEMU is this mvmd's child
+    assert s["reason"].startswith("QEMU killed by signal 9 (SIGKILL)"), s
     assert s["pid"] is None
     assert not run_dir.exists(), "the failed sandbox's run dir was not removed"
     assert "failed" in ctl.ok("ls").out
@@ -804,7 +805,7 @@ def test_ttl_reaper_set_ttl_and_wait(ctl: Ctl, home: Path) -> None:
             "the reaper did not remove ttl-a at its TTL"
         )
         if a is not None:
-            assert wait_until(lambda: not pid_alive(a["pid"]), 10)
+            assert wait_until(lambda: not pid_alive(a["pid"]), 60)
             assert not (home / "run" / a["id"]).exists()
         boxes = ctl.sandboxes()
         assert boxes["ttl-b"]["state"] == "running" and boxes["ttl-b"]["ttl_left"] > 3000
@@ -855,7 +856,7 @@ def test_cpus_memory_and_disk_limits(ctl: Ctl, home: Path) -> None:
         assert 128 * 1024 < mem_kib < 256 * 1024
 
         r = ctl.sh("res", "head -c 67108864 /dev/zero > /work/big")
-        assert r.rc != 0, str(r)
+        assert r.rc == 1, str(r)  # head's write failed
         assert "No space left" in r.err
         size = guest_int(ctl, "res", "stat -c %s /work/big")
         assert size <= 32 * 1024 * 1024

@@ -25,19 +25,13 @@ def source(served: Served) -> Iterator[Sandbox]:  # noqa: F811
     try:
         yield s
     finally:
-        try:
-            s.kill()
-        except Exception:
-            pass
+        s.kill()  # False when a test already removed it; an error is a real failure
 
 
 def _kill(*boxes: object) -> None:
     for b in boxes:
         if isinstance(b, Sandbox):
-            try:
-                b.kill()
-            except Exception:
-                pass
+            b.kill()  # False when already gone; an error is a real failure
 
 
 def test_snapshot_restore_list_and_delete(served: Served, source: Sandbox) -> None:  # noqa: F811
@@ -124,16 +118,19 @@ def test_watch_dir_sync_and_async(served: Served, source: Sandbox) -> None:  # n
         seen: set[tuple[str, object]] = set()
         done = asyncio.Event()
 
+        created = asyncio.Event()
+
         def on_event(e: object) -> None:
             seen.add((e.name, e.type))  # type: ignore[attr-defined]
+            if ("late.txt", FilesystemEventType.CREATE) in seen:
+                created.set()
             if ("late.txt", FilesystemEventType.REMOVE) in seen:
                 done.set()
 
         h = await a.files.watch_dir("/tmp/w", on_event, recursive=False)
         try:
             await a.files.write("/tmp/w/late.txt", "1")
-            while ("late.txt", FilesystemEventType.CREATE) not in seen:
-                await asyncio.sleep(0.2)
+            await asyncio.wait_for(created.wait(), 60)  # bounded: the create event came
             await a.files.remove("/tmp/w/late.txt")
             await asyncio.wait_for(done.wait(), 60)
         finally:

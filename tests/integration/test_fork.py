@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def forked(ctl: Ctl) -> dict[str, Any]:
     ctl.ok("exec", "par", "--", "sh", "-c", f"echo {MARK} > /tmp/mark")
     # a background process (an exec's leftovers end with it: proc start is the way)
     ctl.ok("proc", "start", "par", "--", *SLEEPER.split())
+    started = time.monotonic()
     out: dict[str, Any] = ctl.json("fork", "par", "kid", "--count", "2", timeout=300)
+    out["_wall_seconds"] = time.monotonic() - started  # the pause lies inside this command
     return out
 
 
@@ -58,8 +61,10 @@ def test_children_have_their_own_ids_and_run(ctl: Ctl, forked: dict[str, Any]) -
     ids = {listed[n]["id"] for n in ("par", "kid-1", "kid-2")}
     assert len(ids) == 3
     assert all(listed[n]["state"] == "running" for n in ("par", "kid-1", "kid-2"))
-    # QEMU reports the downtime in whole milliseconds: a stop-and-copy under 1 ms is 0.
-    assert forked["source"] == "par" and 0 <= forked["pause_seconds"] < 60
+    # QEMU reports the downtime in whole milliseconds: a stop-and-copy under 1 ms is 0. The
+    # figure is checked against the command's own wall time, not a threshold (bench/ times it).
+    assert forked["source"] == "par"
+    assert 0 <= forked["pause_seconds"] <= forked["_wall_seconds"], forked
 
 
 def test_children_see_the_parents_file_and_process(ctl: Ctl, forked: dict[str, Any]) -> None:
@@ -102,7 +107,7 @@ def test_fork_refuses_a_taken_name_and_leaves_no_vm(
 ) -> None:
     before = len(qemu_pids(home))
     r = ctl("fork", "par", "kid-1")
-    assert r.rc != 0 and "kid-1" in r.err
+    assert r.rc == 125 and "kid-1" in r.err, str(r)  # SandboxExists
     assert len(qemu_pids(home)) == before
 
 

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from mvm import paths
-from mvm.errors import InvalidArgument, MvmError, VMBootTimeout, VMDied, VMError
+from mvm.errors import InvalidArgument, VMBootTimeout, VMDied, VMError
 from mvm.images.store import Image
 from mvm.vm import MicroVM, VMSpec, new_id
 
@@ -90,10 +90,12 @@ def test_boot_timeout_leaves_nothing_behind(
     call: Call, image: Image, assert_gone: AssertGone
 ) -> None:
     vm_id = new_id()
-    with pytest.raises((VMBootTimeout, VMDied)) as ei:  # the call's bound is the hang check
+    # QEMU stays alive, the agent is just not up within 0.5 s: a boot timeout (VMDied is the
+    # answer only for a QEMU that died). The call's bound is the hang check.
+    with pytest.raises(VMBootTimeout) as ei:
         call(MicroVM.boot(VMSpec(image), vm_id=vm_id, boot_timeout=0.5, fast=False), timeout=60)
-    assert isinstance(ei.value, VMError)
-    assert ei.value.hint  # says what to do about it
+    assert "did not answer within 0.5s" in str(ei.value)
+    assert ei.value.hint == "see the console log; raise MVM_BOOT_TIMEOUT on a slow host"
     assert_gone(paths.run_dir() / vm_id)
 
 
@@ -131,7 +133,7 @@ def test_too_long_run_dir_is_a_clear_error(
 ) -> None:
     long_dir = tmp_path / ("d" * 120)
     monkeypatch.setenv("MVM_RUN_DIR", str(long_dir))
-    with pytest.raises(MvmError) as ei:
+    with pytest.raises(InvalidArgument, match="run directory path too long") as ei:
         call(MicroVM.boot(VMSpec(image), fast=False), timeout=30)
-    assert "MVM_RUN_DIR" in (ei.value.hint or "")
-    assert not long_dir.exists() or not any(long_dir.iterdir())
+    assert ei.value.hint == "set MVM_RUN_DIR (or MVM_HOME) to a shorter path"
+    assert not long_dir.exists()  # refused before anything is made

@@ -141,7 +141,7 @@ def test_proc_output_and_logs_are_redacted(ctl: Ctl, sandbox: str) -> None:
 
 def test_unknown_secret_fails_before_the_command_starts(ctl: Ctl, sandbox: str) -> None:
     r = ctl("exec", sandbox, "-e", "X=secret:nope", "--", "touch", "/tmp/ran")
-    assert r.rc != 0
+    assert r.rc == 125, str(r)  # SecretNotFound: an mvm error
     assert "no secret named 'nope'" in r.err and "api-key" in r.err
     assert ctl("exec", sandbox, "--", "test", "-e", "/tmp/ran").rc == 1
 
@@ -149,14 +149,14 @@ def test_unknown_secret_fails_before_the_command_starts(ctl: Ctl, sandbox: str) 
 def test_errors_that_quote_the_value_are_redacted(ctl: Ctl, sandbox: str) -> None:
     """A command named after the value: whatever error comes back must not carry it."""
     r = ctl("exec", sandbox, "-e", "K=secret:api-key", "--", f"/nonexistent/{VALUE}")
-    assert r.rc != 0
+    assert r.rc == 127  # the guest could not find the command
     leaked = VALUE in r.out + r.err
     assert not leaked, "the secret value came back in an error"
 
 
 def test_policy_denial_names_its_rules(ctl: Ctl, sandbox: str, home: Path) -> None:
     r = ctl("up", "--name", "too-big", "--cpus", "3", "--ttl", "2h")
-    assert r.rc != 0
+    assert r.rc == 125, str(r)  # PolicyDenied
     assert "[cpus]" in r.err and "max_cpus=2" in r.err and "[ttl]" in r.err
     assert "too-big" not in ctl.sandboxes()
     audit_text = "".join(p.read_text() for p in (home / "audit").rglob("*") if p.is_file())
@@ -169,7 +169,7 @@ def test_bad_policy_file_is_a_clear_error(ctl: Ctl, sandbox: str, home: Path) ->
     policy.write_text("max_cpuz = 2\n")
     try:
         r = ctl("up", "--name", "bad-policy")
-        assert r.rc != 0 and "unknown policy key" in r.err and "max_cpuz" in r.err
+        assert r.rc == 2 and "unknown policy key" in r.err and "max_cpuz" in r.err
     finally:
         policy.write_text(good)
 

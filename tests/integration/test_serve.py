@@ -99,10 +99,7 @@ def sb(served: Served) -> Iterator[Sandbox]:
     try:
         yield s
     finally:
-        try:
-            s.kill()
-        except Exception:
-            pass
+        s.kill()  # False when a test already removed it; an error is a real failure
 
 
 # ------------------------------------------------------------------------------ tokens
@@ -266,7 +263,7 @@ def test_a_tenant_policy_applies_to_that_tenant_only(served: Served) -> None:
 
 def test_tenant_audit_chain_has_the_token_as_actor(served: Served, sb: Sandbox) -> None:
     chain = served.home / "audit" / "acme.jsonl"
-    assert wait_until(chain.exists, 10)
+    assert wait_until(chain.exists, 60)
     recs = [json.loads(line) for line in chain.read_text().splitlines()]
     # The server writes no record of its own: mvmd records what each request did.
     assert not [r for r in recs if r["event"].startswith("serve.")]
@@ -340,7 +337,7 @@ def test_the_owners_own_calls_carry_the_actor_they_name(served: Served) -> None:
     ctl = Ctl(served.home)
     ctl.env["MVM_ACTOR"] = "ci-bot"
     r = ctl("up", "--image", IMAGE, "--name", "labelled", "--memory", "16000")
-    assert r.rc != 0 and "policy denied" in r.err, r
+    assert r.rc == 125 and "policy denied" in r.err, r
     log = served.home / "audit" / "default.jsonl"
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     denied = [r for r in recs if r["event"] == "plan.denied" and r["sandbox"] == "labelled"]
@@ -372,7 +369,7 @@ def test_remote_mvmctl_up_exec_down(served: Served, tmp_path: Path) -> None:
         r = remote.ok("exec", "-e", "TOK=secret:api", "remote1", "--", "sh", "-c", "echo $TOK")
         assert value not in r.out + r.err and "[REDACTED:" in r.out
         r = remote("exec", "-e", "TOK=secret:owner-only", "remote1", "--", "true")
-        assert r.rc != 0 and value not in r.out + r.err
+        assert r.rc == 125 and value not in r.out + r.err, r
         bad = Ctl(served.home)
         bad.env.update(MVM_URL=served.url, MVM_TOKEN=served.other)
         assert bad("exec", "remote1", "--", "true").rc != 0
@@ -526,7 +523,7 @@ def test_tls_listen(served: Served, tmp_path: Path) -> None:
 
 def test_wildcard_needs_the_flag_and_bad_bodies_are_bounded(served: Served) -> None:
     r = served.ctl("serve", "--listen", "0.0.0.0:1", timeout=60)
-    assert r.rc != 0 and "--allow-wildcard" in r.err
+    assert r.rc == 125 and "--allow-wildcard" in r.err, r  # PolicyDenied
     host, port = served.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(

@@ -22,10 +22,20 @@ def test_templates_are_not_snapshots(template: str) -> None:
     assert parse_snapshot_id(ACME, template) is None
 
 
-@pytest.mark.parametrize("bad", ["sb-1:", "sb-1:../x", "sb-1:A/B", "../x:snap", ":snap"])
-def test_malformed_snapshot_ids_are_not_found(bad: str) -> None:
-    with pytest.raises((errors.SandboxNotFound, errors.SnapshotNotFound)):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ("sb-1:", errors.SnapshotNotFound),  # a bad snapshot name: that snapshot is not there
+        ("sb-1:../x", errors.SnapshotNotFound),
+        ("sb-1:A/B", errors.SnapshotNotFound),
+        ("../x:snap", errors.SandboxNotFound),  # a bad sandbox id: that sandbox is not there
+        (":snap", errors.SandboxNotFound),
+    ],
+)
+def test_malformed_snapshot_ids_are_not_found(bad: str, error: type[errors.MvmError]) -> None:
+    with pytest.raises(error) as info:
         parse_snapshot_id(ACME, bad)
+    assert type(info.value) is error
 
 
 def test_filesystem_only_variants_are_refused() -> None:

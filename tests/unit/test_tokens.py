@@ -50,7 +50,7 @@ def test_revoked_and_expired_tokens_fail(tmp_path: Path) -> None:
     assert store.list()[0].revoked is not None
     short, rec2 = store.create("acme", ttl=0.05)
     assert store.verify(short) is not None
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a generous bound (loaded host), not a threshold
     while store.verify(short) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert store.verify(short) is None
