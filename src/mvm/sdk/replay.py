@@ -174,8 +174,9 @@ class Replayer:
         elif kind == "files.list":
             be.list_dir(sb, self.arg(a, "path", str))
         elif kind == "files.stat":
+            path = self.arg(a, "path", str)  # a malformed operation is refused, not an answer
             try:
-                be.stat(sb, self.arg(a, "path", str))
+                be.stat(sb, path)
             except MvmError:
                 pass  # the script may have asked exists(); a missing file is an answer
         elif kind == "files.mkdir":
