@@ -62,7 +62,7 @@ def test_pool_hands_out_distinct_vms_refills_and_drains(ctl: Ctl, home: Path) ->
     for n in ("p1", "p2"):
         assert ctl.ok("exec", n, "--", "sh", "-c", "echo hi-$0", n).out.strip() == f"hi-{n}"
     ctl.ok("exec", "p1", "--", "sh", "-c", "echo mine > /tmp/x")
-    assert ctl("exec", "p2", "--", "test", "-e", "/tmp/x").rc != 0
+    assert ctl("exec", "p2", "--", "test", "-e", "/tmp/x").rc == 1
 
     assert wait_until(lambda: len(waiting()) == SIZE, 180, interval=1.0), waiting()
     assert not (waiting() & ready)  # refilled with new QEMUs
@@ -104,7 +104,7 @@ def test_prewarmed_pool_hands_out_running_vms_with_their_own_identity(warm_home:
     }
     assert rand["w1"] != rand["w2"]
     ctl.ok("exec", "w1", "--", "sh", "-c", "echo mine > /tmp/x")
-    assert ctl("exec", "w2", "--", "test", "-e", "/tmp/x").rc != 0
+    assert ctl("exec", "w2", "--", "test", "-e", "/tmp/x").rc == 1
     ctl.ok("down", "--all", timeout=120)
     ctl.ok("daemon", "stop", timeout=60)
     assert wait_until(lambda: not qemu_pids(warm_home), 60), qemu_pids(warm_home)
