@@ -209,6 +209,34 @@ def _audit_text(home: Path) -> str:
     return "".join(f.read_text() for f in sorted((home / "audit").rglob("*.jsonl")))
 
 
+def test_a_migration_stream_with_the_wrong_key_is_refused_and_the_source_runs_on(
+    cl: Cluster,
+) -> None:
+    cl.remote.ok(*UP, "--name", "keyed", timeout=600)
+    src = cl.ls()["keyed"]["host"]
+    dst = "h2" if src == "h1" else "h1"
+    (name,) = [n for n in cl.host(src)["sandboxes"] if n.endswith("keyed")]
+
+    def mvmd(host: str) -> httpx.Client:  # the host's own mvmd, as its owner
+        sock = cl.homes[int(host[1]) - 1] / "mvmd.sock"
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=600)
+
+    base = f"http://mvmd/v1/sandboxes/{name}/migration"
+    with mvmd(src) as s, mvmd(dst) as d:
+        plan = s.get(f"{base}/plan").json()
+        body = {"plan": plan, "listen": "127.0.0.1", "key": "a" * 64}
+        got = d.post(f"{base}/in", json=body)
+        assert got.status_code == 201, got.text
+        uri = f"tcp:127.0.0.1:{got.json()['port']}"
+        out = s.post(f"{base}/out", json={"uri": uri, "key": "b" * 64})
+        assert out.status_code >= 400 and "migration" in out.text, out.text
+        assert d.post(f"{base}/in/abort").status_code == 200
+    assert cl.ls()["keyed"]["host"] == src and cl.ls()["keyed"]["state"] == "running"
+    assert cl.remote.sh("keyed", "echo still here", timeout=300).out.strip() == "still here"
+    assert "keyed" not in str(cl.host(dst)["sandboxes"])
+    cl.remote.ok("down", "keyed", timeout=300)
+
+
 def test_a_create_a_host_refuses_is_retried_on_the_other(cl: Cluster) -> None:
     # h1's own admission refuses 512 MiB sandboxes (its mvmd re-reads policy.toml).
     pol = cl.homes[0] / "policy.toml"

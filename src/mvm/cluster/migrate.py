@@ -54,10 +54,12 @@ async def migrate(
     listen = d_host.url.split("//", 1)[-1].rsplit(":", 1)[0]
     reg.moving[name] = src
     try:
+        t_in = time.monotonic()
         got = await _call(
             up, dst, "POST", f"{base}/in", owner,
             {"plan": plan, "listen": listen, "key": key, "source_host": src},
         )  # fmt: skip
+        t_listening = time.monotonic()
         try:
             stats = await _call(
                 up, src, "POST", f"{base}/out", owner,
@@ -89,6 +91,8 @@ async def migrate(
         "id": moved.get("id"),
         "same_id": moved.get("id") == plan.get("id"),
         "pause_seconds": round(downtime / 1000, 3) if isinstance(downtime, int) else None,
+        "listen_seconds": round(t_listening - t_in, 3),
+        "stream_seconds": round(t_sent - t_listening, 3),
         "resume_seconds": round(t_resumed - t_sent, 3),
         "total_seconds": round(time.monotonic() - t0, 3),
         "transferred_bytes": stats.get("ram_bytes"),

@@ -12,6 +12,7 @@ the source is removed (``commit``) or, when the destination failed, runs again
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -31,6 +32,8 @@ from mvm.vm import new_id
 from mvm.vmm import livemig
 
 log = logging.getLogger(__name__)
+#: Seconds an incoming migration may wait for its stream and ``finish``.
+INCOMING_TTL = livemig.MIGRATE_TIMEOUT + 120.0
 
 
 class Migration:
@@ -148,6 +151,10 @@ class Migration:
             await self.sandboxes.forget(live)
             raise
         self._incoming[name] = (live, inc, req)
+        # A front that vanished never finishes: the waiting QEMU and the name go.
+        asyncio.get_running_loop().call_later(
+            INCOMING_TTL, lambda: asyncio.ensure_future(self._expire(name, inc))
+        )
         return G.Listening(id=vm_id, port=inc.port)
 
     async def finish(self, name: str) -> M.SandboxInfo:
@@ -180,6 +187,12 @@ class Migration:
             resume_seconds=round(time.monotonic() - t0, 3),
         )
         return info(live)
+
+    async def _expire(self, name: str, inc: livemig.Incoming) -> None:
+        got = self._incoming.get(name)
+        if got is not None and got[1] is inc:
+            log.warning("incoming migration of %s never finished: dropped", name)
+            await self.abort_in(name)
 
     async def abort_in(self, name: str) -> None:
         got = self._incoming.pop(name, None)

@@ -35,6 +35,10 @@ DOWNTIME_LIMIT_MS = 300
 MAX_BANDWIDTH = 1 << 30
 #: How long a migration may run before it is cancelled (the guest never stopped long).
 MIGRATE_TIMEOUT = float(os.environ.get("MVM_MIGRATE_TIMEOUT", "600"))
+#: GnuTLS priorities for the stream: AES-128-GCM only (AES-NI). GnuTLS's default choice
+#: made a 194 MiB migration take 6-10 s instead of 3 s on the 2-core TCG machine (the
+#: same stream without TLS: 2.2 s). ``MVM_MIGRATE_TLS_PRIORITY`` overrides; empty: default.
+TLS_PRIORITY = os.environ.get("MVM_MIGRATE_TLS_PRIORITY", "NORMAL:-CIPHER-ALL:+AES-128-GCM")
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -70,7 +74,8 @@ async def _tls(qmp: Qmp, run_dir: Path, key: str, endpoint: str) -> None:
     await qmp.execute(
         "object-add",
         {"qom-type": "tls-creds-psk", "id": TLS_ID, "endpoint": endpoint, "dir": str(d)}
-        | ({"username": PSK_USER} if endpoint == "client" else {}),
+        | ({"username": PSK_USER} if endpoint == "client" else {})
+        | ({"priority": TLS_PRIORITY} if TLS_PRIORITY else {}),
     )
     await qmp.execute("migrate-set-parameters", {"tls-creds": TLS_ID})
 
