@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from pathlib import Path
 
 import msgspec
 
-from mvm import paths, tenancy
+from mvm import names, paths, tenancy
 from mvm.api import migrate as G
 from mvm.api import models as M
 from mvm.errors import InvalidArgument, MvmError, PolicyDenied, SandboxStateError
@@ -32,6 +33,7 @@ from mvm.vm import new_id
 from mvm.vmm import livemig
 
 log = logging.getLogger(__name__)
+SANDBOX_ID = re.compile(r"sb-[0-9a-f]{10}")
 #: Seconds an incoming migration may wait for its stream and ``finish``.
 INCOMING_TTL = livemig.MIGRATE_TIMEOUT + 120.0
 
@@ -108,8 +110,12 @@ class Migration:
         core = self.core
         p = req.plan
         livemig.check_key(req.key)
-        if name != p.id and p.id and not p.id.startswith("sb-"):
-            raise InvalidArgument("a migration plan's id must be a sandbox id")
+        if not SANDBOX_ID.fullmatch(p.id):
+            raise InvalidArgument("a migration plan's id must be a sandbox id (sb-<10 hex>)")
+        if p.tenant is not None:
+            names.check("tenant", p.tenant)
+        if p.token_id is not None:
+            names.check("token", p.token_id)
         shape = M.SandboxShape(**M.shape_fields(p))  # type: ignore[arg-type]
         core.gate.launch(name, admission.plan_from_shape(shape))  # as any create
         image = next((i for i in core.store.all() if i.id == p.image_id), None)
@@ -119,11 +125,7 @@ class Migration:
                 hint="copy it here first (the cluster does, by content hash)",
             )
         taken = {lv.rec.id for lv in core.live.values()}
-        vm_id = (
-            p.id
-            if p.id and p.id not in taken and not (paths.run_dir() / p.id).exists()
-            else new_id()
-        )
+        vm_id = p.id if p.id not in taken and not (paths.run_dir() / p.id).exists() else new_id()
         rec = new_record(
             M.shape_fields(shape),
             vm_id=vm_id,
