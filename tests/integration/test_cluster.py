@@ -275,6 +275,17 @@ def test_the_e2b_face_through_the_front(cl: Cluster, monkeypatch: pytest.MonkeyP
             s.sandbox_id in n for n in h["sandboxes"])]  # fmt: skip
         assert len(on) == 1, cl.status()
         assert any(s.sandbox_id in str(r["sandbox"]) for r in cl.placements())
+        # The tenant moves it live; the E2B face follows it to the new host.
+        to = "h2" if on == ["h1"] else "h1"
+        r = httpx.post(
+            f"{cl.url}/v1/sandboxes/{s.sandbox_id}/migrate",
+            params={"to": to},
+            headers={"Authorization": f"Bearer {tok['token']}"},
+            timeout=900,
+        )
+        assert r.status_code == 200 and r.json()["to"] == to, r.text
+        assert s.commands.run("cat /tmp/e2b.txt").stdout == "through the front\n"
+        assert any(s.sandbox_id in n for n in cl.host(to)["sandboxes"])
     finally:
         s.kill()
     assert s.sandbox_id not in {x.sandbox_id for x in e2b.Sandbox.list().next_items()}
