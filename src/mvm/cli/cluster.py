@@ -214,7 +214,9 @@ def rejoin(host: str) -> None:
 @fail_on_errors
 def migrate(name: str, to: str, as_json: bool) -> None:
     """Move running sandbox NAME to host TO (a cluster front: MVM_URL + MVM_TOKEN); its
-    memory, files and processes go with it, the name stays. Prints the pause."""
+    memory, files and processes go with it, the name stays. Prints the pause.
+
+    Live: QEMU pre-copy over TCP with TLS between the hosts; the pause is the last pass."""
     from mvm import client, names
 
     names.check("sandbox", name)
@@ -239,10 +241,18 @@ def migrate(name: str, to: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(out))
         return
+    pause = out.get("pause_seconds")
+    sent = out.get("transferred_bytes") or 0
     click.echo(
-        f"{name}: {out['from']} -> {out['to']}  pause {out['pause_seconds']:.2f}s  "
-        f"total {out['total_seconds']:.2f}s  state {out['state_bytes'] >> 20} MiB"
+        f"{name}: {out['from']} -> {out['to']}  pause "
+        + (f"{pause * 1000:.0f} ms" if isinstance(pause, int | float) else "unknown")
+        + f"  total {out['total_seconds']:.2f}s  sent {sent >> 20} MiB"
+        + f" in {out.get('passes') or '?'} passes"
     )
+    for f in out.get("forwards", []):
+        click.echo(f"forward {f['host']}:{f['host_port']} -> guest port {f['guest_port']}")
+    for w in out.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
 
 
 COMMANDS = [cluster, migrate]

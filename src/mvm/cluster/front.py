@@ -6,7 +6,8 @@ are: they authenticate, map the tenant's names and call ``upstream.open``. Here 
 places a create on a host (:mod:`mvm.cluster.placement`, retried on the next host when
 one fails), sends every later call to the host owning the sandbox (its relay, with the
 cluster key), merges the lists (each sandbox with its ``host``; a lost host's sandboxes as
-``lost``) and records one cluster audit record per placement.
+``lost``) and has the chosen host's mvmd write one ``cluster.place`` audit record (the
+front writes none: audit is the service's, as with ``serve``).
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from mvm import audit, errors
+from mvm import errors
 from mvm.api import models as M
 from mvm.cluster import placement
 from mvm.cluster.host import KEY_HEADER
 from mvm.cluster.registry import Registry
 from mvm.daemon.server import error_body
 from mvm.serve.app import IDENT_KEY, Server
-from mvm.serve.upstream import TENANT_HEADER, Upstream
+from mvm.serve.upstream import ACTOR_HEADER, TENANT_HEADER, Upstream
 from mvm.tenancy import LOCAL
 from mvm.tokens import TokenStore
 
 log = logging.getLogger(__name__)
+#: A host's answers to a create that send it to the next host: its admission (a host's
+#: own policy) refused, or it is over its limits.
+RETRY_ON = (403, 429)
 
 
 class _Content:
@@ -205,10 +209,13 @@ class RoutingUpstream(Upstream):
         self, body: dict[str, Any], shape: placement.Shape, data: bytes, kw: dict[str, Any]
     ) -> Any:
         tried: list[dict[str, str]] = []
+        last: Canned | None = None
         headers = kw.get("headers", {})
         while True:
             done = frozenset(t["host"] for t in tried)
             order = placement.rank(self.reg.capacities(), shape, policy=self.policy, exclude=done)
+            if not order and last is not None and last.status < 500:
+                return last
             if not order:
                 msg = "no host can take this sandbox" + (f" (tried: {tried})" if tried else "")
                 return Canned.error(errors.MvmError(msg, hint="see `mvmctl cluster status`"))
@@ -236,11 +243,16 @@ class RoutingUpstream(Upstream):
                 tried.append({"host": host, "error": f"{exc!r}"[:200]})
                 await self.reg.report(self.reg.hosts[host])
                 continue
-            if status >= 500:
+            if status >= 500 or status in RETRY_ON:
+                # The host failed, or its own admission (its policy) or limits refused:
+                # another host may take it. All refusing: the last one's answer.
                 tried.append({"host": host, "error": f"HTTP {status}: {raw[:200]!r}"})
+                last = Canned(status, raw, ctype)
+                if want is not None:  # the caller's one host: its answer
+                    return last
                 continue
             if status < 300:
-                self._placed(host, raw, headers, tried, shape)
+                await self._placed(host, raw, headers, tried, shape)
             return Canned(status, raw, ctype)
 
     async def _image_to(self, host: str, image: str) -> None:
@@ -258,7 +270,7 @@ class RoutingUpstream(Upstream):
         h.cap.images.append(image)
         log.info("image %s copied %s -> %s: %s", image, src.name, host, got)
 
-    def _placed(
+    async def _placed(
         self,
         host: str,
         raw: bytes,
@@ -266,6 +278,8 @@ class RoutingUpstream(Upstream):
         tried: list[dict[str, str]],
         shape: placement.Shape,
     ) -> None:
+        """Learn the owner, and have the host's mvmd write the one ``cluster.place``
+        record (in the sandbox's chain there: the front itself writes no audit)."""
         try:
             info = msgspec.json.decode(raw)
             name = str(info["name"])
@@ -273,32 +287,20 @@ class RoutingUpstream(Upstream):
             return
         self.reg.owner[name] = host
         self.reg.hosts[host].sandboxes[name] = info
-        actor = headers.get("X-Mvm-Actor", "owner")
-        asyncio.get_running_loop().run_in_executor(
-            None, _audit_place, actor, name, host, tried, shape, self.policy
-        )
-
-
-def _audit_place(
-    actor: str,
-    name: str,
-    host: str,
-    tried: list[dict[str, str]],
-    shape: placement.Shape,
-    policy: str,
-) -> None:
-    try:
-        audit.record(
-            "cluster.place",
-            actor=actor,
-            sandbox=name,
-            host=host,
-            shape=shape.key(),
-            policy=policy,
-            failed=tried,
-        )
-    except errors.MvmError as exc:
-        log.error("cluster audit of %s failed: %s", name, exc)
+        body = {"host": host, "shape": shape.key(), "policy": self.policy, "failed": tried}
+        owner = {
+            ACTOR_HEADER: headers.get(ACTOR_HEADER, "cluster"),
+            "content-type": "application/json",
+        }
+        try:
+            async with await self.to_host(
+                host, "POST", f"/sandboxes/{name}/cluster-placed",
+                data=msgspec.json.encode(body), headers=owner,
+            ) as r:  # fmt: skip
+                if r.status >= 300:
+                    log.error("cluster.place of %s on %s: HTTP %s", name, host, r.status)
+        except aiohttp.ClientError as exc:
+            log.error("cluster.place of %s on %s failed: %s", name, host, exc)
 
 
 class ClusterServer(Server):

@@ -76,7 +76,6 @@ class HostAgent:
         await asyncio.to_thread(_ensure_daemon)
         self._up = Upstream(str(client.socket_path()))
         app = web.Application(client_max_size=64 << 20 | 1 << 16)
-        app.router.add_get("/cluster/snapshots/{sandbox}/{snap}/{file}", self._snapshot_file)
         app.router.add_get("/cluster/images/{image}", self._image_manifest)
         app.router.add_get("/cluster/images/{image}/file", self._image_file)
         app.router.add_route("*", "/v1/{tail:.*}", self._relay)
@@ -147,21 +146,6 @@ class HostAgent:
                 return img.rootfs_sha256
         return None
 
-    async def snapshot_files(self, sandbox: str, snap: str) -> dict[str, Any]:
-        from mvm.cluster.migrate import file_hashes
-        from mvm.service.snapshots import snapshots_dir
-
-        names.check("sandbox", sandbox)
-        names.check("snapshot", snap)
-        return await asyncio.to_thread(file_hashes, snapshots_dir() / sandbox / snap)
-
-    async def import_snapshot(
-        self, src_url: str, sandbox: str, snap: str, want: dict[str, Any]
-    ) -> str:
-        from mvm.cluster.migrate import pull_snapshot
-
-        return str(await pull_snapshot(src_url, self.key, sandbox, snap, want))
-
     async def import_image(self, src_url: str, image: str) -> dict[str, Any]:
         from mvm.cluster.images import pull_image
         from mvm.images.store import ImageStore
@@ -204,25 +188,6 @@ class HostAgent:
     def _authorized(self, request: web.Request) -> bool:
         got = request.headers.get(KEY_HEADER, "")
         return hmac.compare_digest(got.encode(), self.key.encode())
-
-    async def _snapshot_file(self, request: web.Request) -> web.StreamResponse:
-        """One file of a snapshot, for a migration pulling it to another host."""
-        from mvm.cluster.migrate import FILES
-        from mvm.service.snapshots import snapshots_dir
-
-        if not self._authorized(request):
-            return web.json_response({"code": 401, "message": "unauthorized"}, status=401)
-        m = request.match_info
-        if not (
-            names.is_valid("sandbox", m["sandbox"])
-            and names.is_valid("snapshot", m["snap"])
-            and m["file"] in FILES
-        ):
-            raise web.HTTPNotFound()
-        f = snapshots_dir() / m["sandbox"] / m["snap"] / m["file"]
-        if not f.is_file():
-            raise web.HTTPNotFound()
-        return web.FileResponse(f)
 
     async def _mvmd_json(self, method: str, path: str) -> Any:
         import msgspec

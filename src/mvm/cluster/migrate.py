@@ -1,144 +1,138 @@
-"""Moving a running sandbox to another host, name kept.
+"""Moving a running sandbox to another host, live, name kept: QEMU to QEMU over TCP.
 
-The sandbox is paused on its host, its whole state — memory (so the writable layer,
-which is a tmpfs in guest RAM, and every process) plus devices, QEMU's migration stream
-— is saved as a snapshot there, copied over TCP from the source host's relay to the
-destination host (cluster key, every file verified by SHA-256 before use), registered
-in the destination's mvmd and recreated there under the same name; the source sandbox
-is removed. The image is checked present on both by content hash first. The pause is
-from the source's stop to the destination answering; both are measured and returned.
+The front drives the two hosts' mvmds through their relays (cluster key), as the host's
+owner (``service.migration`` refuses a tenant's request: only the cluster names where a
+VM's memory goes):
 
-This is stop-and-copy of QEMU's migration stream, not pre-copy: the guest stands still
-for the whole copy (see docs/cluster.md).
+1. the rootfs must be on the destination by content hash (else refused, naming it);
+2. the source describes the sandbox (shape, id, tenant, forwards, running processes);
+3. the destination admits it as a create, opens its egress proxy and starts a QEMU of
+   the same shape listening on the host's private address (``-incoming defer``,
+   ``migrate-incoming tcp:ADDR:0``) with TLS and a pre-shared key;
+4. the source migrates to it, pre-copy, its guest running until the last pass (QEMU's
+   ``downtime`` is the pause); the key is a fresh 256-bit one per migration, made here
+   and sent to both hosts over their authenticated API only;
+5. the destination resumes the guest and reconnects to its agent; the name (and the id
+   when free) is the same, the next call goes there; the source is removed; the
+   forwards are bound again on the destination (the same port when it is free).
+
+If the destination fails after the stream went through, the source runs again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 
-from mvm import errors, names
-from mvm.cluster.host import KEY_HEADER
-
-#: The files of a snapshot directory a migration copies.
-FILES = ("state", "snapshot.json")
-CHUNK = 1 << 20
-
-
-def file_hashes(d: Path) -> dict[str, dict[str, Any]]:
-    out = {}
-    for f in FILES:
-        h = hashlib.sha256()
-        size = 0
-        with (d / f).open("rb") as fh:
-            while chunk := fh.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        out[f] = {"sha256": h.hexdigest(), "size": size}
-    return out
-
-
-async def pull_snapshot(
-    src_url: str, key: str, sandbox: str, snap: str, want: dict[str, dict[str, Any]]
-) -> Path:
-    """Copy a snapshot from the source relay into this host's snapshot store, verified,
-    and register it with this host's state database (mvmd reads it from there)."""
-    from mvm import paths, state
-    from mvm.service.snapshots import snapshots_dir
-
-    names.check("sandbox", sandbox)
-    names.check("snapshot", snap)
-    dest = snapshots_dir() / sandbox / snap
-    tmp = dest.with_name(f".in-{snap}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=120.0)
-    async with aiohttp.ClientSession(timeout=timeout) as s:
-        for f in FILES:
-            h = hashlib.sha256()
-            size = 0
-            url = f"{src_url}/cluster/snapshots/{sandbox}/{snap}/{f}"
-            async with s.get(url, headers={KEY_HEADER: key}) as r:
-                if r.status != 200:
-                    raise errors.MvmError(f"source host answered {r.status} for {f}")
-                with (tmp / f).open("wb") as out:
-                    async for chunk in r.content.iter_chunked(CHUNK):
-                        size += len(chunk)
-                        if size > int(want[f]["size"]):
-                            raise errors.MvmError(f"{f} is larger than announced")
-                        h.update(chunk)
-                        out.write(chunk)
-            if h.hexdigest() != want[f]["sha256"] or size != int(want[f]["size"]):
-                raise errors.MvmError(f"{f} does not match its hash: refused")
-    srec = msgspec.json.decode((tmp / "snapshot.json").read_bytes(), type=state.SnapshotRecord)
-    if srec.sandbox != sandbox or srec.name != snap:
-        raise errors.MvmError("the snapshot record names another sandbox: refused")
-    tmp.rename(dest)
-    srec = msgspec.structs.replace(srec, path=str(dest))
-    (dest / "snapshot.json").write_bytes(msgspec.json.encode(srec))
-    db = state.StateDB(paths.home() / "state.db")
-    db.add_snapshot(srec)
-    return dest
-
-
-def new_snapshot_name() -> str:
-    return f"migrate-{secrets.token_hex(4)}"
+from mvm import errors
+from mvm.serve.upstream import ACTOR_HEADER
 
 
 async def migrate(
     up: Any, headers: dict[str, str], name: str, src: str, dst: str
 ) -> dict[str, Any]:
-    """Move sandbox ``name`` (mvmd's name) from host ``src`` to ``dst``; see the module doc."""
+    """Move sandbox ``name`` (mvmd's name) from host ``src`` to ``dst``; see the module doc.
+    ``headers`` are the caller's (tenant) headers, used for what a tenant may do itself
+    (reading the sandbox, binding its forwards)."""
     reg = up.reg
     s_host, d_host = reg.hosts[src], reg.hosts[dst]
+    owner = {ACTOR_HEADER: headers.get(ACTOR_HEADER, "cluster")}
     info = await _call(up, src, "GET", f"/sandboxes/{name}", headers)
     img = await s_host.actor.image_hash.remote(str(info["image"]))
-    have = d_host.report.get("image_hashes", [])
-    if img is None or img not in have:
+    if img is None or img not in d_host.report.get("image_hashes", []):
         raise errors.MvmError(
             f"host {dst} lacks image {info['image']} (sha256 {img})",
             hint="build or copy the image there first",
         )
-    snap = new_snapshot_name()
+    base = f"/sandboxes/{name}/migration"
     t0 = time.monotonic()
-    paused = info.get("state") == "running"
-    if paused:
-        await _call(up, src, "POST", f"/sandboxes/{name}/pause", headers)
-    t_pause = time.monotonic()
-    moved = False
+    plan = await _call(up, src, "GET", f"{base}/plan", owner)
+    key = secrets.token_hex(32)
+    listen = d_host.url.split("//", 1)[-1].rsplit(":", 1)[0]
+    reg.moving[name] = src
     try:
-        await _call(up, src, "POST", f"/sandboxes/{name}/snapshots", headers, {"name": snap})
-        want = await s_host.actor.snapshot_files.remote(name, snap)
-        await d_host.actor.import_snapshot.remote(s_host.url, name, snap, want)
-        reg.pending.add(name)
-        await _call(up, dst, "POST", f"/sandboxes/{name}/snapshots/{snap}/restore", headers)
-        moved = True
-        reg.owner[name] = dst
-        t_resumed = time.monotonic()
-    finally:
-        reg.pending.discard(name)
-        if not moved and paused:
-            await _call(up, src, "POST", f"/sandboxes/{name}/resume", headers)
-    await _call(up, src, "DELETE", f"/sandboxes/{name}", headers)
-    for host in (src, dst):
+        t_in = time.monotonic()
+        got = await _call(
+            up, dst, "POST", f"{base}/in", owner,
+            {"plan": plan, "listen": listen, "key": key, "source_host": src},
+        )  # fmt: skip
+        t_listening = time.monotonic()
         try:
-            await _call(up, host, "DELETE", f"/sandboxes/{name}/snapshots/{snap}", headers)
-        except errors.MvmError:
-            pass
+            stats = await _call(
+                up, src, "POST", f"{base}/out", owner,
+                {"uri": f"tcp:{listen}:{int(got['port'])}", "key": key, "to_host": dst},
+            )  # fmt: skip
+        except BaseException:
+            await _quietly(up, dst, f"{base}/in/abort", owner)
+            raise
+        del key
+        t_sent = time.monotonic()
+        try:
+            moved = await _call(up, dst, "POST", f"{base}/in/finish", owner)
+        except BaseException:
+            await _quietly(up, src, f"{base}/out/abort", owner)
+            raise
+        t_resumed = time.monotonic()
+        reg.owner[name] = dst
+        reg.hosts[dst].sandboxes[name] = moved
+    finally:
+        reg.moving.pop(name, None)
+    await _call(up, src, "POST", f"{base}/out/commit", owner, {"to_host": dst})
     reg.hosts[src].sandboxes.pop(name, None)
+    forwards, warnings = await _forwards_back(up, dst, name, plan.get("forwards", []), headers)
+    downtime = stats.get("downtime_ms")
     return {
         "name": name,
         "from": src,
         "to": dst,
-        "pause_seconds": round(t_resumed - t_pause, 3),
+        "id": moved.get("id"),
+        "same_id": moved.get("id") == plan.get("id"),
+        "pause_seconds": round(downtime / 1000, 3) if isinstance(downtime, int) else None,
+        "listen_seconds": round(t_listening - t_in, 3),
+        "stream_seconds": round(t_sent - t_listening, 3),
+        "resume_seconds": round(t_resumed - t_sent, 3),
         "total_seconds": round(time.monotonic() - t0, 3),
-        "state_bytes": int(want["state"]["size"]),
+        "transferred_bytes": stats.get("ram_bytes"),
+        "passes": stats.get("dirty_sync_count"),
+        "forwards": forwards,
+        "warnings": warnings,
+        "transport": "qemu migration over tcp, tls-psk (one-off key)",
     }
+
+
+async def _forwards_back(
+    up: Any, host: str, name: str, specs: list[dict[str, Any]], headers: dict[str, str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Bind the source's forwards on the new host (through the policy, as the tenant):
+    the same port when free there, else any; what could not be bound is a warning."""
+    out, warnings = [], []
+    for spec in specs:
+        last: errors.MvmError | None = None
+        for port in dict.fromkeys((int(spec.get("host_port", 0)), 0)):
+            try:
+                fwd = await _call(
+                    up, host, "POST", f"/sandboxes/{name}/forwards", headers,
+                    {**spec, "host_port": port},
+                )  # fmt: skip
+                out.append(fwd)
+                break
+            except errors.MvmError as exc:
+                last = exc
+        else:
+            warnings.append(
+                f"forward to guest port {spec.get('guest_port')} not re-created: {last}"
+            )
+    return out, warnings
+
+
+async def _quietly(up: Any, host: str, path: str, headers: dict[str, str]) -> None:
+    try:
+        await _call(up, host, "POST", path, headers)
+    except Exception:  # the first failure is the one the caller sees
+        pass
 
 
 async def _call(

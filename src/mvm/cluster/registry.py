@@ -65,6 +65,9 @@ class Registry:
         self.owner: dict[str, str] = {}  # sandbox (mvmd name) -> host
         self.lost: dict[str, Lost] = {}
         self.pending: set[str] = set()
+        #: Sandboxes being migrated -> the host serving them until the move is done (the
+        #: destination lists them as creating meanwhile: calls still go to the source).
+        self.moving: dict[str, str] = {}
         self._starting: set[str] = set()
         self._agent: Any = ray.remote(HostAgent)
 
@@ -159,9 +162,10 @@ class Registry:
         h.sandboxes = {str(s["name"]): s for s in listed if isinstance(s, dict)}
         for sb in h.sandboxes:
             self.lost.pop(sb, None)
-            self.owner[sb] = h.name
+            self.owner[sb] = self.moving.get(sb, h.name)
         for sb, owner in list(self.owner.items()):
-            if owner == h.name and sb not in h.sandboxes and sb not in self.pending:
+            gone = sb not in h.sandboxes and sb not in self.pending and sb not in self.moving
+            if owner == h.name and gone:
                 del self.owner[sb]
 
     async def health_loop(self) -> None:

@@ -19,6 +19,7 @@ from mvm.service.files import Files
 from mvm.service.fork import Fork
 from mvm.service.gate import Gate
 from mvm.service.live import Live, audit_after, info
+from mvm.service.migration import Migration
 from mvm.service.pool import Pool
 from mvm.service.ports import Ports
 from mvm.service.procs import Procs
@@ -50,6 +51,7 @@ class SandboxService:
         self.procs = Procs(self.core)
         self.snapshots = Snapshots(self.core, self.sandboxes, self.ports)
         self.fork = Fork(self.core, self.sandboxes, self.snapshots)
+        self.migration = Migration(self.core, self.sandboxes)
 
     def note_call(self, note: M.CallNote, sandbox: str | None) -> str | None:
         """Audit an adapter's own call (``<via>.call``), on ``sandbox`` when it names one
