@@ -208,6 +208,9 @@ class Api:
         from mvm.daemon import fork_routes
 
         fork_routes.add_routes(r, s, self.s)
+        from mvm.daemon import builder_routes
+
+        builder_routes.add_routes(r, v, self.s)
         return app
 
     # -- daemon -----------------------------------------------------------------------

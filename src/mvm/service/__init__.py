@@ -13,6 +13,7 @@ import asyncio
 from mvm import forkvm
 from mvm.api import models as M
 from mvm.images.store import ImageStore
+from mvm.service.builders import Builders
 from mvm.service.core import Core
 from mvm.service.execs import Execs
 from mvm.service.files import Files
@@ -50,6 +51,7 @@ class SandboxService:
         self.procs = Procs(self.core)
         self.snapshots = Snapshots(self.core, self.sandboxes, self.ports)
         self.fork = Fork(self.core, self.sandboxes, self.snapshots)
+        self.builders = Builders(self.sandboxes)
 
     def note_call(self, note: M.CallNote, sandbox: str | None) -> str | None:
         """Audit an adapter's own call (``<via>.call``), on ``sandbox`` when it names one
@@ -70,6 +72,7 @@ class SandboxService:
 
     async def close(self) -> None:
         await self.pool.close()  # waiting VMs belong to this mvmd only
+        await self.builders.close()
         await self.sandboxes.close()
 
 
