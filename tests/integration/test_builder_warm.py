@@ -1,6 +1,7 @@
 """Warm builder VMs in mvmd against real QEMU: ``builder up`` -> ``status`` -> ``logs`` ->
 a build that uses the warm VM (no boot in the build) -> the replacement booted in the
-background -> ``builder down``; and a build with no builder up boots one on demand, whose
+background -> ``builder down`` (with an mvmd restart between ``up`` and the build: the
+builder is reattached); and a build with no builder up boots one on demand, whose
 replacement mvmd downs after its idle time.
 
 One private mvmd home for the module (its image store shared with the default one).
@@ -67,6 +68,10 @@ def test_warm_builder_serves_one_build_then_is_replaced(ctl: Ctl, tmp_path: Path
     assert not got[name]["claimed"]
     logs = ctl.ok("builder", "logs", name, timeout=60)
     assert "started from builder" in logs.out, logs.out[-2000:]
+    # An mvmd restart reattaches it: its disks are derived from its record alone.
+    ctl.ok("daemon", "stop", timeout=60)
+    ctl.ok("ls", timeout=120)  # a new mvmd (started by ls) reattaches it
+    assert builders(ctl)[name]["sandbox"]["state"] == "running"
 
     arch = write_oci(
         tmp_path / "bb.tar", busybox_layers(b"warm\n"), {"Cmd": ["cat", "/data/marker"]}
