@@ -2,7 +2,8 @@
 a build that uses the warm VM (no boot in the build) -> the replacement booted in the
 background -> ``builder down`` (with an mvmd restart between ``up`` and the build: the
 builder is reattached); and a build with no builder up boots one on demand, whose
-replacement mvmd downs after its idle time.
+replacement mvmd downs after its idle time; and killing a warm builder mid-build leaves no
+image.
 
 One private mvmd home for the module (its image store shared with the default one).
 """
@@ -10,6 +11,8 @@ One private mvmd home for the module (its image store shared with the default on
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,12 @@ def built_record(ctl: Ctl, image: str) -> dict[str, Any]:
 
 
 def down_all(ctl: Ctl) -> None:
+    """Down every builder, once none is still booting (a down waits for the boot)."""
+
+    def settled() -> bool:
+        return all(b["sandbox"]["state"] != "creating" for b in builders(ctl).values())
+
+    assert wait_until(settled, BOOT, interval=2.0)
     ctl.ok("builder", "down", timeout=BOOT)
     assert wait_until(lambda: not builders(ctl), 120)
 
@@ -117,4 +126,31 @@ def test_build_boots_a_builder_on_demand_and_idle_stops_it(ctl: Ctl, tmp_path: P
     r = ctl("wait", repl, "--timeout", "30m", timeout=BOOT + 1800)
     assert r.rc == 0, str(r)
     assert builders(ctl) == {}
+    assert wait_until(lambda: not qemu_pids(ctl.home), 60)
+
+
+def test_killing_the_warm_builder_mid_build_leaves_no_image(ctl: Ctl, tmp_path: Path) -> None:
+    ctl.ok("ls", timeout=60)
+    if not builders(ctl):
+        ctl.ok("builder", "up", "--idle", "30m", timeout=BOOT)
+    (name,) = builders(ctl)
+    rundir = Path(builders(ctl)[name]["run_dir"])
+    rootfs = ctl.home / "rootfs"  # shared with the default store: other builds land there
+    arch = write_oci(tmp_path / "bb.tar", busybox_layers(b"killed\n"), {})
+    proc = ctl.popen("build", "--oci", str(arch), "--name", "test-warm-killed")
+
+    def writing() -> bool:  # the driver has formatted the builder's scratch disk
+        return (rundir / "scratch.img").stat().st_blocks > 0
+
+    assert wait_until(writing, BUILD, interval=0.5), "the build started in the warm builder"
+    for pid in qemu_pids(rundir):
+        os.kill(pid, signal.SIGKILL)  # the builder VM dies mid-build
+    assert proc.wait(300) != 0
+    assert not list(rootfs.glob(".tmp-build-*"))
+    assert not (ctl.home / "images" / "test-warm-killed.json").exists()
+    with pytest.raises(AssertionError, match=r"no image\.built"):
+        built_record(ctl, "test-warm-killed")  # nothing was registered or stored
+    assert wait_until(lambda: name not in builders(ctl), 120)  # released: downed
+    assert not rundir.exists()
+    down_all(ctl)  # its replacement
     assert wait_until(lambda: not qemu_pids(ctl.home), 60)
