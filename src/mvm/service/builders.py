@@ -116,10 +116,12 @@ class Builders:
         self._booting: dict[tuple[str, ...], asyncio.Task[Live | None]] = {}
 
     def _mine(self) -> list[Live]:
+        """The host owner's builders: a tenant's sandbox (``mvmctl serve`` relays creates
+        of any kind) is never handed to the owner's builds."""
         return [
             live
             for live in sorted(self.core.live.values(), key=lambda x: x.rec.created)
-            if live.rec.kind == KIND
+            if live.rec.kind == KIND and live.rec.tenant is None and live.rec.image == IMAGE
         ]
 
     def all(self) -> list[BuilderInfo]:
