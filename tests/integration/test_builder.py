@@ -8,6 +8,7 @@ host's static busybox, so the imported image has no Python of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -156,19 +157,27 @@ def test_killed_build_leaves_no_image(run_dir_env: Path, tmp_path: Path) -> None
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 300
 
+    def scratches() -> list[Path]:  # the builder sandbox's scratch disk, in its run dir
+        found = []
+        for p in run_dir_env.glob("*/scratch.img"):
+            with contextlib.suppress(OSError):  # another test's builder may just be leaving
+                if p.stat().st_blocks > 0:
+                    found.append(p)
+        return found
+
     def building() -> bool:  # the builder has started writing its scratch disk
-        return any(
-            p.stat().st_blocks > 0 for p in store.rootfs_dir.glob(".tmp-build-*/scratch.img")
-        )
+        return bool(scratches())
 
     while not building() and time.monotonic() < deadline:
         assert proc.poll() is None
         time.sleep(0.2)  # polling, bounded by the deadline
     assert building(), "the build started in the builder VM"
-    for pid in qemu_pids(store.rootfs_dir / ".tmp-build-"):
+    builder_dir = scratches()[0].parent
+    for pid in qemu_pids(builder_dir):
         os.kill(pid, signal.SIGKILL)  # the builder VM dies mid-build
     assert proc.wait(120) != 0
-    assert wait_no_qemu(store.rootfs_dir / ".tmp-build-", 30) == []
+    assert wait_no_qemu(builder_dir, 30) == []
+    assert not builder_dir.exists()  # the service removed the builder's run directory
     assert not list(store.rootfs_dir.glob(".tmp-build-*"))
     rootfs, records = store_state(store)
     assert {n for n in rootfs if n.endswith(".ext4")} == {

@@ -43,7 +43,7 @@ BOUNDS = {
     "disk_mb": (MIN_DISK_MB, MAX_DISK_MB),
 }
 #: The kinds of sandbox mvm runs (more come with browser, desktop and builder VMs).
-KINDS = ("sandbox",)
+KINDS = ("sandbox", "builder")
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

@@ -96,7 +96,8 @@ def _finish(
             rootfs_sha256=out.sha256,
             rootfs_bytes=out.bytes,
             inputs=inputs,
-            builder_vm=out.builder_vm,  # egress decisions of the build carry this sandbox id
+            builder_vm=out.builder_vm,  # egress decisions of the build carry this sandbox name
+            builder_id=out.builder_id,
             seconds=round(out.seconds, 3),
             builder_boot_seconds=round(out.boot_seconds, 3),
         )

@@ -1,14 +1,16 @@
 """Run one build inside a builder VM and take its output disk back, checked from outside.
 
-The host's part is small on purpose: make sparse disks, boot a VM of the ``builder``
-image with them attached (input read-only, scratch and output read-write), run the
-in-guest driver as root, then *only* look at the output file's size and ext4 superblock
-magic and hash it. Nothing the builder produced is mounted, unpacked or parsed here,
+The host's part is small on purpose: claim a builder sandbox (``builder.session``: a warm
+one or one booted now, with its fixed sparse disks), copy the input and context into its
+still-unread read-only disks, run the in-guest driver as root, then *only* look at the
+output disk's first bytes: size, ext4 superblock magic, hash. The builder is downed after
+the build (one build per builder). Nothing the builder produced is mounted, unpacked or parsed here,
 except one bounded JSON line that is validated field by field.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,13 +21,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mvm.daemon.egress import policy_for, proxy_env, serve_egress
-from mvm.errors import ImageBuildError
+from mvm.api import models as M
+from mvm.builder.session import open_session
+from mvm.daemon.egress import proxy_env
+from mvm.errors import ImageBuildError, MvmError
 from mvm.images.rootfs import sha256_file
-from mvm.images.store import Image, ImageStore
-from mvm.policy.network import Policy as NetPolicy
+from mvm.images.store import ImageStore
 from mvm.progress import NullReporter, Reporter
-from mvm.vm import MicroVM, VMSpec, new_id
+from mvm.vm import new_id
 
 BUILDER_IMAGE = "builder"
 GUEST_DIR = "/run/mvm-build"
@@ -59,8 +62,9 @@ class Output:
     packages: list[str]
     builder_vm: str
     seconds: float
-    #: The builder VM's cold boot: what a warm (already running) builder would save.
+    #: Seconds this build spent booting its builder (0: a warm builder was waiting).
     boot_seconds: float = 0.0
+    builder_id: str = ""
 
 
 def fixed_ids(seed: str) -> tuple[str, str]:
@@ -70,23 +74,6 @@ def fixed_ids(seed: str) -> tuple[str, str]:
 
     h = hashlib.sha256(seed.encode()).digest()
     return str(uuid.UUID(bytes=h[:16], version=4)), str(uuid.UUID(bytes=h[16:32], version=4))
-
-
-def _sparse(path: Path, size: int) -> Path:
-    with path.open("wb") as f:
-        f.truncate(size)
-    return path
-
-
-def _ro_disk(src: Path, work: Path, name: str) -> Path:
-    """A read-only disk of ``src``: the file itself when sector-aligned, else a padded copy."""
-    if src.stat().st_size % 512 == 0:
-        return src
-    dst = work / name
-    shutil.copyfile(src, dst)
-    with dst.open("ab") as f:
-        f.write(b"\0" * (512 - dst.stat().st_size % 512))
-    return dst
 
 
 def check_result(raw: bytes, output_size: int) -> dict[str, Any]:
@@ -155,39 +142,61 @@ def check_ext4(path: Path) -> None:
 
 
 async def run_job(job: Job, store: ImageStore, reporter: Reporter | None = None) -> Output:
-    """Build ``job`` in a fresh builder VM; the result lands in the store or nowhere."""
+    """Build ``job`` in a builder sandbox; the result lands in the store or nowhere."""
     rep = reporter or NullReporter()
-    builder = store.ensure(BUILDER_IMAGE, rep)  # the one image built on the host
-    netpolicy = await policy_for(job.network_preset, list(job.network_allow))
+    store.ensure(BUILDER_IMAGE, rep)  # the one image built on the host
     store.rootfs_dir.mkdir(parents=True, exist_ok=True)
     with store.lock():  # one build at a time per MVM_HOME, as for host builds
         store._clean_staging()  # what a killed build process left (no VM uses it now)
-        return await _run_locked(job, store, rep, builder, netpolicy)
+        return await _run_locked(job, store, rep)
 
 
-async def _run_locked(
-    job: Job, store: ImageStore, rep: Reporter, builder: Image, netpolicy: NetPolicy
-) -> Output:
-    vm_id = new_id()
-    work = store.rootfs_dir / f".tmp-build-{vm_id}"  # removed by the store after a crash
+def _fill(disk: Path, src: Path) -> None:
+    """Copy ``src`` into the start of a builder's (fixed-size, still unread) disk file."""
+    size = src.stat().st_size
+    if size > disk.stat().st_size:
+        raise ImageBuildError(
+            f"{src.name} is {size >> 20} MiB, more than the builder's "
+            f"{disk.stat().st_size >> 20} MiB input disk"
+        )
+    with src.open("rb") as fin, disk.open("r+b") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def _take_output(disk: Path, dst: Path, size: int) -> None:
+    """The first ``size`` bytes of the builder's output disk, kept sparse."""
+    zero = bytes(1 << 20)
+    with disk.open("rb") as fin, dst.open("wb") as fout:
+        left = size
+        while left > 0:
+            chunk = fin.read(min(left, 1 << 20))
+            if not chunk:
+                raise ImageBuildError("the builder's output disk is shorter than reported")
+            if chunk == zero[: len(chunk)]:
+                fout.seek(len(chunk), os.SEEK_CUR)
+            else:
+                fout.write(chunk)
+            left -= len(chunk)
+        fout.truncate(size)
+
+
+def _allow(job: Job) -> list[str]:
+    return sorted(set(job.network_allow))
+
+
+async def _run_locked(job: Job, store: ImageStore, rep: Reporter) -> Output:
+    work = store.rootfs_dir / f".tmp-build-{new_id()}"  # removed by the store after a crash
     work.mkdir()
     started = time.monotonic()
     try:
         in_size = job.input_disk.stat().st_size if job.input_disk else 0
         scratch_size = max(1 << 30, 4 * in_size + (1 << 30))
         out_size = min(job.max_bytes + (1 << 30), max(1 << 30, 3 * in_size + (1 << 30)))
-        disks: list[tuple[Path, bool, str]] = [
-            (_sparse(work / "scratch.img", scratch_size), False, "mvmscratch"),
-            (_sparse(work / "output.img", out_size), False, "mvmoutput"),
-        ]
-        if job.input_disk is not None:
-            disks.append((_ro_disk(job.input_disk, work, "input.img"), True, "mvminput"))
-        if job.context_tar is not None:
-            disks.append((_ro_disk(job.context_tar, work, "context.img"), True, "mvmcontext"))
         # Pins are left out: a --locked build of the same inputs must make the same bytes.
         unpinned = {k: v for k, v in job.source.items() if k != "pins"}
         seed = json.dumps([unpinned, job.steps, job.config], sort_keys=True)
         uuid, hash_seed = fixed_ids(seed)
+        network = job.network_preset != "none"
         spec = {
             "source": job.source,
             "steps": job.steps,
@@ -197,40 +206,33 @@ async def _run_locked(
             "uuid": uuid,
             "hash_seed": hash_seed,
             "max_bytes": job.max_bytes,
+            "scratch_bytes": scratch_size,
             "output_bytes": out_size,
-            "proxy_env": proxy_env() if netpolicy.enabled else {},
+            "proxy_env": proxy_env() if network else {},
         }
-        vmspec = VMSpec(
-            builder, cpus=1, memory_mb=1024, network=netpolicy.enabled, disks=tuple(disks)
-        )
-        rep.stage("booting the builder VM")
-        async with (
-            serve_egress(vm_id, netpolicy),
-            await MicroVM.boot(vmspec, store=store, vm_id=vm_id, fast=False) as vm,
-        ):
-            boot_seconds = vm.boot_seconds
-            agent = vm.require_agent()
-            await agent.mkdir(GUEST_DIR, parents=True)
-            pkg = resources.files("mvm.builder")
-            for name in ("oci.py", "inguest.py"):
-                await agent.write_file(f"{GUEST_DIR}/{name}", pkg.joinpath(name).read_bytes())
-            await agent.write_file(f"{GUEST_DIR}/spec.json", json.dumps(spec).encode())
-            rep.stage("building in the builder VM")
-            r = await agent.exec(
-                ["python3", "-I", f"{GUEST_DIR}/inguest.py", f"{GUEST_DIR}/spec.json"],
-                user="root",
-                timeout=BUILD_TIMEOUT,
-                output_limit=MAX_RESULT,
-            )
-        if r.timed_out:
-            raise ImageBuildError(f"the build ran past {BUILD_TIMEOUT:g}s")
-        if not r.stdout.strip():
-            raise ImageBuildError(
-                f"the builder gave no result: {r.stderr[-2000:].decode(errors='replace')}"
-            )
-        result = check_result(r.stdout, out_size)
-        out = work / "output.img"
-        os.truncate(out, result["bytes"])
+        async with open_session() as session:
+            rep.stage("claiming a builder VM")
+            got = await session.claim(_allow(job))
+            try:
+                rdir = Path(got.run_dir)
+                if job.input_disk is not None:
+                    _fill(rdir / "input.img", job.input_disk)
+                if job.context_tar is not None:
+                    _fill(rdir / "context.img", job.context_tar)
+                rep.stage(f"building in builder {got.name}")
+                r = await session.run(got.name, _driver(spec))
+                if r.timed_out:
+                    raise ImageBuildError(f"the build ran past {BUILD_TIMEOUT:g}s")
+                if not r.stdout.strip():
+                    raise ImageBuildError(
+                        f"the builder gave no result: {r.stderr[-2000:].decode(errors='replace')}"
+                    )
+                result = check_result(r.stdout, out_size)
+                out = work / "output.img"
+                _take_output(rdir / "output.img", out, result["bytes"])
+            finally:
+                with contextlib.suppress(MvmError):
+                    await session.release(got.name)
         check_ext4(out)
         digest = sha256_file(out)
         final = store.rootfs_dir / f"{digest}.ext4"
@@ -243,9 +245,35 @@ async def _run_locked(
             result["bytes"],
             result["config"],
             result["packages"],
-            vm_id,
+            got.name,
             time.monotonic() - started,
-            boot_seconds,
+            got.boot_seconds,
+            builder_id=got.id,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+_BOOTSTRAP = (
+    "import json,os,sys\n"
+    "d=json.load(sys.stdin)\n"
+    "os.makedirs(d['dir'],exist_ok=True)\n"
+    "for k,v in d['files'].items():\n"
+    "    open(os.path.join(d['dir'],k),'w').write(v)\n"
+    "os.execv(sys.executable,[sys.executable,'-I',d['dir']+'/inguest.py',d['dir']+'/spec.json'])\n"
+)
+
+
+def _driver(spec: dict[str, Any]) -> M.ExecRequest:
+    """One exec as root: the driver's files come on stdin (standard library only)."""
+    pkg = resources.files("mvm.builder")
+    files = {n: pkg.joinpath(n).read_text() for n in ("oci.py", "inguest.py")}
+    files["spec.json"] = json.dumps(spec)
+    return M.ExecRequest(
+        argv=["python3", "-I", "-c", _BOOTSTRAP],
+        user="root",
+        cwd="/",
+        stdin=json.dumps({"dir": GUEST_DIR, "files": files}).encode(),
+        timeout=BUILD_TIMEOUT,
+        output_limit=MAX_RESULT,
+    )

@@ -211,6 +211,10 @@ class Api:
         from mvm.daemon import migrate_routes
 
         migrate_routes.add_routes(r, s, self.s)
+
+        from mvm.daemon import builder_routes
+
+        builder_routes.add_routes(r, v, self.s)
         return app
 
     # -- daemon -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import asyncio
 from mvm import forkvm
 from mvm.api import models as M
 from mvm.images.store import ImageStore
+from mvm.service.builders import Builders
 from mvm.service.core import Core
 from mvm.service.execs import Execs
 from mvm.service.files import Files
@@ -52,6 +53,7 @@ class SandboxService:
         self.snapshots = Snapshots(self.core, self.sandboxes, self.ports)
         self.fork = Fork(self.core, self.sandboxes, self.snapshots)
         self.migration = Migration(self.core, self.sandboxes)
+        self.builders = Builders(self.sandboxes)
 
     def note_call(self, note: M.CallNote, sandbox: str | None) -> str | None:
         """Audit an adapter's own call (``<via>.call``), on ``sandbox`` when it names one
@@ -72,6 +74,7 @@ class SandboxService:
 
     async def close(self) -> None:
         await self.pool.close()  # waiting VMs belong to this mvmd only
+        await self.builders.close()
         await self.sandboxes.close()
 
 

@@ -27,6 +27,7 @@ from mvm.images.store import Image, ImageStore
 from mvm.policy.network import Policy as NetPolicy
 from mvm.secrets import SecretStore
 from mvm.service import postmortem, proclog
+from mvm.service.builders import builder_disks
 from mvm.service.gate import Gate
 from mvm.service.live import Live, audit_after, reason_fields
 from mvm.state import SandboxRecord, StateDB
@@ -43,6 +44,7 @@ def spec_for(rec: SandboxRecord, image: Image, network: bool) -> VMSpec:
         memory_mb=rec.memory_mb,
         overlay_size=f"{rec.disk_mb}m",
         network=network,
+        disks=builder_disks(rec),  # builder-kind sandboxes only (service.builders)
     )
 
 

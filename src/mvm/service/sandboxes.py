@@ -193,7 +193,7 @@ class Sandboxes:
     async def _pooled(self, live: Live, spec: VMSpec) -> MicroVM | None:
         """A waiting VM from the pool (``service.pool``), if it has one of this shape; the
         sandbox then lives in that VM's run directory."""
-        if self.pool is None:
+        if self.pool is None or spec.disks:  # a builder's disks are its own
             return None
         vm = await self.pool.take(spec, live.rec.id)
         if vm is not None:
