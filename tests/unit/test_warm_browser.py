@@ -34,6 +34,7 @@ def test_preset_declares_a_recipe() -> None:
     assert "--remote-debugging-port=9222" in m.warm.setup[-1]
     assert "--proxy-server=http://10.0.2.100:3128" in m.warm.setup[-1]
     assert "127.0.0.1:9222/json/version" in m.warm.probe[-1]
+    assert "/proc/stat" in m.warm.probe[-1]  # and the guest has settled before the snapshot
 
 
 def test_recipe_hash_is_in_the_template_key() -> None:
