@@ -256,6 +256,7 @@ def test_every_command_fails_cleanly_on_hostile_values(
         ["proc", "signal", "x", "1", "\u0663"],
         ["logs", "x", "--since", "nan"],
         ["run", "--timeout", "nan", "--", "true"],
+        ["compile", "", "--out", "\x00"],  # found by the hypothesis test: click.Path + NUL
     ],
     ids=lambda a: " ".join(a)[:30],
 )
