@@ -74,7 +74,7 @@ _acting_as: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 def check_actor(actor: str) -> str:
-    if not _ACTOR_RE.match(actor):
+    if not _ACTOR_RE.fullmatch(actor):
         raise errors.InvalidArgument(
             f"invalid actor {actor[:80]!r}", hint="letters, digits, '_', '.', ':', '@', '-' (64)"
         )

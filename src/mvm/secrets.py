@@ -17,7 +17,6 @@ import base64
 import contextlib
 import fcntl
 import os
-import re
 import secrets as _random
 import stat
 import time
@@ -29,10 +28,11 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from mvm import paths
+from mvm import names, paths
 from mvm.errors import SecretError, SecretNotFound
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: The one rule for secret names (``mvm.names``), kept here under its old name.
+NAME_RE = names.MIXED_RE
 #: Largest secret value (bytes of UTF-8).
 MAX_VALUE = 64 * 1024
 #: Shortest value: shorter ones would redact ordinary output and leak by elimination.
@@ -56,7 +56,9 @@ class StoreFile(msgspec.Struct, kw_only=True):
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    """The one name rule (``names.check("secret")``), raised as SecretError. (Before it
+    was its own ``re.match`` with ``$``, which let a trailing newline through.)"""
+    if not names.is_valid("secret", name):
         raise SecretError(
             f"invalid secret name {name!r}",
             hint="use letters, digits, '.', '_' and '-' (max 64, starting with a letter or digit)",

@@ -66,6 +66,27 @@ def test_a_frozen_vm_is_flagged_unresponsive_and_recovers(ctl: Ctl) -> None:
     ctl.ok("down", "frozen")
 
 
+def test_the_reaper_and_wait_treat_an_unresponsive_sandbox_as_running(ctl: Ctl) -> None:
+    """The flag is not a state: the reaper neither fails an unresponsive sandbox nor
+    spares it its TTL, and ``wait`` returns when the TTL ends it, frozen or not."""
+    s = up(ctl, "stuck")
+    pid = int(str(s["pid"]))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: ctl.sandboxes()["stuck"]["unresponsive"], 120, 1.0), (
+            ctl.sandboxes()["stuck"]
+        )
+        assert ctl.sandboxes()["stuck"]["state"] == "running"
+        ctl.ok("set-ttl", "stuck", "2s")
+        r = ctl("wait", "stuck", "--timeout", "120s", timeout=200)
+        assert r.rc == 0 and r.out.startswith("stuck: stopped"), str(r)
+        assert "stuck" not in ctl.sandboxes()
+        assert wait_until(lambda: not pid_alive(pid), 30), "the TTL left the frozen QEMU"
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_a_killed_qemu_names_the_signal_and_keeps_its_log(ctl: Ctl, home: Path) -> None:
     s = up(ctl, "killed")
     pid, sid = int(str(s["pid"])), str(s["id"])

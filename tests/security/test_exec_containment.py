@@ -159,21 +159,30 @@ def test_leftovers_die_with_the_exec_unless_detached_or_started_as_a_process(
 
 def test_limits_are_configurable_per_sandbox(call: Call, boot_vm: Callable[..., MicroVM]) -> None:
     agent = boot_vm().require_agent()
-    read = ["sh", "-c", 'd=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); cat "$d/pids.max"']
+    read = [
+        "sh",
+        "-c",
+        'd=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); cat "$d/pids.max" "$d/memory.max"',
+    ]
+    # "v2 pids.max=1024 memory.max=100% of <budget>": the commands' memory budget in bytes
+    budget = int(str(agent.info["cgroup"]).rsplit(" ", 1)[1])
 
-    async def scenario() -> tuple[bytes, bytes, ExecResult]:
+    async def scenario() -> tuple[bytes, bytes, ExecResult, str]:
         before = (await agent.exec(read, timeout=60)).stdout
-        agent.set_limits(pids_max=40)
+        agent.set_limits(pids_max=40, memory_pct=50)
         await agent.hello(60)
         after = (await agent.exec(read, timeout=60)).stdout
         many = await agent.exec(
             ["sh", "-c", "for i in $(seq 80); do sleep 30 & done 2>/dev/null"], timeout=120
         )
-        return before, after, many
+        return before, after, many, str(agent.info["cgroup"])
 
-    before, after, many = call(scenario(), timeout=400)
-    assert before == b"1024\n"
-    assert after == b"40\n"
+    before, after, many, described = call(scenario(), timeout=400)
+    pids, memory = before.split()
+    assert pids == b"1024" and budget - 4096 < int(memory) <= budget, (before, budget)
+    pids, memory = after.split()
+    assert pids == b"40" and budget // 2 - 4096 < int(memory) <= budget // 2, (after, budget)
+    assert described.startswith("v2 pids.max=40 memory.max=50% of "), described
     assert not many.timed_out  # forks past the limit failed, and what ran ended with the exec
 
 

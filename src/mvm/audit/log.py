@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mvm import paths
+from mvm import names, paths
 from mvm.audit import keys
 from mvm.audit.encoding import (
     GENESIS,
@@ -46,7 +46,6 @@ LOCK_TIMEOUT_S = 5.0
 #: Longest line ``tail``/``show`` will parse (a bigger one is reported, not loaded).
 MAX_LINE_BYTES = MAX_RECORD_BYTES + 4096
 
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _EVENT_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 
 
@@ -61,7 +60,7 @@ _ACTING: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar
 @contextlib.contextmanager
 def acting_for(tenant_name: str, actor: str) -> Iterator[None]:
     """Records made inside go to ``tenant_name``'s chain, with ``actor`` as actor."""
-    if not _TENANT_RE.match(tenant_name):
+    if not names.is_valid("tenant", tenant_name):
         raise AuditError(f"invalid tenant {tenant_name!r}")
     token = _ACTING.set((tenant_name, actor[:64]))
     try:
@@ -84,7 +83,7 @@ ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
 @contextlib.contextmanager
 def labelled(actor: str) -> Iterator[None]:
     """Records made inside name ``actor`` (checked: ``ACTOR_RE``) instead of ``mvmd``."""
-    if not ACTOR_RE.match(actor):
+    if not ACTOR_RE.fullmatch(actor):
         raise AuditError(f"invalid actor {actor[:80]!r}", hint="letters, digits, '_.:@-' (64)")
     token = _LABEL.set(actor)
     try:
@@ -150,7 +149,7 @@ def tenant() -> str:
     if acting is not None:
         return acting[0]
     t = os.environ.get("MVM_TENANT", "") or "default"
-    if not _TENANT_RE.match(t):
+    if not names.is_valid("tenant", t):
         raise AuditError(
             f"invalid MVM_TENANT {t!r}",
             hint="use letters, digits, '_', '.', '-' (at most 64)",

@@ -29,6 +29,13 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*LAZY, *self.commands})
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # A NUL cannot come through exec(2), but can through the SDK's in-process use or
+        # a test runner; click.Path would pass it to os.stat (ValueError, a traceback).
+        if any("\x00" in a for a in args):
+            raise click.UsageError("arguments cannot contain NUL bytes", ctx)
+        return super().parse_args(ctx, args)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in LAZY:
             self.add_command(load(cmd_name), cmd_name)

@@ -35,7 +35,7 @@ async def tenant_middleware(request: web.Request, handler: Handler) -> web.Strea
         label = request.headers.get(ACTOR_HEADER)
         if label is None:
             return await handler(request)
-        if not ACTOR_RE.match(label):
+        if not ACTOR_RE.fullmatch(label):
             raise InvalidArgument(f"invalid {ACTOR_HEADER} {label[:80]!r}")
         with labelled(label):
             return await handler(request)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import msgspec
 
+from mvm import names
 from mvm.errors import ManifestError, UnknownPreset
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = names.LOWER_RE  # the one image-name rule (mvm.names)
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 SUITES = ("bookworm", "trixie")
 #: Packages every image gets: the agent is stdlib Python, and python3-minimal alone
@@ -57,7 +58,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def validate(m: Manifest, origin: str) -> Manifest:
     for n in [m.name, *m.aliases]:
-        if not NAME_RE.match(n):
+        if not names.is_valid("image", n):
             raise ManifestError(
                 f"{origin}: invalid image name {n!r}",
                 hint="use lower-case letters, digits, '.', '_' and '-' (max 63)",

@@ -134,7 +134,7 @@ class ImageStore:
 
     def find(self, name: str) -> Image | None:
         f = self.records / f"{name}.json"
-        if manifests.NAME_RE.match(name) and f.is_file():
+        if manifests.NAME_RE.fullmatch(name) and f.is_file():
             return self._load(f)
         return None
 

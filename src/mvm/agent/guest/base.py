@@ -62,13 +62,36 @@ def os_error(exc: OSError, path: str) -> RequestError:
 # --------------------------------------------------------------------------- channel
 
 
+class FifoLock:
+    """A lock taken in the order it was asked for. A plain Lock lets a thread that sends
+    in a loop (an output pump under a flood) take it again and again: an exec's answer
+    waited behind a fork bomb's stderr for over 20 s, past the host's grace."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._next = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cv:
+            ticket = self._next
+            self._next += 1
+            while self._serving != ticket:
+                self._cv.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cv:
+            self._serving += 1
+            self._cv.notify_all()
+
+
 class Channel:
-    """The virtio-serial port: whole-frame writes under a lock, lenient reads."""
+    """The virtio-serial port: whole-frame writes in turn (FifoLock), lenient reads."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self.lock = threading.Lock()
+        self.lock = FifoLock()
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         data = memoryview(P.encode(header, payload))

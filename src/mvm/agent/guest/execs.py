@@ -8,6 +8,7 @@ Standard library only: it runs in the guest beside ``agent.py`` (see there).
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -21,6 +22,7 @@ if TYPE_CHECKING or __package__:  # type checking, or on the host (tests): the p
         AgentBase,
         Channel,
         RequestError,
+        log,
         want_bool,
         want_int,
         with_spec,
@@ -35,10 +37,15 @@ if TYPE_CHECKING or __package__:  # type checking, or on the host (tests): the p
 else:  # in the guest: the files beside agent.py, which put their folder on sys.path
     import cgroups as CG
     import protocol as P
-    from base import AgentBase, Channel, RequestError, want_bool, want_int, with_spec
+    from base import AgentBase, Channel, RequestError, log, want_bool, want_int, with_spec
     from spawning import DRAIN_AFTER_EXIT, SpawnError, feed_stdin, pipe_chunks, spawn
 
 DRAIN_CONTAINED = 30.0  # bound on sending what a killed command group left in its pipes
+#: An exec with a timeout is answered at most this long after its deadline, however slowly
+#: its killed group dies (the host waits ``agent.client.TIMEOUT_GRACE`` = 20 s past the
+#: deadline, then fails the call). Measured under TCG on a loaded host: a 1024-task fork
+#: bomb took 10-20 s to die after ``cgroup.kill``, holding its pipes open meanwhile.
+ANSWER_GRACE = 8.0
 
 
 class ExecHandlers(AgentBase):
@@ -49,8 +56,26 @@ class ExecHandlers(AgentBase):
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.procs_lock = threading.Lock()
         self.groups: dict[int, CG.Group] = {}  # exec id -> its group (under procs_lock)
+        # Ended commands are reaped and their groups removed by one long-lived thread: a
+        # thread started per answer is a clone(), which waited up to 20 s behind a dying
+        # fork bomb (the kernel tearing down a thousand tasks) before the answer went out.
+        self.ended: queue.SimpleQueue[tuple[subprocess.Popen[bytes], CG.Group, bool]] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._release_ended, daemon=True).start()
 
-    def exec_(self, rid: int, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    def _release_ended(self) -> None:
+        while True:
+            proc, group, kill = self.ended.get()
+            try:
+                proc.wait()
+                self.cg.release(group, kill=kill)
+            except Exception as exc:  # this thread must not die
+                log(f"releasing a command's group failed: {exc!r}")
+
+    def exec_(
+        self, rid: int, h: dict[str, Any], payload: bytes
+    ) -> tuple[dict[str, Any], bytes] | None:
         timeout = h.get("timeout")
         if timeout is not None and (
             not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0
@@ -112,14 +137,36 @@ class ExecHandlers(AgentBase):
             target=feed_stdin, args=(proc, payload, not keep_stdin), daemon=True
         )
         stdin_thread.start()
-        timed_out = False
+
+        def answer(rc: int | None) -> dict[str, Any]:
+            rc = rc if rc is not None else -signal.SIGKILL
+            return {
+                "exit_code": rc if rc >= 0 else 128 - rc,
+                "signal": -rc if rc < 0 else None,
+                "timed_out": timed_out,
+                "truncated": dict(truncated),
+                "stdout_bytes": counts["stdout"],
+                "stderr_bytes": counts["stderr"],
+                "duration": time.monotonic() - started,
+                "contained": group.path is not None,
+            }
+
+        timed_out = answered = False
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
+            if group.path is not None:
+                # Answer first, then kill: killing a large group (a fork bomb: a thousand
+                # tasks) keeps the guest's kernel busy for a while — under TCG on a loaded
+                # host 20-40 s, measured — and an answer sent meanwhile reached the host
+                # after its grace (agent.client.TIMEOUT_GRACE), as "did not answer in
+                # time". The kill follows at once; output sent after the answer is dropped.
+                self.ch.send({"t": P.OK, "id": rid, **answer(None)})
+                answered = True
             group.kill()
-            try:  # among a thousand dying forks it may take a while to be reaped: answer
-                proc.wait(timeout=DRAIN_AFTER_EXIT)  # first, reap below in the background
+            try:  # among a thousand dying forks it may take a while to be reaped
+                proc.wait(timeout=DRAIN_AFTER_EXIT)
             except subprocess.TimeoutExpired:
                 pass
         if not detach:
@@ -129,34 +176,24 @@ class ExecHandlers(AgentBase):
         # on the channel's backpressure; a 1 s cut lost the tail of stderr). A detached or
         # uncontained command may leave a child holding them: then only the short wait.
         contained = group.path is not None and not detach
-        deadline = time.monotonic() + (DRAIN_CONTAINED if contained else DRAIN_AFTER_EXIT)
+        now = time.monotonic()
+        deadline = now + (DRAIN_CONTAINED if contained else DRAIN_AFTER_EXIT)
+        if timeout is not None:  # answer in time for the host, however slow the kill is
+            deadline = min(deadline, max(now + DRAIN_AFTER_EXIT, started + timeout + ANSWER_GRACE))
+        if answered:  # nobody reads this exec's output any more
+            deadline = now
         for th in pumps:
             th.join(max(0.0, deadline - time.monotonic()))
         stop.set()  # pumps still held open by a lingering child stop and close their pipes
         with self.procs_lock:
             self.procs.pop(rid, None)
             self.groups.pop(rid, None)
-
-        def finish() -> None:  # the answer does not wait for the killed to be gone
-            proc.wait()
-            self.cg.release(group, kill=not detach)
-
-        threading.Thread(target=finish, daemon=True).start()
+        self.ended.put((proc, group, not detach))  # the answer does not wait for the reaping
         try:
             proc.stdin.close()
         except OSError:
             pass
-        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
-        return {
-            "exit_code": rc if rc >= 0 else 128 - rc,
-            "signal": -rc if rc < 0 else None,
-            "timed_out": timed_out,
-            "truncated": dict(truncated),
-            "stdout_bytes": counts["stdout"],
-            "stderr_bytes": counts["stderr"],
-            "duration": time.monotonic() - started,
-            "contained": group.path is not None,
-        }, b""
+        return None if answered else (answer(proc.returncode), b"")
 
     def _proc(self, h: dict[str, Any]) -> subprocess.Popen[bytes]:
         ref = h.get("ref")

@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,12 @@ else:  # in the guest: the files beside agent.py, which put their folder on sys.
 
 DEFAULT_USER = "user"
 DRAIN_AFTER_EXIT = 1.0  # seconds pipes may stay open after the command exited
+#: A pipe's output becomes at most one frame per FRAME_GAP seconds while it keeps coming
+#: (the first chunk after a quiet FRAME_GAP goes at once). A fork bomb's stderr — a
+#: thousand shells each printing "fork: retry" — came as ~70 one-line frames a second,
+#: more than a loaded TCG host moved end to end: the exec's answer queued behind them
+#: for over 20 s.
+FRAME_GAP = 0.05
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -169,6 +176,7 @@ def pipe_chunks(f: Any, stop: threading.Event) -> Iterator[bytes]:
         fd = f.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        last = 0.0
         while not stop.is_set():
             if not poller.poll(200):
                 continue
@@ -178,7 +186,23 @@ def pipe_chunks(f: Any, stop: threading.Event) -> Iterator[bytes]:
                 return
             if not chunk:
                 return
+            eof = False
+            while len(chunk) < P.CHUNK and not stop.is_set():  # gather until FRAME_GAP
+                left = last + FRAME_GAP - time.monotonic()
+                if left <= 0 or not poller.poll(max(1, int(left * 1000))):
+                    break
+                try:
+                    more = os.read(fd, P.CHUNK - len(chunk))
+                except OSError:
+                    more = b""
+                if not more:
+                    eof = True
+                    break
+                chunk += more
+            last = time.monotonic()
             yield chunk
+            if eof:
+                return
     finally:
         try:
             f.close()
