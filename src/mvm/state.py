@@ -111,6 +111,9 @@ class SandboxRecord(SandboxShape, kw_only=True):
     #: goes to this tenant's chain.
     tenant: str | None = None
     token_id: str | None = None
+    #: Per-command cgroup limits asked for at create (``CreateSandbox.limits``); the guest
+    #: keeps them across an mvmd restart, and a fork or snapshot carries them in its memory.
+    limits: dict[str, int] | None = None
 
     def ttl_left(self, now: float | None = None) -> float:
         return max(0.0, self.expires_at - (now if now is not None else time.time()))

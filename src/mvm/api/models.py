@@ -170,6 +170,9 @@ class CreateSandbox(SandboxShape, kw_only=True, forbid_unknown_fields=True):
     #: Host paths whose files the client will copy in after create (SDK ``include=``,
     #: ``up DIR``): checked against the policy's ``mount_roots``.
     uploads: list[str] = []
+    #: Each command's cgroup in the guest: ``{"pids_max": 1..4194304, "memory_pct": 1..100}``
+    #: (either or both; None: the agent's defaults, docs/security.md).
+    limits: dict[str, int] | None = None
 
 
 class SandboxInfo(msgspec.Struct, kw_only=True):
@@ -193,6 +196,8 @@ class SandboxInfo(msgspec.Struct, kw_only=True):
     audit_id: str | None = None
     #: What a call could not do and why (e.g. a forward not restored with a snapshot).
     warnings: list[str] = []
+    #: The per-command cgroup limits asked for at create (None: the guest's defaults).
+    limits: dict[str, int] | None = None
     #: Set while a running sandbox's agent does not answer mvmd's health pings: why.
     unresponsive: str | None = None
     #: The cluster host that runs it (set by a cluster front, docs/cluster.md).

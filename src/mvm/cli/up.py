@@ -78,6 +78,16 @@ def init(directory: Path, preset: str) -> None:
 )
 @network_options
 @click.option(
+    "--pids-max",
+    type=click.IntRange(1, 1 << 22),
+    help="Tasks each command may have in its cgroup (default 1024).",
+)
+@click.option(
+    "--memory-share",
+    type=click.IntRange(1, 100),
+    help="Percent of the commands' memory one command may use (default 100).",
+)
+@click.option(
     "-d", "--detach", is_flag=True, default=True, help="Return once it runs (the default)."
 )
 @click.option("--json", "as_json", is_flag=True)
@@ -94,6 +104,8 @@ def up(
     ports: tuple[str, ...],
     network_preset: str,
     network_allow: tuple[str, ...],
+    pids_max: int | None,
+    memory_share: int | None,
     detach: bool,
     as_json: bool,
 ) -> None:
@@ -129,6 +141,10 @@ def up(
         ports=port_list,
         network=M.NetworkSpec(preset=network_preset, allow=list(network_allow)),
         uploads=[str(directory.resolve())] if directory is not None else [],
+        limits={
+            k: v for k, v in (("pids_max", pids_max), ("memory_pct", memory_share)) if v is not None
+        }
+        or None,
     )
     with connect() as c:
         info = c.create(req)

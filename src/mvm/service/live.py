@@ -78,6 +78,7 @@ def info(live: Live) -> M.SandboxInfo:
         workload_id=r.workload_id,
         tags=dict(r.tags),
         unresponsive=live.unresponsive if r.state == "running" else None,
+        limits=r.limits,
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 
 from mvm import names, state
+from mvm.agent.guest import cgroups as guest_cgroups
 from mvm.api import models as M
 from mvm.daemon import reaping
 from mvm.daemon.egress import policy_for, proxy_env
@@ -40,13 +41,24 @@ from mvm.service.live import ACTOR, Live, audit_after, info, reason_fields
 from mvm.service.pool import Pool
 from mvm.service.ports import Ports
 from mvm.state import SandboxRecord
-from mvm.vm import MicroVM, VMSpec, new_id
+from mvm.vm import BOOT_TIMEOUT, MicroVM, VMSpec, new_id
 from mvm.vmm.qemu import is_qemu_for
 
 log = logging.getLogger(__name__)
 
 #: How often the reaper checks TTLs and QEMU liveness (seconds).
 REAP_INTERVAL = 1.0
+
+
+def check_limits(limits: dict[str, int] | None) -> dict[str, int] | None:
+    """A create's per-command cgroup limits, checked by the guest agent's own rule before
+    anything boots (None or empty: the guest's defaults)."""
+    if not limits:
+        return None
+    try:
+        return guest_cgroups.check_limits(limits)
+    except ValueError as exc:
+        raise InvalidArgument(f"limits: {exc}") from None
 
 
 class Sandboxes:
@@ -130,6 +142,7 @@ class Sandboxes:
         M.check_shape(req)
         core.resolve_secrets(None, req.secret_env)  # unknown names fail before booting
         ports = [check_spec(p) for p in req.ports]  # refuse bad forwards before booting
+        limits = check_limits(req.limits)
         netpolicy = await policy_for(req.network.preset, list(req.network.allow))
         disk_mb = req.disk_mb if req.disk_mb is not None else max(M.MIN_DISK_MB, req.memory_mb // 2)
         if disk_mb < M.MIN_DISK_MB:
@@ -143,6 +156,8 @@ class Sandboxes:
         rec = new_record(
             shape, vm_id=vm_id, name=name, image_id=image.id, ttl_seconds=req.ttl_seconds
         )
+        if limits is not None:
+            rec = msgspec.structs.replace(rec, limits=limits)
         live = await self.insert(rec)
         core.resolve_secrets(live, req.secret_env)
         async with live.lock:
@@ -153,6 +168,8 @@ class Sandboxes:
                 vm = await self._pooled(live, spec) or await MicroVM.boot(
                     spec, store=core.store, vm_id=vm_id
                 )
+                if limits is not None:
+                    await self._apply_limits(vm, limits)
             except BaseException as exc:
                 await self.forget(live)
                 audit_after("sandbox.failed", name, id=vm_id, **reason_fields(f"boot: {exc!r}"))
@@ -179,6 +196,7 @@ class Sandboxes:
                 workload_id=req.workload_id,
                 tags=dict(req.tags),
                 boot_seconds=round(vm.boot_seconds, 3),
+                **({"limits": limits} if limits is not None else {}),
                 **({"oneshot": True} if ACTOR.get() != "mvmd" else {}),
             )
         try:
@@ -189,6 +207,18 @@ class Sandboxes:
                 await self.down(name, reason="forward refused")
             raise
         return live
+
+    async def _apply_limits(self, vm: MicroVM, limits: dict[str, int]) -> None:
+        """Send the create's cgroup limits with a hello (the guest keeps them from then on);
+        a VM whose agent does not take them is destroyed, not left running."""
+        try:
+            agent = vm.require_agent()
+            agent.set_limits(**limits)
+            await agent.hello(BOOT_TIMEOUT, alive=vm.qemu.alive)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await vm.destroy()
+            raise
 
     async def _pooled(self, live: Live, spec: VMSpec) -> MicroVM | None:
         """A waiting VM from the pool (``service.pool``), if it has one of this shape; the
