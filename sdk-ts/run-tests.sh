@@ -13,6 +13,8 @@
 #   sdk-ts/run-tests.sh                        all test files
 #   sdk-ts/run-tests.sh sandbox modes          only dist/test/{sandbox,modes}.test.js
 #   MVM_TEST_SEED=N sdk-ts/run-tests.sh        the order of the run that printed seed N
+#   MVM_TS_TEST_NAME=RE sdk-ts/run-tests.sh sandbox   only its tests whose name matches RE
+#                                                      (node --test-name-pattern; others skip)
 set -uo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 SDK="$PWD"
@@ -77,9 +79,11 @@ n="${#files[@]}"
 mapfile -t files < <(node dist/test/order.js "$seed" "${files[@]}")
 [ "${#files[@]}" -eq "$n" ] || { echo "sdk-ts/run-tests.sh: could not order the test files" >&2; exit 1; }
 echo "==> node --test (random order, seed $seed: replay with MVM_TEST_SEED=$seed sdk-ts/run-tests.sh)"
+only=()
+[ -n "${MVM_TS_TEST_NAME:-}" ] && only=(--test-name-pattern="$MVM_TS_TEST_NAME")
 status=0
 for f in "${files[@]}"; do
     echo "==> node --test $f"
-    node --test "$f" || status=1
+    node --test "${only[@]}" "$f" || status=1
 done
 exit "$status"
