@@ -31,5 +31,5 @@ if [ "$rc" -eq 5 ]; then
 elif [ "$rc" -ne 0 ]; then
     status=1
 fi
-echo "==> TypeScript SDK (node --test, real VMs)"; sdk-ts/run-tests.sh || status=1
+echo "==> TypeScript SDK (node --test, real VMs, seed $seed)"; MVM_TEST_SEED="$seed" sdk-ts/run-tests.sh || status=1
 exit "$status"

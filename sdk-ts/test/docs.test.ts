@@ -8,10 +8,10 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { test } from "node:test";
-import { SECRET_VALUE, docBlocks, mvmctl, sandboxNames } from "./helpers.js";
+import { SECRET_VALUE, docBlocks, mvmctl, sandboxNames, test } from "./helpers.js";
 
 test("the docs' (and README's) examples run live, leave no sandbox behind, and never show the secret", () => {
+  const existing = sandboxNames().sort();
   const blocks = docBlocks();
   assert.ok(blocks.length >= 3, "docs/sdk-ts.md has its examples");
   assert.ok(blocks[0]!.includes('Sandbox.create("python-3.11"'), "the first block is the cookbook's");
@@ -29,7 +29,7 @@ test("the docs' (and README's) examples run live, leave no sandbox behind, and n
       assert.ok(!out.includes(SECRET_VALUE), `docs example ${i} printed the secret value`);
       assert.equal(r.code, 0, `docs/sdk-ts.md example ${i}:\n${block}\n${out}`);
     });
-    assert.deepEqual(sandboxNames(), [], "every example stopped its sandboxes");
+    assert.deepEqual(sandboxNames().sort(), existing, "every example stopped its sandboxes");
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -1,11 +1,14 @@
 /**
  * What the node tests share: the environment `run-tests.sh` sets (a private MVM_HOME with
- * its own mvmd, `MVM_MVMCTL`, the repo's Python), bounded subprocesses, bounded polling.
+ * its own mvmd, `MVM_MVMCTL`, the repo's Python, the run's seed), `test` (registers a
+ * file's tests in the seed's order), bounded subprocesses, bounded polling.
  */
 import { spawn, spawnSync, type SpawnSyncReturns } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
+import { test as nodeTest, type TestContext } from "node:test";
 import { fileURLToPath } from "node:url";
+import { fnv1a, parseSeed, shuffle } from "./order.js";
 
 export const SDK_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 export const ROOT = path.resolve(SDK_DIR, "..");
@@ -23,6 +26,29 @@ export const MVMCTL = need("MVM_MVMCTL");
 export const PYTHON = need("MVM_TEST_PYTHON");
 /** The value stored as the secret `api-key` (never printed by a test). */
 export const SECRET_VALUE = need("MVM_TEST_SECRET");
+/** The run's seed (order.ts): the order of the files and of each file's tests. */
+export const SEED = parseSeed(process.env.MVM_TEST_SEED);
+
+type TestFn = (t: TestContext) => void | Promise<void>;
+const pending: [string, TestFn][] = [];
+
+/**
+ * node:test's `test(name, fn)`, in a seeded random order: a file's tests are collected
+ * while it loads and registered together right after (setImmediate; so no top-level
+ * `await` between tests), shuffled by SEED mixed with the file's test names. No test may
+ * rely on another having run before it (a shared sandbox is a lazily made fixture).
+ */
+export function test(name: string, fn: TestFn): void {
+  if (pending.some(([n]) => n === name)) throw new Error(`two tests named ${JSON.stringify(name)}`);
+  if (pending.length === 0) setImmediate(registerPending);
+  pending.push([name, fn]);
+}
+
+function registerPending(): void {
+  const tests = pending.splice(0);
+  const seed = (SEED ^ fnv1a(tests.map(([n]) => n).join("\n"))) >>> 0;
+  for (const [name, fn] of shuffle(tests, seed)) nodeTest(name, fn);
+}
 
 export interface Ran {
   code: number | null;

@@ -9,8 +9,7 @@ import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { test } from "node:test";
-import { ROOT, SDK_DIR } from "./helpers.js";
+import { ROOT, SDK_DIR, test } from "./helpers.js";
 
 /** The lines of install.sh from the TypeScript SDK block's header to its end marker. */
 function tsBlock(): string {

@@ -6,9 +6,8 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { test } from "node:test";
 import { Sandbox, SandboxNotFound } from "../src/index.js";
-import { IMAGE, SDK_DIR, runScript, sandboxNames, startScript, waitUntil } from "./helpers.js";
+import { IMAGE, SDK_DIR, runScript, sandboxNames, startScript, test, waitUntil } from "./helpers.js";
 
 test("await using stops the sandbox when the block throws", async () => {
   let name = "";

@@ -8,8 +8,8 @@ import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { after, before, test } from "node:test";
-import { PYTHON, ROOT, SDK_DIR, SECRET_VALUE, docBlocks, mvmctl, runScript, sandboxNames } from "./helpers.js";
+import { after, before } from "node:test";
+import { PYTHON, ROOT, SDK_DIR, SECRET_VALUE, docBlocks, mvmctl, runScript, sandboxNames, test } from "./helpers.js";
 
 const FIXTURES = path.join(SDK_DIR, "test", "fixtures");
 let dir = "";
@@ -78,6 +78,7 @@ test("record mode without mvmctl: the IR is saved even when the script fails", (
 });
 
 test("the cookbook's TS example: plan (admission, no VM), compile, replay live", () => {
+  const existing = sandboxNames().sort(); // what another file may have left is not this test's
   const script = path.join(dir, "cookbook.ts");
   fs.writeFileSync(script, docBlocks()[0]!);
   const plan = mvmctl(["run", "--mode", "plan", script], { cwd: dir });
@@ -86,7 +87,7 @@ test("the cookbook's TS example: plan (admission, no VM), compile, replay live",
   assert.ok(plan.stdout.includes("secrets    api-key"), plan.stdout);
   assert.ok(plan.stdout.includes("workload   agent-tool"), plan.stdout);
   assert.ok(plan.stdout.includes("/work/src/tool.py"), plan.stdout);
-  assert.deepEqual(sandboxNames(), [], "plan mode started nothing");
+  assert.deepEqual(sandboxNames().sort(), existing, "plan mode started nothing");
   const json = mvmctl(["run", "--mode", "plan", "--json", script], { cwd: dir });
   assert.equal(json.code, 0, json.stderr);
   assert.equal(JSON.parse(json.stdout).decisions[0].allowed, true);
@@ -97,7 +98,7 @@ test("the cookbook's TS example: plan (admission, no VM), compile, replay live",
   assert.deepEqual((ir.sandboxes as { image: string }[]).map((s) => s.image), ["python-3.11"]);
   const replay = mvmctl(["run", "--mode", "live", out], { cwd: dir });
   assert.equal(replay.code, 0, replay.stderr);
-  assert.deepEqual(sandboxNames(), [], "the replay stopped its sandbox");
+  assert.deepEqual(sandboxNames().sort(), existing, "the replay stopped its sandbox");
 
   const bad = path.join(dir, "cookbook-312.ts");
   fs.writeFileSync(bad, docBlocks()[0]!.replace("python-3.11", "python-3.12"));
@@ -110,6 +111,7 @@ test("the cookbook's TS example: plan (admission, no VM), compile, replay live",
 });
 
 test("mvmctl detects JavaScript too: a .mjs and a .js script compile and plan like the .ts one", () => {
+  const existing = sandboxNames().sort();
   const body = [
     'import { Sandbox, secret } from "@mvm/sdk";',
     'const sb = await Sandbox.create("python-3.11", { workloadId: "js-twin", ttl: "5m" });',
@@ -136,7 +138,7 @@ test("mvmctl detects JavaScript too: a .mjs and a .js script compile and plan li
   );
   assert.deepEqual(irs[1], irs[0]);
   assert.deepEqual(irs[2], irs[0]);
-  assert.deepEqual(sandboxNames(), [], "compile and plan started nothing");
+  assert.deepEqual(sandboxNames().sort(), existing, "compile and plan started nothing");
 });
 
 test("a denied plan exits 3 and names the rule", () => {

@@ -1,11 +1,14 @@
 /**
- * Every method of the TypeScript SDK on one real sandbox (shared, in file order; the
- * lifecycle test is last), plus the errors mvmd sends, mapped to their typed classes.
+ * Every method of the TypeScript SDK on a real sandbox, plus the errors mvmd sends, mapped
+ * to their typed classes. The tests run in a seeded random order (helpers.ts `test`) and
+ * rely on none having run before: most share one sandbox, made on first use (`shared()`)
+ * and destroyed after the file, and touch only paths and processes of their own; the
+ * lifecycle test (snapshot, pause, stop, destroy) makes its own sandbox.
  */
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import * as http from "node:http";
-import { after, before, test } from "node:test";
+import { after } from "node:test";
 import {
   AgentError,
   LiveBackend,
@@ -23,32 +26,40 @@ import {
   network,
   secret,
 } from "../src/index.js";
-import { HOME, IMAGE, SECRET_VALUE } from "./helpers.js";
+import { HOME, IMAGE, SECRET_VALUE, test } from "./helpers.js";
 import * as path from "node:path";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import { buildSpec } from "../src/sandbox.js";
 
-let sb: Sandbox;
 const NAME = "ts-shared";
+let made: Promise<Sandbox> | null = null;
 
-before(async () => {
-  sb = await Sandbox.create(IMAGE, {
+/** The shared sandbox, made by the first test that asks for it (TTL 30 min, no network). */
+function shared(): Promise<Sandbox> {
+  made ??= Sandbox.create(IMAGE, {
     name: NAME,
     workloadId: "ts-tests",
-    ttl: "20m",
+    ttl: "30m",
     tags: { team: "x" },
     env: { MODE: "dev" },
     network: network({ mode: "deny" }),
   });
-});
+  return made;
+}
 
-after(async () => {
+/** Destroy `sb` if it is still there. */
+async function destroyQuietly(sb: Sandbox): Promise<void> {
   try {
     await sb.destroy();
   } catch (err) {
     if (!(err instanceof SandboxNotFound)) throw err;
   }
+}
+
+after(async () => {
+  const sb = await made?.catch(() => null); // a failed create is that test's failure
+  if (sb) await destroyQuietly(sb);
 });
 
 interface AuditRecord {
@@ -79,20 +90,22 @@ async function rejects<E extends MvmError>(p: Promise<unknown>, cls: new (...a: 
 }
 
 test("create, info, list, connect, setTtl", async () => {
+  const sb = await shared();
   const info = await sb.info();
   assert.deepEqual([info.name, info.state, info.image], [NAME, "running", IMAGE]);
   assert.equal(info.network.preset, "none");
   assert.deepEqual([info.workloadId, info.tags], ["ts-tests", { team: "x" }]);
-  assert.ok(info.ttlLeft > 0 && info.ttlLeft <= 20 * 60);
+  assert.ok(info.ttlLeft > 0 && info.ttlLeft <= 30 * 60);
   assert.ok((await Sandbox.list()).some((s) => s.name === NAME));
   const again = await Sandbox.connect(NAME);
   assert.equal(again.id, sb.id);
   assert.equal(await again.state(), "running");
-  await sb.setTtl("30m");
-  assert.ok((await sb.info()).ttlLeft > 20 * 60);
+  await sb.setTtl("45m");
+  assert.ok((await sb.info()).ttlLeft > 30 * 60);
 });
 
 test("errors from mvmd are typed, with message, hint and data", async () => {
+  const sb = await shared();
   const missing = await rejects(Sandbox.connect("no-such-sandbox"), SandboxNotFound);
   assert.ok(missing instanceof MvmError && missing.message.includes("no-such-sandbox"));
   const img = await rejects(Sandbox.create("python-3.12"), ImageNotFound);
@@ -112,6 +125,7 @@ test("errors from mvmd are typed, with message, hint and data", async () => {
 });
 
 test("commands.run returns a typed result", async () => {
+  const sb = await shared();
   const r = await sb.commands.run(["sh", "-c", "echo out-$MODE-$EXTRA; echo err >&2; exit 3"], { env: { EXTRA: "e" } });
   assert.ok(r instanceof CommandResult);
   assert.deepEqual([r.exitCode, r.stdout, r.stderr], [3, "out-dev-e\n", "err\n"]);
@@ -127,6 +141,7 @@ test("commands.run returns a typed result", async () => {
 });
 
 test("check: true throws CommandFailed with the result", async () => {
+  const sb = await shared();
   assert.equal((await sb.commands.run(["false"])).exitCode, 1);
   const e = await rejects(sb.commands.run(["sh", "-c", "echo why >&2; exit 4"], { check: true }), CommandFailed);
   assert.equal(e.data.exit_code, 4);
@@ -134,6 +149,7 @@ test("check: true throws CommandFailed with the result", async () => {
 });
 
 test("a timeout throws CommandTimeout; the sandbox is fine afterwards", async () => {
+  const sb = await shared();
   const e = await rejects(sb.commands.run(["sh", "-c", "echo started; sleep 30"], { timeoutSeconds: "1s" }), CommandTimeout);
   assert.ok((e.result as CommandResult).timedOut);
   assert.equal(e.exitCode, 124);
@@ -141,6 +157,7 @@ test("a timeout throws CommandTimeout; the sandbox is fine afterwards", async ()
 });
 
 test("commands.start: streams, wait, sendStdin", async () => {
+  const sb = await shared();
   const h = await sb.commands.start(["sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done"]);
   assert.ok(h.pid > 0);
   const chunks: Buffer[] = [];
@@ -166,6 +183,7 @@ test("commands.start: streams, wait, sendStdin", async () => {
 });
 
 test("kill, and a bounded wait", async () => {
+  const sb = await shared();
   const h = await sb.commands.start(["sleep", "300"]);
   await rejects(h.wait({ timeoutSeconds: 0.5 }), CommandTimeout);
   assert.equal((await h.status()).running, true);
@@ -175,6 +193,7 @@ test("kill, and a bounded wait", async () => {
 });
 
 test("files: write, read, list, stat, exists, mkdir, rename, remove", async () => {
+  const sb = await shared();
   await sb.files.write("/app/main.py", "print('hello from mvm')");
   assert.equal((await sb.commands.run(["python", "/app/main.py"])).stdout, "hello from mvm\n");
   await sb.files.write("/work/input.json", Buffer.from("{}"));
@@ -198,6 +217,7 @@ test("files: write, read, list, stat, exists, mkdir, rename, remove", async () =
 });
 
 test("a secret reaches the command and never its output or the logs", async () => {
+  const sb = await shared();
   const ref = secret("api-key");
   assert.ok(!String(ref).includes(SECRET_VALUE) && !JSON.stringify({ ref }).includes(SECRET_VALUE));
   const digest = "import hashlib, os; print(hashlib.sha256(os.environ['API_KEY'].encode()).hexdigest())";
@@ -215,6 +235,7 @@ test("a secret reaches the command and never its output or the logs", async () =
 });
 
 test("logs: follow until a line shows up, its secret redacted; redaction cannot be turned off", async () => {
+  const sb = await shared();
   // The line carries a real secret; the test fails if it never comes (a bounded wait, not
   // a stream that happened to end) and checks the one right message.
   const token = `follow-${randomBytes(4).toString("hex")}`;
@@ -280,6 +301,7 @@ test("included host files are declared as uploads: mvmd holds them to mount_root
 });
 
 test("ports.forward reaches a guest server; wildcard is refused", async () => {
+  const sb = await shared();
   await sb.files.write("/work/www/index.html", "served by the guest");
   const server = await sb.commands.start(["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1", "-d", "/work/www"]);
   await rejects(sb.ports.forward({ guestPort: 8000, host: "0.0.0.0" }), PolicyDenied);
@@ -313,6 +335,7 @@ function auditActors(event: string, p: string): string[] {
 }
 
 test("MVM_ACTOR labels the owner's calls in mvmd's audit (X-Mvm-Actor); a bad label is refused", async () => {
+  const sb = await shared();
   const old = process.env.MVM_ACTOR;
   try {
     process.env.MVM_ACTOR = "ts-bot@ci";
@@ -341,26 +364,32 @@ test("MVM_URL needs MVM_TOKEN and an http(s) URL, as in Python", () => {
   assert.throws(() => new Transport({ url: "not a url", token: "t" }), InvalidArgument);
 });
 
-test("snapshot, pause, resume, resume from a snapshot, stop, destroy (last)", async () => {
-  await sb.files.write("/work/before.txt", "kept");
-  const snap = await sb.snapshot({ name: "after-index" });
-  assert.equal(snap.id, "after-index");
-  assert.ok(snap.size > 0);
-  await sb.files.write("/work/after.txt", "dropped by the restore");
-  await sb.pause();
-  assert.equal(await sb.state(), "paused");
-  await sb.resume();
-  assert.equal(await sb.state(), "running");
-  await sb.resume({ snapshot: snap.id });
-  assert.equal(await sb.state(), "running");
-  assert.ok((await sb.files.exists("/work/before.txt")) && !(await sb.files.exists("/work/after.txt")));
-  await sb.stop(); // the VM goes; the snapshot stays
-  await rejects(sb.info(), SandboxNotFound);
-  await sb.resume({ snapshot: snap }); // recreated from the snapshot
-  assert.deepEqual(await sb.files.read("/work/before.txt"), Buffer.from("kept"));
-  await sb.kill(); // the cookbook's name for stop()
-  await rejects(sb.info(), SandboxNotFound);
-  await sb.destroy(); // a stopped sandbox: its snapshots go
-  assert.ok(!(await Sandbox.list()).some((s) => s.name === NAME));
-  await rejects(sb.resume({ snapshot: snap }), MvmError); // the snapshot went with destroy
+test("snapshot, pause, resume, resume from a snapshot, stop, destroy (its own sandbox)", async () => {
+  const name = "ts-lifecycle";
+  const sb = await Sandbox.create(IMAGE, { name, ttl: "30m" });
+  try {
+    await sb.files.write("/work/before.txt", "kept");
+    const snap = await sb.snapshot({ name: "after-index" });
+    assert.equal(snap.id, "after-index");
+    assert.ok(snap.size > 0);
+    await sb.files.write("/work/after.txt", "dropped by the restore");
+    await sb.pause();
+    assert.equal(await sb.state(), "paused");
+    await sb.resume();
+    assert.equal(await sb.state(), "running");
+    await sb.resume({ snapshot: snap.id });
+    assert.equal(await sb.state(), "running");
+    assert.ok((await sb.files.exists("/work/before.txt")) && !(await sb.files.exists("/work/after.txt")));
+    await sb.stop(); // the VM goes; the snapshot stays
+    await rejects(sb.info(), SandboxNotFound);
+    await sb.resume({ snapshot: snap }); // recreated from the snapshot
+    assert.deepEqual(await sb.files.read("/work/before.txt"), Buffer.from("kept"));
+    await sb.kill(); // the cookbook's name for stop()
+    await rejects(sb.info(), SandboxNotFound);
+    await sb.destroy(); // a stopped sandbox: its snapshots go
+    assert.ok(!(await Sandbox.list()).some((s) => s.name === name));
+    await rejects(sb.resume({ snapshot: snap }), MvmError); // the snapshot went with destroy
+  } finally {
+    await destroyQuietly(sb);
+  }
 });

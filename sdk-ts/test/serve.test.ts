@@ -11,8 +11,8 @@ import * as http from "node:http";
 import * as net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
-import { after, before, test } from "node:test";
-import { HOME, MVMCTL, mvmctl, runScript, sandboxNames, waitUntil } from "./helpers.js";
+import { after, before } from "node:test";
+import { HOME, MVMCTL, mvmctl, runScript, sandboxNames, test, waitUntil } from "./helpers.js";
 
 const TENANT = "tsacme";
 let server: ChildProcess | null = null;

@@ -7,7 +7,6 @@ import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { test } from "node:test";
 import {
   CommandTimeout,
   ERRORS,
@@ -26,7 +25,7 @@ import {
   secret,
   setBackend,
 } from "../src/index.js";
-import { PYTHON, SDK_DIR } from "./helpers.js";
+import { PYTHON, SDK_DIR, test } from "./helpers.js";
 
 test("durations parse as in Python", () => {
   assert.equal(parseDuration("90s"), 90);

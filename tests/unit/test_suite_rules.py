@@ -1,5 +1,6 @@
 """The suite's own rules (tests/conftest.py): under CI=true a skip fails the run with its
-reason; outside CI it stays a skip; the allow-list lets a named test skip."""
+reason; outside CI it stays a skip; the allow-list lets a named test skip; the Python and
+TypeScript tests run in one seeded random order."""
 
 from __future__ import annotations
 
@@ -106,6 +107,28 @@ def test_run_tests_sh_runs_ci_mode_in_a_seeded_random_order() -> None:
     [line] = [ln for ln in text.splitlines() if "bin/pytest tests" in ln]
     assert line.startswith("CI=true ") and "-p randomly" in line, line
     assert '--randomly-seed="$seed"' in text
+
+
+def test_the_typescript_tests_run_in_the_same_seeded_random_order() -> None:
+    """run-tests.sh hands its seed to sdk-ts/run-tests.sh, which prints it, exports it to
+    the test files and shuffles the files with it; every test file registers its tests
+    through helpers.ts's seeded `test`, never node:test's own (Node 20 cannot shuffle)."""
+    [line] = [
+        ln for ln in (REPO / "run-tests.sh").read_text().splitlines() if "sdk-ts/run-tests.sh" in ln
+    ]
+    assert 'MVM_TEST_SEED="$seed" sdk-ts/run-tests.sh' in line, line
+    ts = (REPO / "sdk-ts" / "run-tests.sh").read_text()
+    assert 'seed="${MVM_TEST_SEED:-' in ts
+    assert 'MVM_TEST_SEED="$seed"' in ts and "export MVM_HOME=" in ts
+    assert 'node dist/test/order.js "$seed" "${files[@]}"' in ts
+    assert 'echo "==> node --test (random order, seed $seed' in ts
+    test_files = sorted((REPO / "sdk-ts" / "test").glob("*.test.ts"))
+    assert test_files
+    for f in test_files:
+        text = f.read_text()
+        imports_test = re.search(r'import \{[^}]*\btest\b[^}]*\} from "\./helpers\.js"', text)
+        from_node = re.search(r'import \{[^}]*\btest\b[^}]*\} from "node:test"', text)
+        assert imports_test and not from_node, f"{f.name}: import test from ./helpers.js"
 
 
 #: Patterns no test may contain (the suite's rules, DEVELOPERS.md): the regression check
