@@ -374,6 +374,11 @@ class MicroVM:
     def require_agent(self) -> AgentClient:
         if self.agent is None:
             raise VMError("the VM has no agent connection")
+        if isinstance(self.agent.failure, VMDied) and self.qemu.proc is not None:
+            # A killed QEMU closes its sockets before it can be reaped: the agent may see the
+            # end first. Give the exit a moment (bounded) so the answer is "it died".
+            with contextlib.suppress(Exception):
+                self.qemu.proc.wait(timeout=1.0)
         if self.agent.failure is not None and not self.qemu.alive():
             raise VMDied(
                 f"the VM stopped: {self.qemu.console_tail(1000) or 'no console output'}",
