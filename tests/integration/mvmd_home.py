@@ -207,3 +207,14 @@ def private_home(
                 pass
         wait_until(lambda: not qemu_pids(h), 60)
         remove_tree(h)  # never through a mount an interrupted build left inside
+
+
+@contextlib.contextmanager
+def raw_api(home: Path, timeout: float = 300) -> Iterator[Any]:
+    """An ``httpx.Client`` on the raw API of a home's mvmd socket (what a curl to it does)."""
+    import httpx
+
+    transport = httpx.HTTPTransport(uds=str(home / "mvmd.sock"))
+    timeouts = httpx.Timeout(timeout, connect=10)
+    with httpx.Client(transport=transport, base_url="http://mvmd", timeout=timeouts) as c:
+        yield c

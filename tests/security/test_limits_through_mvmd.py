@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from mvm.api import models as M
-from tests.integration.mvmd_home import Ctl, private_home
+from tests.integration.mvmd_home import Ctl, private_home, raw_api
 
 V = f"/{M.API_VERSION}"
 
@@ -22,7 +21,9 @@ READ = 'd=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); cat "$d/pids.max" "$d/
 @pytest.fixture(scope="module")
 def ctl() -> Iterator[Ctl]:
     with private_home("mvmd-limits-") as h:
-        yield Ctl(h)
+        c = Ctl(h)
+        c.ok("ls")  # mvmd up, whichever test runs first
+        yield c
 
 
 def test_up_limits_reach_each_commands_cgroup(ctl: Ctl) -> None:
@@ -43,11 +44,7 @@ def test_up_limits_reach_each_commands_cgroup(ctl: Ctl) -> None:
 def test_bad_limits_are_refused_before_booting(ctl: Ctl) -> None:
     r = ctl("up", "--name", "bad", "--pids-max", "0")
     assert r.rc == 2 and "--pids-max" in r.err, str(r)
-    with httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(ctl.home / "mvmd.sock")),
-        base_url="http://mvmd",
-        timeout=60,
-    ) as http:
+    with raw_api(ctl.home, timeout=60) as http:
         for limits in ({"pids_max": 0}, {"memory_pct": 101}, {"cpu": 1}):
             resp = http.post(f"{V}/sandboxes", json={"name": "bad", "limits": limits})
             assert resp.status_code == 400, (limits, resp.text)

@@ -17,7 +17,7 @@ import pytest
 
 from mvm.agent import protocol as P
 from mvm.api import models as M
-from tests.integration.mvmd_home import Ctl, private_home
+from tests.integration.mvmd_home import Ctl, private_home, raw_api
 
 V = f"/{M.API_VERSION}"
 
@@ -39,11 +39,7 @@ def ctl() -> Iterator[Ctl]:
 @pytest.fixture(scope="module")
 def http(ctl: Ctl) -> Iterator[httpx.Client]:
     """The raw API on the module's mvmd socket (what the report's curl did)."""
-    with httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(ctl.home / "mvmd.sock")),
-        base_url="http://mvmd",
-        timeout=httpx.Timeout(300, connect=10),
-    ) as c:
+    with raw_api(ctl.home) as c:
         yield c
 
 
