@@ -2,12 +2,15 @@
 through its egress proxy), and ``--locked``: a build whose inputs differ from
 ``mvm.lock`` is refused before anything boots, and a matching one rebuilds the same bytes
 and leaves the lock as it was. The Debian image is built once for the module (minutes
-under TCG); a pin the mirror no longer serves is checked without a VM
+under TCG). An ``mvm.toml`` project's ``[build]`` steps (``files``, ``run``, ``env``,
+``workdir``, ``user``) run in the builder against a Debian root it makes, and the
+``image.built`` record names the manifest and context hashes. A pin the mirror no longer serves is checked without a VM
 (``tests/unit/test_builder_lock.py``): a third Debian build here would cost CI minutes."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,8 +18,10 @@ from typing import Any
 
 import pytest
 
+from mvm import audit
 from mvm.builder import lock as locks
-from mvm.builder.build import build_dockerfile
+from mvm.builder import steps as stepmod
+from mvm.builder.build import build_dockerfile, build_project, epoch
 from mvm.errors import MvmError
 from mvm.images.store import Image, ImageStore
 from mvm.oneshot import run_once
@@ -108,3 +113,72 @@ def test_locked_build_that_matches_rebuilds_the_same_image(
     again = build_dockerfile(proj / "Dockerfile", proj, "test-deb", locked=True)
     assert (again.id, again.rootfs_sha256) == (img.id, img.rootfs_sha256)
     assert (proj / locks.LOCK_NAME).read_text() == before
+
+
+MANIFEST = """\
+[image]
+name = "test-deb-steps"
+packages = ["python3-minimal"]
+
+[build]
+files = ["hello.txt"]
+workdir = "/app"
+user = "user"
+env = { GREETING = "hello-steps" }
+run = ['cat hello.txt > /home/user/made.txt && echo "$GREETING as $(id -un) in $PWD" >> /home/user/made.txt']
+"""
+
+
+def test_manifest_build_steps_run_in_the_builder_and_are_audited(
+    run_dir_env: Path, tmp_path: Path
+) -> None:
+    proj = tmp_path / "app"
+    proj.mkdir()
+    (proj / "mvm.toml").write_text(MANIFEST)
+    (proj / "hello.txt").write_text("copied in\n")
+    img = build_project(proj)
+    assert img is not None and img.name == "test-deb-steps"
+    r = asyncio.run(
+        run_once(
+            [
+                "sh",
+                "-c",
+                "stat -c '%U %n' /app/hello.txt /home/user/made.txt; cat /home/user/made.txt",
+            ],
+            image=img.name,
+            timeout=120,
+        )
+    )
+    assert r.exit_code == 0, r.stderr
+    # files are copied as root (like COPY without --chown); the run step ran as `user`,
+    # in workdir (it read hello.txt by a relative path), with [build]'s env
+    assert r.stdout.decode().splitlines() == [
+        "root /app/hello.txt",
+        "user /home/user/made.txt",
+        "copied in",
+        "hello-steps as user in /app",
+    ]
+    ctx = tmp_path / "ctx.tar"  # the context tar is deterministic: rebuild it to hash it
+    stepmod.write_context_tar(stepmod.collect(proj, ["hello.txt"], "mvm.toml"), epoch(), ctx)
+    inputs = {
+        "manifest": hashlib.sha256(MANIFEST.encode()).hexdigest(),
+        "context": hashlib.sha256(ctx.read_bytes()).hexdigest(),
+    }
+    assert lock_doc(proj)["inputs"] == inputs
+    recs = [json.loads(line) for line in audit.default_path().read_text().splitlines()]
+    built = [
+        x
+        for x in recs
+        if x.get("event") == "image.built" and x.get("data", {}).get("image_id") == img.id
+    ]
+    assert built, "no image.built record for the image"
+    data = built[-1]["data"]
+    assert data["inputs"] == inputs and data["image"] == "test-deb-steps"
+    # mmdebstrap fetched the packages through the builder's egress proxy, audited under
+    # the builder sandbox the record names
+    egress = [
+        x
+        for x in recs
+        if x.get("event") == "egress.allowed" and x.get("sandbox") == data["builder_vm"]
+    ]
+    assert egress, f"no egress decision audited for builder {data['builder_vm']!r}"
