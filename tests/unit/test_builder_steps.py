@@ -49,6 +49,9 @@ def test_section_to_steps() -> None:
         ('user = "bad user"', "not a user"),
         ('env = { "1X" = "y" }', "invalid variable"),
         ("nope = 1", "[build]"),
+        ('allow = ["a b"]', "host[:port]"),
+        ('allow = ["http://x"]', "host[:port]"),
+        ('allow = [""]', "host[:port]"),
     ],
 )
 def test_section_errors(body: str, words: str) -> None:
@@ -169,3 +172,34 @@ def test_extra_disks_on_the_qemu_command_line(tmp_path: Path) -> None:
         extra_disks=((tmp_path / "a,b.img", False, "x y"),),
     )
     assert validate(bad)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_build_allow_reaches_the_builders_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[build] allow`` and ``--allow`` become the builder sandbox's allowlist (admission
+    then holds them to the host's policy, as for any sandbox)."""
+    from mvm.builder import build as B
+
+    (tmp_path / "mvm.toml").write_text(
+        '[image]\nname = "app"\n[build]\nrun = ["true"]\nallow = ["files.example:443"]\n'
+    )
+    jobs: list[B.Job] = []
+
+    def capture(job: B.Job, *args: object) -> None:
+        jobs.append(job)
+        raise _Stop
+
+    monkeypatch.setattr(B, "_locked_run", capture)
+    with pytest.raises(_Stop):
+        B.build_project(tmp_path, network_allow=["extra.example"])
+    assert (jobs[0].network_preset, jobs[0].network_allow) == (
+        "registries",
+        ["files.example:443", "extra.example"],
+    )
+    with pytest.raises(ManifestError, match="host"):
+        B.build_project(tmp_path, network_allow=["bad host"])

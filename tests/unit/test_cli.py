@@ -215,3 +215,11 @@ def test_run_json(calls: FakeRun) -> None:
     assert doc["truncated"] == {"stdout": True, "stderr": False}
     assert doc["sandbox_id"] == "sb-1"
     assert calls.seen[0]["on_output"] is None
+
+
+def test_build_allow_is_refused_where_nothing_runs_in_the_builder(tmp_path: Path) -> None:
+    r = invoke("build", "--preset", "minimal", "--allow", "x.example")
+    assert r.exit_code == 2 and "--allow applies to builds in the builder" in r.output, r.output
+    (tmp_path / "a.tar").write_bytes(b"")
+    r = invoke("build", "--oci", str(tmp_path / "a.tar"), "--name", "a", "--allow", "x.example")
+    assert r.exit_code == 2 and "an OCI import makes no connection" in r.output, r.output

@@ -192,7 +192,7 @@ def build_dockerfile(
             config=config,
             epoch=epoch(),
             network_preset="registries",
-            network_allow=list(network_allow or []),
+            network_allow=stepmod.check_allow(network_allow or [], "--allow"),
         )
         out = _locked_run(job, store, reporter, lock)
     env = dict(out.config["env"])  # the base's, then the Dockerfile's ENV
@@ -222,8 +222,10 @@ def build_project(
     locked: bool = False,
     store: ImageStore | None = None,
     reporter: Reporter | None = None,
+    network_allow: list[str] | None = None,
 ) -> Image | None:
-    """A project whose ``mvm.toml`` has a ``[build]`` table; None when it has none."""
+    """A project whose ``mvm.toml`` has a ``[build]`` table; None when it has none.
+    Its steps reach the ``registries`` preset plus ``[build] allow`` and ``network_allow``."""
     f = project / "mvm.toml"
     text = f.read_text()
     sec = stepmod.parse_section(text, str(f))
@@ -241,7 +243,14 @@ def build_project(
             inputs["context"] = sha256_path(ctx)
         if lock is not None:
             locks.check_inputs(lock, inputs, _wanted(source))
-        job = Job(source, steps, context_tar=ctx, epoch=epoch(), network_preset="registries")
+        job = Job(
+            source,
+            steps,
+            context_tar=ctx,
+            epoch=epoch(),
+            network_preset="registries",
+            network_allow=[*sec.allow, *stepmod.check_allow(network_allow or [], "--allow")],
+        )
         out = _locked_run(job, store, reporter, lock)
     return _finish(out, m, inputs, store, project, {"env": dict(sec.env)})
 

@@ -41,6 +41,9 @@ class BuildSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     env: dict[str, str] = {}
     workdir: str = "/work"
     user: str = "root"
+    #: Hosts (host[:port]) the build may reach besides the ``registries`` preset; the host's
+    #: policy (allowed_hosts) still decides, as for any sandbox's allowlist.
+    allow: list[str] = []
 
 
 def parse_section(text: str, origin: str) -> BuildSection | None:
@@ -66,7 +69,26 @@ def parse_section(text: str, origin: str) -> BuildSection | None:
         raise ManifestError(f"{origin}: [build] user {sec.user!r} is not a user name or uid")
     for f in sec.files:
         relative_source(f, origin)
+    check_allow(sec.allow, f"{origin}: [build] allow")
     return sec
+
+
+MAX_ALLOW = 64
+
+
+def check_allow(entries: list[str], origin: str) -> list[str]:
+    """Extra egress entries of a build: host[:port], bounded; admission checks them again
+    against the host's policy when the builder sandbox is created."""
+    if len(entries) > MAX_ALLOW:
+        raise ManifestError(f"{origin}: more than {MAX_ALLOW} entries")
+    for e in entries:
+        if (
+            not e
+            or len(e) > 260
+            or any(c.isspace() or c in "/\\@" or not c.isprintable() for c in e)
+        ):
+            raise ManifestError(f"{origin}: {e!r} is not host[:port]")
+    return list(entries)
 
 
 def relative_source(src: str, origin: str) -> str:

@@ -28,6 +28,7 @@ def build_in_builder(
     name: str | None,
     locked: bool,
     quiet: bool,
+    allow: tuple[str, ...] = (),
 ) -> Image | None:
     """The builder-VM part of ``mvmctl build``; None when the request is a plain host build."""
     with RichReporter(enabled=stderr_is_tty() and not quiet) as rep:
@@ -36,17 +37,33 @@ def build_in_builder(
                 raise InvalidArgument("--oci takes no DIRECTORY or -f")
             if not name:
                 raise InvalidArgument("--oci needs --name NAME for the image")
+            if allow:
+                raise InvalidArgument("--allow: an OCI import makes no connection")
             return builds.import_oci(oci, name, reporter=rep)
         if dockerfile is not None:
             project = directory or dockerfile.parent
             img_name = name or manifests_name(project)
             return builds.build_dockerfile(
-                dockerfile, project, img_name, locked=locked, reporter=rep
+                dockerfile,
+                project,
+                img_name,
+                locked=locked,
+                reporter=rep,
+                network_allow=list(allow),
             )
         if directory is not None and (directory / "mvm.toml").is_file():
-            return builds.build_project(directory, locked=locked, reporter=rep)
+            built = builds.build_project(
+                directory, locked=locked, reporter=rep, network_allow=list(allow)
+            )
+            if built is not None or not allow:
+                return built
     if locked:
         raise InvalidArgument("--locked applies to builds in the builder (-f, or a [build] table)")
+    if allow:
+        raise InvalidArgument(
+            "--allow applies to builds in the builder (-f, or a [build] table)",
+            hint="a preset or a plain mvm.toml is built from Debian packages only",
+        )
     return None
 
 

@@ -62,6 +62,13 @@ def doctor(as_json: bool) -> None:
 )
 @click.option("--name", help="Image name (for --oci and -f).")
 @click.option("--locked", is_flag=True, help="Install exactly the versions in mvm.lock.")
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="A host RUN/[build] steps may reach besides the registries preset (repeatable).",
+)
 @fail_on_errors
 def build(
     directory: Path | None,
@@ -72,6 +79,7 @@ def build(
     oci: Path | None,
     name: str | None,
     locked: bool,
+    allow: tuple[str, ...],
 ) -> None:
     """Build (or reuse) an image from a preset or a directory with mvm.toml.
 
@@ -83,7 +91,7 @@ def build(
     from mvm.cli.builder import build_in_builder
     from mvm.cli.ui import RichReporter, stderr_is_tty
 
-    built = build_in_builder(directory, dockerfile, oci, name, locked, as_json)
+    built = build_in_builder(directory, dockerfile, oci, name, locked, as_json, allow)
     if built is not None:
         _print_image(built, as_json)
         return
