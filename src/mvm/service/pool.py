@@ -11,6 +11,9 @@ destroyed on any failure (never reused); the create then boots as if there were 
 pool. Only shapes without a network are pooled (a NIC's egress relay names the
 sandbox's own run directory). Idle VMs are killed on ``close`` (daemon stop).
 
+Refill: REFILL_DELAY after a burst's last hand-out, its QEMUs at nice PREPARE_NICE until
+they wait; the shape's template key is cached and re-checked by each refill (docs/design.md).
+
 Pre-warming (default; ``MVM_POOL_WARM=0`` turns it off; docs/design.md): a waiting VM is
 also restored, handshaken and has run one ``true`` as the guest user while it waits, so
 TCG's translation of the guest's exec path and the first touches of the template RAM are
