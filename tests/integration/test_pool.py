@@ -108,3 +108,45 @@ def test_prewarmed_pool_hands_out_running_vms_with_their_own_identity(warm_home:
     ctl.ok("down", "--all", timeout=120)
     ctl.ok("daemon", "stop", timeout=60)
     assert wait_until(lambda: not qemu_pids(warm_home), 60), qemu_pids(warm_home)
+
+
+@pytest.fixture(scope="module")
+def burst_home() -> Iterator[Path]:
+    with private_home("mvmb-") as h:
+        yield h
+
+
+def test_concurrent_burst_hands_each_waiting_vm_out_once(burst_home: Path) -> None:
+    """More creates at once than VMs wait: each waiting VM goes to exactly one of them,
+    the rest boot, all are distinct sandboxes that answer exec, and the pool refills with
+    new QEMUs once the burst is handed out."""
+    ctl = Ctl(burst_home)
+    ctl.env["MVM_POOL_SIZE"] = str(SIZE)
+    ctl.ok("up", "--name", "b0", "--ttl", "10m", timeout=300)
+
+    def sandbox_pids() -> set[int]:
+        return {s["pid"] for s in ctl.sandboxes().values()}
+
+    def waiting() -> set[int]:
+        return set(qemu_pids(burst_home)) - sandbox_pids()
+
+    assert wait_until(lambda: len(waiting()) == SIZE, 240, interval=1.0), waiting()
+    ready = waiting()
+    names = [f"b{i}" for i in range(1, SIZE + 3)]
+    procs = {n: ctl.popen("up", "--name", n, "--ttl", "10m") for n in names}
+    for n, p in procs.items():
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, (n, out, err)
+    listed = ctl.sandboxes()
+    pids = [listed[n]["pid"] for n in names]
+    assert len(set(pids)) == len(names)  # no VM serves two sandboxes
+    assert len({listed[n]["id"] for n in names}) == len(names)
+    assert len(set(pids) & ready) == SIZE  # every waiting VM handed out, each once
+    assert status(ctl)["pool"]["handed_out"] == SIZE
+    for n in names:
+        assert ctl.ok("exec", n, "--", "sh", "-c", "echo hi-$0", n).out.strip() == f"hi-{n}"
+    assert wait_until(lambda: len(waiting()) == SIZE, 240, interval=1.0), waiting()
+    assert not (waiting() & ready)
+    ctl.ok("down", "--all", timeout=120)
+    ctl.ok("daemon", "stop", timeout=60)
+    assert wait_until(lambda: not qemu_pids(burst_home), 60), qemu_pids(burst_home)

@@ -11,6 +11,9 @@ destroyed on any failure (never reused); the create then boots as if there were 
 pool. Only shapes without a network are pooled (a NIC's egress relay names the
 sandbox's own run directory). Idle VMs are killed on ``close`` (daemon stop).
 
+Refill: REFILL_DELAY after a burst's last hand-out, its QEMUs at nice PREPARE_NICE until
+they wait; the shape's template key is cached and re-checked by each refill (docs/design.md).
+
 Pre-warming (default; ``MVM_POOL_WARM=0`` turns it off; docs/design.md): a waiting VM is
 also restored, handshaken and has run one ``true`` as the guest user while it waits, so
 TCG's translation of the guest's exec path and the first touches of the template RAM are
@@ -25,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -44,11 +48,32 @@ log = logging.getLogger(__name__)
 MAX_SHAPES = 4
 #: The handshake of a restored template answers in well under a second; bounded anyway.
 HANDOUT_TIMEOUT = 60.0
-#: Seconds after a hand-out before its replacement starts (lets the new sandbox's first
-#: requests have the CPU).
+#: Seconds after the last hand-out of a burst before the refill starts (lets the new
+#: sandboxes' first requests have the CPU; each hand-out pushes it back, up to
+#: REFILL_MAX_DELAY after the first one not yet refilled).
 REFILL_DELAY = 1.0
+REFILL_MAX_DELAY = 10.0
 #: Bound on a pre-warming VM's one exec of ``true``.
 WARM_EXEC_TIMEOUT = 60.0
+#: Niceness of a waiting VM's QEMU while it is prepared (restore, handshake, exec): a
+#: refill that overlaps a burst yields the CPU to the sandboxes just handed out. Back to
+#: 0 before the VM waits, so a sandbox never inherits it.
+PREPARE_NICE = 10
+
+
+def _can_unnice() -> bool:
+    """Whether this process may lower a niceness back to 0 (root, or RLIMIT_NICE)."""
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
+def _renice(pid: int | None, nice: int) -> None:
+    """Set every thread of ``pid`` to ``nice`` (Linux niceness is per thread)."""
+    if pid is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
 def pool_size() -> int:
@@ -81,6 +106,10 @@ class Waiting:
     warm: bool = False
 
 
+def _shape(spec: VMSpec) -> tuple[object, ...]:
+    return (spec.image.id, spec.image.name, spec.cpus, spec.memory_mb, spec.overlay_size)
+
+
 class Pool:
     def __init__(self, store: ImageStore, *, enabled: bool = True) -> None:
         self.store = store
@@ -91,6 +120,11 @@ class Pool:
         self.shapes: dict[str, VMSpec] = {}
         self.handed_out = 0
         self._filling: dict[str, asyncio.Task[None]] = {}
+        #: Per shape: the pending refill timer and when the first hand-out it covers was.
+        self._timers: dict[str, tuple[asyncio.TimerHandle, float]] = {}
+        #: Template key per shape, computed once and re-checked by each refill (off the
+        #: hand-out path: computing it builds and hashes the initramfs, ~40 ms of CPU).
+        self._keys: dict[tuple[object, ...], str] = {}
         self._closed = False
 
     # -- accounting ---------------------------------------------------------------------
@@ -114,8 +148,33 @@ class Pool:
     def _key(self, spec: VMSpec) -> str | None:
         if self.size == 0 or self._closed or spec.network or not templates.enabled():
             return None
+        shape = _shape(spec)
+        key = self._keys.get(shape)
+        if key is None:
+            key = self._keys[shape] = self._template_key(spec)
+        return key
+
+    def _template_key(self, spec: VMSpec) -> str:
         base = base_config(spec, self.store, paths.run_dir() / "pool")
         return template_key_for(spec, base)
+
+    async def _rekey(self, key: str, spec: VMSpec) -> str:
+        """The shape's template key now (its initramfs may have been rebuilt since it was
+        cached): if it changed, the VMs waiting under the old key are destroyed and the
+        shape moves to the new one."""
+        fresh = await asyncio.to_thread(self._template_key, spec)
+        if fresh == key:
+            return key
+        log.info("pool shape %s now has template %s; dropping its waiting VMs", key, fresh)
+        self._keys[_shape(spec)] = fresh
+        self.shapes.pop(key, None)
+        self.shapes[fresh] = spec
+        task = self._filling.pop(key, None)
+        if task is not None:
+            self._filling[fresh] = task  # this fill: no second one for the new key
+        for w in self.idle.pop(key, []):
+            await w.vm.destroy()
+        return fresh
 
     # -- hand-out -----------------------------------------------------------------------
     async def take(self, spec: VMSpec, vm_id: str) -> MicroVM | None:
@@ -128,8 +187,8 @@ class Pool:
             self.shapes[key] = spec
         waiting = self.idle.get(key) or []
         got = waiting.pop(0) if waiting else None  # popped: no one else can take it
-        # Later, not now: a QEMU starting beside the hand-out takes CPU from its first exec.
-        asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, key)
+        # Later, not now: a QEMU starting beside the hand-outs takes CPU from their first execs.
+        self._refill_later(key)
         if got is None:
             return None
         try:
@@ -173,8 +232,30 @@ class Pool:
         if r.exit_code != 0:
             raise MvmError(f"warm-up exec in a pooled VM exited {r.exit_code}")
 
+    def booted(self, spec: VMSpec) -> None:
+        """A create of ``spec`` booted without the pool (none waiting, or its first create,
+        which may have made the shape's template only now): refill from that template."""
+        key = self._key(spec)
+        if key is not None and key in self.shapes:
+            self._refill_later(key)
+
     # -- refill -------------------------------------------------------------------------
+    def _refill_later(self, key: str) -> None:
+        """(Re)arm the shape's refill: REFILL_DELAY after this call, so a burst of creates
+        is handed out before any replacement starts, but no later than REFILL_MAX_DELAY
+        after the first call since the last refill started."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = self._timers.pop(key, None)
+        first = now
+        if pending is not None:
+            pending[0].cancel()
+            first = pending[1]
+        at = min(now + REFILL_DELAY, first + REFILL_MAX_DELAY)
+        self._timers[key] = (loop.call_at(at, self._refill, key), first)
+
     def _refill(self, key: str) -> None:
+        self._timers.pop(key, None)
         if self._closed:
             return
         task = self._filling.get(key)
@@ -192,6 +273,7 @@ class Pool:
         spec = self.shapes.get(key)
         if spec is None:
             return
+        key = await self._rekey(key, spec)
         while self._room(key, spec):
             tpl = templates.TemplateStore().get(key)
             if tpl is None:
@@ -212,8 +294,11 @@ class Pool:
         base = base_config(spec, self.store, paths.run_dir() / vm_id)
         cfg = replace(base, memory_file=tpl.ram, memory_shared=False, incoming=True)
         vm = MicroVM(vm_id, spec, QemuProcess(cfg))
+        nice = _can_unnice()
         try:
             await vm.qemu.start()
+            if nice:
+                _renice(vm.pid, PREPARE_NICE)
             # Its own copy of the device state (tens of KiB): a template re-made meanwhile
             # must not pair this VM's RAM mapping with another template's devices.
             state = cfg.run_dir / "template-state"
@@ -222,6 +307,8 @@ class Pool:
                 await qmp.ignore_shared_memory()
             if self.warm:
                 await asyncio.wait_for(self._warm_up(vm, state), HANDOUT_TIMEOUT)
+            if nice:
+                _renice(vm.pid, 0)  # raises if it cannot: the VM is then destroyed
         except BaseException:
             await vm.destroy()
             raise
@@ -251,6 +338,9 @@ class Pool:
     async def close(self) -> None:
         """Kill every idle VM (daemon stop); a fill in progress stops at its next step."""
         self._closed = True
+        for handle, _ in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
         for task in self._filling.values():
             task.cancel()
             with contextlib.suppress(BaseException):

@@ -165,9 +165,7 @@ class Sandboxes:
             try:
                 # The proxy listens before QEMU starts: the guest's first connection finds it.
                 await core.start_egress(live, netpolicy)
-                vm = await self._pooled(live, spec) or await MicroVM.boot(
-                    spec, store=core.store, vm_id=vm_id
-                )
+                vm = await self._pooled(live, spec) or await self._boot(spec, vm_id)
                 if limits is not None:
                     await self._apply_limits(vm, limits)
             except BaseException as exc:
@@ -228,6 +226,12 @@ class Sandboxes:
         vm = await self.pool.take(spec, live.rec.id)
         if vm is not None:
             live.rec = self.core.db.update(live.rec, run_dir=str(vm.run_dir))
+        return vm
+
+    async def _boot(self, spec: VMSpec, vm_id: str) -> MicroVM:
+        vm = await MicroVM.boot(spec, store=self.core.store, vm_id=vm_id)
+        if self.pool is not None and not spec.disks:
+            self.pool.booted(spec)  # its template may exist only now
         return vm
 
     async def insert(self, rec: SandboxRecord) -> Live:
