@@ -143,6 +143,12 @@ def check_socket_owner(path: Path) -> None:
         )
 
 
+def bounded_wait(timeout: float) -> float:
+    """A wait's timeout, at most the longest TTL (what mvmd waits at most, too): a longer
+    one could not pass, and would overflow the socket's own timeout."""
+    return min(max(float(timeout), 0.0), M.MAX_TTL)
+
+
 class Client:
     def __init__(
         self, *, autostart: bool = True, timeout: float = HTTP_TIMEOUT, actor: str | None = None
@@ -290,6 +296,7 @@ class Client:
         return self._post(path, M.Noted, M.CallNote(via=via, call=call))
 
     def wait(self, name: str, timeout: float) -> M.SandboxInfo:
+        timeout = bounded_wait(timeout)
         return self._post(
             f"/sandboxes/{seg('sandbox', name)}/wait",
             M.SandboxInfo,
@@ -387,6 +394,7 @@ class Client:
         return self._get(f"/sandboxes/{seg('sandbox', name)}/procs", list[M.ProcView])
 
     def proc_wait(self, name: str, proc: int, timeout: float) -> M.ProcView:
+        timeout = bounded_wait(timeout)
         return self._post(
             f"/sandboxes/{seg('sandbox', name)}/procs/{num(proc)}/wait",
             M.ProcView,

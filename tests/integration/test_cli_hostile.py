@@ -132,6 +132,8 @@ def commands(v: list[str]) -> list[list[str]]:
         ["desktop", "screenshot", a, "-o", "shot.png"],
         ["desktop", "view", a],
         ["migrate", a, "--to", b],
+        ["builder", "logs", a],
+        ["builder", "down", a],
         ["cluster", "rejoin", a],
         ["init", a, "--preset", b],
         ["compile", a, "--out", b],
@@ -150,7 +152,7 @@ def commands(v: list[str]) -> list[list[str]]:
 NO_VALUES = "no parameter that takes a value"
 EXEMPT = {
     "builder status": NO_VALUES,
-    "builder up": NO_VALUES,
+    "builder up": "a lucky draw (--idle, --allow) boots a builder VM: a VM per example",
     "cluster down": NO_VALUES,
     "cluster status": NO_VALUES,
     "daemon start": NO_VALUES,

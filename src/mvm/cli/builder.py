@@ -15,7 +15,7 @@ from mvm.builder.vmrun import BUILDER_IMAGE
 from mvm.cli.common import connect, emit_json, fail_on_errors
 from mvm.cli.ui import RichReporter, stderr_is_tty
 from mvm.durations import parse_duration
-from mvm.errors import InvalidArgument
+from mvm.errors import InvalidArgument, SandboxNotFound
 from mvm.images import manifest as manifests
 from mvm.images.store import Image, ImageStore
 from mvm.service.builders import BuilderInfo, BuilderRequest
@@ -86,9 +86,13 @@ def _builders(c: object) -> list[BuilderInfo]:
 
 
 def _pick(c: object, name: str | None) -> str:
-    if name is not None:
-        return name
     got = [b.sandbox.name for b in _builders(c)]
+    if name is not None:
+        if name not in got:  # `builder` verbs act on builder VMs only, never a sandbox
+            raise SandboxNotFound(
+                f"no builder VM named {name!r}", hint="mvmctl builder status lists them"
+            )
+        return name
     if not got:
         raise InvalidArgument("no builder VM is up", hint="mvmctl builder up")
     return got[-1]  # the newest
@@ -184,7 +188,7 @@ def builder_down(name: str | None) -> None:
     """Remove a builder VM (default: every one that is not building)."""
     with connect() as c:
         if name is not None:
-            targets = [name]
+            targets = [_pick(c, name)]
         else:
             targets = [b.sandbox.name for b in _builders(c) if not b.claimed]
         for n in targets:

@@ -24,6 +24,11 @@ MODES = ("live", "record")
 
 _lock = threading.Lock()
 _backend: Backend | None = None
+#: The environment the live backend was made for: a process that changes its mvmd
+#: (MVM_HOME, MVM_URL...; tests, notebooks, in-process CLI calls) gets a new one, while
+#: sandboxes made before keep theirs.
+_backend_env: tuple[str | None, ...] = ()
+LIVE_ENV = ("MVM_HOME", "MVM_RUN_DIR", "MVM_URL", "MVM_TOKEN", "MVM_ACTOR")
 
 
 def current_mode() -> str:
@@ -38,9 +43,13 @@ def current_mode() -> str:
 
 def backend() -> Backend:
     """The process-wide backend (made on first use)."""
-    global _backend
+    global _backend, _backend_env
     with _lock:
+        env = tuple(os.environ.get(k) for k in LIVE_ENV)
+        if isinstance(_backend, LiveBackend) and env != _backend_env:
+            _backend = None
         if _backend is None:
+            _backend_env = env
             if current_mode() == "record":
                 out = os.environ.get(RECORD_DIR_ENV)
                 if not out:
