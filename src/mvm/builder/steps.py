@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 
 from mvm.builder.dockerfile import Step
-from mvm.errors import ManifestError
+from mvm.errors import InvalidArgument, ManifestError
 
 MAX_FILES = 5000
 MAX_CONTEXT_BYTES = 512 * 1024 * 1024
@@ -77,17 +77,18 @@ MAX_ALLOW = 64
 
 
 def check_allow(entries: list[str], origin: str) -> list[str]:
-    """Extra egress entries of a build: host[:port], bounded; admission checks them again
-    against the host's policy when the builder sandbox is created."""
+    """Extra egress entries of a build, by the allowlist's own rule
+    (``policy.network.parse_pattern``), bounded; admission holds them to the host's policy
+    when the builder sandbox is created."""
+    from mvm.policy.network import parse_pattern
+
     if len(entries) > MAX_ALLOW:
         raise ManifestError(f"{origin}: more than {MAX_ALLOW} entries")
     for e in entries:
-        if (
-            not e
-            or len(e) > 260
-            or any(c.isspace() or c in "/\\@" or not c.isprintable() for c in e)
-        ):
-            raise ManifestError(f"{origin}: {e!r} is not host[:port]")
+        try:
+            parse_pattern(e)
+        except InvalidArgument as exc:
+            raise ManifestError(f"{origin}: {e[:80]!r} is not host[:port]: {exc}") from None
     return list(entries)
 
 
