@@ -80,6 +80,15 @@ HELLO_RETRY_PAUSE = 0.05
 ABANDON_TIMEOUT = 10.0
 
 
+def check_limits(limits: dict[str, int]) -> dict[str, int]:
+    """Per-sandbox command limits by the guest agent's own rule (``cgroups.check_limits``),
+    or InvalidArgument naming ``limits``."""
+    try:
+        return cgroups.check_limits(limits)
+    except ValueError as exc:
+        raise InvalidArgument(f"limits: {exc}") from None
+
+
 class AgentClient(AgentConnection):
     """The agent's requests: handshake, exec, files, background processes, TCP relays."""
 
@@ -101,10 +110,7 @@ class AgentClient(AgentConnection):
         limits = {
             k: v for k, v in (("pids_max", pids_max), ("memory_pct", memory_pct)) if v is not None
         }
-        try:
-            self.limits = cgroups.check_limits(limits)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
+        self.limits = check_limits(limits)
 
     async def hello(
         self, timeout: float, alive: Callable[[], bool] | None = None

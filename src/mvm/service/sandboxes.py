@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 
 from mvm import names, state
-from mvm.agent.guest import cgroups as guest_cgroups
+from mvm.agent.client import check_limits
 from mvm.api import models as M
 from mvm.daemon import reaping
 from mvm.daemon.egress import policy_for, proxy_env
@@ -48,17 +48,6 @@ log = logging.getLogger(__name__)
 
 #: How often the reaper checks TTLs and QEMU liveness (seconds).
 REAP_INTERVAL = 1.0
-
-
-def check_limits(limits: dict[str, int] | None) -> dict[str, int] | None:
-    """A create's per-command cgroup limits, checked by the guest agent's own rule before
-    anything boots (None or empty: the guest's defaults)."""
-    if not limits:
-        return None
-    try:
-        return guest_cgroups.check_limits(limits)
-    except ValueError as exc:
-        raise InvalidArgument(f"limits: {exc}") from None
 
 
 class Sandboxes:
@@ -142,7 +131,7 @@ class Sandboxes:
         M.check_shape(req)
         core.resolve_secrets(None, req.secret_env)  # unknown names fail before booting
         ports = [check_spec(p) for p in req.ports]  # refuse bad forwards before booting
-        limits = check_limits(req.limits)
+        limits = check_limits(req.limits) if req.limits else None  # before booting
         netpolicy = await policy_for(req.network.preset, list(req.network.allow))
         disk_mb = req.disk_mb if req.disk_mb is not None else max(M.MIN_DISK_MB, req.memory_mb // 2)
         if disk_mb < M.MIN_DISK_MB:
